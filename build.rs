@@ -1,0 +1,25 @@
+//! Compiles the vendored Envoy rate limit protos (and sluice's own admin proto) with `protox`, a
+//! pure-Rust protobuf compiler, so building sluice never needs a system `protoc`. The encoded
+//! descriptor set is written next to the generated code for gRPC server reflection.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTOS: &[&str] = &["envoy/service/ratelimit/v3/rls.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::Compiler::new(["proto"])?
+        .include_imports(true)
+        .include_source_info(true)
+        .open_files(PROTOS)?
+        .file_descriptor_set();
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out_dir.join("sluice_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! sluice's YAML config: read, expand `${VAR}`, parse into [`raw`] structs, validate, and
+//! compile into the [`RuleSet`] the limiter runs. Every error names the file, the line and the
+//! field path, and says what was expected:
+//! `config/sluice.yaml:12: domains[1].endpoints[0].limits[1]: unknown unit "minuet" (second, minute, hour, day)`.
+//!
+//! Loading is all-or-nothing and has no side effects, so a reload can parse a new file while the
+//! old rules keep serving and simply drop the result if it is invalid.
+
+pub mod env;
+pub mod locate;
+pub mod rate;
+pub mod raw;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::num::NonZeroU64;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::limiter::algorithms::Policy;
+use crate::limiter::model::{Condition, Domain, Limit, Reported, Rule, RuleSet};
+use crate::limiter::path::{PathRouter, PathTemplate};
+use locate::Seg;
+use rate::Rate;
+use raw::{AlgorithmName, RawConfig, RawDomain, RawEndpoint, RawLimit};
+
+/// Default client identity: the address Envoy's `remote_address` action sends.
+pub const DEFAULT_CLIENT_ENTRY: &str = "remote_address";
+/// Default entry carrying the endpoint path.
+pub const DEFAULT_ENDPOINT_ENTRY: &str = "path";
+/// Default bound on tracked counters.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+/// Default time between sweeps of expired counters.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A loaded, valid configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The rules.
+    pub rules: RuleSet,
+    /// Store settings.
+    pub store: StoreSettings,
+    /// Hash of the file's text after expansion: tells operators which config is live.
+    pub hash: u64,
+}
+
+/// `store:` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Upper bound on tracked counters.
+    pub max_keys: usize,
+    /// Time between sweeps of expired counters.
+    pub sweep_interval: Duration,
+}
+
+/// Why a config was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read config: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{}", render_invalid(.file, *.line, .path, .message))]
+    Invalid {
+        /// The file.
+        file: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// Field path such as `domains[1].endpoints[0].limits[1]`; empty for syntax errors.
+        path: String,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+}
+
+fn render_invalid(file: &str, line: Option<usize>, path: &str, message: &str) -> String {
+    let mut s = file.to_string();
+    if let Some(l) = line {
+        let _ = write!(s, ":{l}");
+    }
+    s.push_str(": ");
+    if !path.is_empty() {
+        s.push_str(path);
+        s.push_str(": ");
+    }
+    s.push_str(message);
+    s
+}
+
+/// Reads and compiles the config at `path`, expanding variables from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&text, &file, |name| std::env::var(name).ok())
+}
+
+/// Compiles config `text` (named `file` in errors), looking variables up with `env`.
+pub fn parse(
+    text: &str,
+    file: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let invalid = |line, path: String, message: String| ConfigError::Invalid {
+        file: file.to_string(),
+        line,
+        path,
+        message,
+    };
+    let expanded = env::expand(text, env)
+        .map_err(|e| invalid(Some(e.line()), String::new(), e.to_string()))?;
+    let raw: RawConfig = serde_yaml::from_str(&expanded).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        let mut message = e.to_string();
+        if let Some(i) = message.rfind(" at line ") {
+            message.truncate(i);
+        }
+        // serde_yaml writes `path: message`; keep the two apart for our format.
+        let (path, message) = match message.split_once(": ") {
+            Some((p, m)) if looks_like_path(p) => (p.to_string(), m.to_string()),
+            _ => (String::new(), message),
+        };
+        invalid(line, path, message)
+    })?;
+    let hash = xxh3_64(expanded.as_bytes());
+    compile(raw, hash).map_err(|(path, message)| {
+        invalid(locate::line_of(&expanded, &path), locate::render(&path), message)
+    })
+}
+
+fn looks_like_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']' | '-'))
+}
+
+type Invalid = (Vec<Seg>, String);
+
+fn at(path: &[Seg], more: &[Seg], message: impl Into<String>) -> Invalid {
+    let mut p = path.to_vec();
+    p.extend_from_slice(more);
+    (p, message.into())
+}
+
+fn field(name: &str) -> Seg {
+    Seg::Field(name.to_string())
+}
+
+fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
+    let max_keys = raw.store.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+    if max_keys == 0 {
+        return Err(at(&[field("store"), field("max_keys")], &[], "must be at least 1"));
+    }
+    let sweep = raw
+        .store
+        .sweep_interval_seconds
+        .unwrap_or(DEFAULT_SWEEP_INTERVAL.as_secs());
+    if sweep == 0 {
+        return Err(at(
+            &[field("store"), field("sweep_interval_seconds")],
+            &[],
+            "must be at least 1",
+        ));
+    }
+    if raw.domains.is_empty() {
+        return Err(at(&[field("domains")], &[], "at least one domain is required"));
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut domains = Vec::with_capacity(raw.domains.len());
+    for (i, d) in raw.domains.into_iter().enumerate() {
+        let path = [field("domains"), Seg::Index(i)];
+        if d.name.trim().is_empty() {
+            return Err(at(&path, &[field("name")], "must not be empty"));
+        }
+        if let Some(first) = seen.insert(d.name.clone(), i) {
+            return Err(at(
+                &path,
+                &[field("name")],
+                format!("duplicate domain {:?} (first defined at domains[{first}])", d.name),
+            ));
+        }
+        domains.push(compile_domain(d, &path)?);
+    }
+    Ok(Config {
+        rules: RuleSet::new(raw.enabled, domains),
+        store: StoreSettings {
+            max_keys,
+            sweep_interval: Duration::from_secs(sweep),
+        },
+        hash,
+    })
+}
+
+fn compile_domain(d: RawDomain, path: &[Seg]) -> Result<Domain, Invalid> {
+    let client = d
+        .client
+        .unwrap_or_else(|| vec![DEFAULT_CLIENT_ENTRY.to_string()]);
+    for (i, c) in client.iter().enumerate() {
+        if c.is_empty() {
+            return Err(at(path, &[field("client"), Seg::Index(i)], "entry key must not be empty"));
+        }
+    }
+    let endpoint_entry = d
+        .endpoint_entry
+        .unwrap_or_else(|| DEFAULT_ENDPOINT_ENTRY.to_string());
+    if endpoint_entry.is_empty() {
+        return Err(at(path, &[field("endpoint_entry")], "must not be empty"));
+    }
+    let algorithm = d.algorithm.unwrap_or(AlgorithmName::SlidingWindow);
+    let mut rules = Vec::new();
+    let mut routes = PathRouter::new();
+    for (i, e) in d.endpoints.into_iter().enumerate() {
+        let epath = [path, &[field("endpoints"), Seg::Index(i)]].concat();
+        let template = PathTemplate::parse(&e.path)
+            .map_err(|err| at(&epath, &[field("path")], err.to_string()))?;
+        routes
+            .insert(template, rules.len())
+            .map_err(|err| at(&epath, &[field("path")], err.to_string()))?;
+        rules.push(compile_endpoint(&d.name, e, &epath, &client, algorithm)?);
+    }
+    if !d.global.is_empty() {
+        let gpath = [path, &[field("global")]].concat();
+        let limits = compile_limits(&d.name, "global", &d.global, &gpath, algorithm, false)?;
+        rules.push(Rule {
+            name: "global".to_string(),
+            // Every descriptor that names an endpoint is a request to count.
+            conditions: vec![Condition::Present(endpoint_entry.clone())],
+            client: Vec::new(),
+            limits,
+        });
+    }
+    Ok(Domain::new(d.name, endpoint_entry, rules, routes))
+}
+
+fn compile_endpoint(
+    domain: &str,
+    e: RawEndpoint,
+    path: &[Seg],
+    client: &[String],
+    domain_algorithm: AlgorithmName,
+) -> Result<Rule, Invalid> {
+    let algorithm = e.algorithm.unwrap_or(domain_algorithm);
+    let mut limits = compile_limits(
+        domain,
+        &e.path,
+        &e.limits,
+        &[path, &[field("limits")]].concat(),
+        algorithm,
+        e.shadow,
+    )?;
+    match (e.burst, e.refill) {
+        (Some(0), _) => return Err(at(path, &[field("burst")], "must be at least 1")),
+        (Some(burst), Some(refill)) => {
+            let interval = NonZeroU64::new(refill.window_nanos() / refill.count)
+                .ok_or_else(|| at(path, &[field("refill")], "refill interval is too short"))?;
+            let name = "burst";
+            limits.push(Limit {
+                id: limit_id(domain, &e.path, name, "token_bucket", interval.get()),
+                name: Arc::from(name),
+                rate: format!("burst {burst}, refill {refill}"),
+                policy: Policy::TokenBucket {
+                    capacity: burst,
+                    interval,
+                },
+                reported: Reported::for_bucket(interval.get()),
+                shadow: e.shadow,
+            });
+        }
+        (Some(_), None) => {
+            return Err(at(
+                path,
+                &[field("burst")],
+                "burst needs a refill rate too (e.g. `refill: 1/6 seconds`)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(at(path, &[field("refill")], "refill needs a burst size too (e.g. `burst: 3`)"));
+        }
+        (None, None) => {}
+    }
+    if limits.is_empty() {
+        return Err(at(path, &[], "endpoint has no limits (add `limits:` or `burst:`)"));
+    }
+    Ok(Rule {
+        name: e.path,
+        conditions: Vec::new(),
+        client: client.to_vec(),
+        limits,
+    })
+}
+
+fn compile_limits(
+    domain: &str,
+    rule: &str,
+    raw: &[RawLimit],
+    path: &[Seg],
+    default_algorithm: AlgorithmName,
+    shadow: bool,
+) -> Result<Vec<Limit>, Invalid> {
+    let mut out = Vec::new();
+    for (i, l) in raw.iter().enumerate() {
+        let lpath = [path, &[Seg::Index(i)]].concat();
+        match l {
+            RawLimit::Rates(rates) => {
+                for r in rates {
+                    out.push(compile_limit(domain, rule, *r, default_algorithm, None, shadow, &lpath)?);
+                }
+            }
+            RawLimit::Full(f) => out.push(compile_limit(
+                domain,
+                rule,
+                f.rate,
+                f.algorithm.unwrap_or(default_algorithm),
+                f.name.as_deref(),
+                shadow || f.shadow,
+                &lpath,
+            )?),
+        }
+    }
+    Ok(out)
+}
+
+fn compile_limit(
+    domain: &str,
+    rule: &str,
+    rate: Rate,
+    algorithm: AlgorithmName,
+    name: Option<&str>,
+    shadow: bool,
+    path: &[Seg],
+) -> Result<Limit, Invalid> {
+    let window = NonZeroU64::new(rate.window_nanos())
+        .ok_or_else(|| at(path, &[], "window must be longer than zero"))?;
+    let name = match name {
+        Some("") => return Err(at(path, &[field("name")], "must not be empty")),
+        Some(n) => n.to_string(),
+        None => rate.name(),
+    };
+    let (policy, reported, algo) = match algorithm {
+        AlgorithmName::SlidingWindow => (
+            Policy::SlidingWindow {
+                limit: rate.count,
+                window,
+            },
+            Reported::for_window(rate.count, window.get()),
+            "sliding_window",
+        ),
+        AlgorithmName::FixedWindow => (
+            Policy::FixedWindow {
+                limit: rate.count,
+                window,
+            },
+            Reported::for_window(rate.count, window.get()),
+            "fixed_window",
+        ),
+        AlgorithmName::TokenBucket => {
+            let interval = NonZeroU64::new(window.get() / rate.count)
+                .ok_or_else(|| at(path, &[], "rate is too fast for a token bucket"))?;
+            (
+                Policy::TokenBucket {
+                    capacity: rate.count,
+                    interval,
+                },
+                Reported::for_window(rate.count, window.get()),
+                "token_bucket",
+            )
+        }
+    };
+    Ok(Limit {
+        id: limit_id(domain, rule, &name, algo, window.get()),
+        name: Arc::from(name.as_str()),
+        rate: rate.to_string(),
+        policy,
+        reported,
+        shadow,
+    })
+}
+
+/// A limit's identity: everything but its numbers, so a reload that only changes a count
+/// keeps the live counters.
+fn limit_id(domain: &str, rule: &str, name: &str, algorithm: &str, window: u64) -> u64 {
+    let mut buf = Vec::with_capacity(domain.len() + rule.len() + name.len() + 40);
+    for part in [domain, rule, name, algorithm] {
+        buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        buf.extend_from_slice(part.as_bytes());
+    }
+    buf.extend_from_slice(&window.to_le_bytes());
+    xxh3_64(&buf)
+}
+
+/// The effective limits as a table, one row per limit: what `sluice check` prints.
+pub fn limits_table(rules: &RuleSet) -> String {
+    let mut rows = vec![[
+        "DOMAIN".to_string(),
+        "ENDPOINT".to_string(),
+        "CLIENT".to_string(),
+        "LIMIT".to_string(),
+        "ALGORITHM".to_string(),
+        "REPORTED AS".to_string(),
+    ]];
+    for d in &rules.domains {
+        for r in &d.rules {
+            let client = if r.client.is_empty() {
+                "(all clients)".to_string()
+            } else {
+                r.client.join("+")
+            };
+            for l in &r.limits {
+                let mut algo = l.policy.algorithm().as_str().to_string();
+                if l.shadow {
+                    algo.push_str(" (shadow)");
+                }
+                rows.push([
+                    d.name.clone(),
+                    r.name.clone(),
+                    client.clone(),
+                    format!("{} [{}]", l.rate, l.name),
+                    algo,
+                    format!("{}/{}", l.reported.requests_per_unit, l.reported.unit.as_str()),
+                ]);
+            }
+        }
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+//! The file format as serde structs, exactly as a person writes it. Unknown fields are errors.
+//! Values that can be checked on their own (rates, algorithm names, booleans) are checked while
+//! deserializing, so their errors carry serde_yaml's field path and line for free.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use super::rate::{self, Rate};
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `false`: answer OK to everything, still counting.
+    #[serde(default = "yes", deserialize_with = "flexible_bool")]
+    pub enabled: bool,
+    /// Store settings.
+    #[serde(default)]
+    pub store: RawStore,
+    /// Domains, in order.
+    pub domains: Vec<RawDomain>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `store:` settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Upper bound on tracked counters.
+    pub max_keys: Option<usize>,
+    /// Seconds between sweeps of expired counters.
+    pub sweep_interval_seconds: Option<u64>,
+}
+
+/// One domain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDomain {
+    /// The domain Envoy sends.
+    pub name: String,
+    /// Entries identifying the client (default `[remote_address]`).
+    pub client: Option<Vec<String>>,
+    /// Entry carrying the endpoint path (default `path`).
+    pub endpoint_entry: Option<String>,
+    /// Default algorithm for this domain's limits.
+    pub algorithm: Option<AlgorithmName>,
+    /// Limits shared by every client of the domain.
+    #[serde(default)]
+    pub global: Vec<RawLimit>,
+    /// Per-endpoint limits.
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+}
+
+/// One endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    /// Path template.
+    pub path: String,
+    /// Limits, all of which must pass.
+    #[serde(default)]
+    pub limits: Vec<RawLimit>,
+    /// Token bucket capacity.
+    pub burst: Option<u64>,
+    /// Token bucket refill rate (`1/6 seconds`).
+    #[serde(default, deserialize_with = "optional_rate")]
+    pub refill: Option<Rate>,
+    /// Default algorithm for this endpoint's limits.
+    pub algorithm: Option<AlgorithmName>,
+    /// Evaluate this endpoint's limits without enforcing them.
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub shadow: bool,
+}
+
+/// A limit: a rate string (`10/minute`, or several: `10/minute; 100/hour`) or a map.
+#[derive(Debug)]
+pub enum RawLimit {
+    /// One or more rates with defaults for everything else.
+    Rates(Vec<Rate>),
+    /// A rate with options.
+    Full(RawLimitFull),
+}
+
+/// A limit written as a map.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimitFull {
+    /// The rate.
+    #[serde(deserialize_with = "one_rate")]
+    pub rate: Rate,
+    /// Counting algorithm.
+    pub algorithm: Option<AlgorithmName>,
+    /// Name shown to clients (default `per minute` etc.).
+    pub name: Option<String>,
+    /// Evaluate without enforcing.
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub shadow: bool,
+}
+
+/// Algorithm names as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmName {
+    /// Weighted two-window counter (default).
+    SlidingWindow,
+    /// Epoch-aligned windows.
+    FixedWindow,
+    /// Token bucket with capacity = count, refilled at count per window.
+    TokenBucket,
+}
+
+impl<'de> Deserialize<'de> for RawLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawLimit;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a rate such as \"10/minute\" or a map with `rate:`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLimit, E> {
+                rate::parse_list(v).map(RawLimit::Rates).map_err(E::custom)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawLimit, A::Error> {
+                RawLimitFull::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawLimit::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn one_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(de::Error::custom)
+}
+
+fn optional_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+    one_rate(d).map(Some)
+}
+
+/// Accepts YAML booleans and the strings people put in `.env` files: true/false, 1/0, yes/no,
+/// on/off (any case), so `enabled: ${RATE_LIMIT_ENABLED:-true}` works with `RATE_LIMIT_ENABLED=0`.
+pub fn flexible_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<bool, E> {
+            match v {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(E::custom(format!("expected true or false, got {v}"))),
+            }
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<bool, E> {
+            self.visit_u64(u64::try_from(v).unwrap_or(u64::MAX))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(E::custom(format!("expected true or false, got {v:?}"))),
+            }
+        }
+    }
+    d.deserialize_any(V)
+}

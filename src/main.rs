@@ -1,0 +1,115 @@
+//! The `sluice` binary: parse the command line, set up logging, load the config, bind the
+//! listeners and run until SIGINT/SIGTERM. All logic lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+
+use sluice::clock::SystemClock;
+use sluice::limiter::Limiter;
+use sluice::server::{self, Listeners, Options};
+use sluice::store::{MemoryStore, MemoryStoreOptions};
+use sluice::{config, shutdown};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Rate-limit decision server for Envoy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Envoy's RateLimitService.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = "config/sluice.yaml", env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Address for decisions (RateLimitService, health, reflection).
+        #[arg(long, default_value = "0.0.0.0:8081", env = "SLUICE_GRPC_ADDR")]
+        grpc_addr: SocketAddr,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+    /// Validate a config file and print the effective limits.
+    Check {
+        /// Config file.
+        #[arg(long, default_value = "config/sluice.yaml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Check { config } => {
+            let cfg = config::load(&config)?;
+            print!("{}", config::limits_table(&cfg.rules));
+            println!(
+                "{}: OK, rate limiting {}",
+                config.display(),
+                if cfg.rules.enabled { "ENABLED" } else { "DISABLED" }
+            );
+            Ok(())
+        }
+        Command::Serve {
+            config,
+            grpc_addr,
+            log_format,
+        } => {
+            init_logging(log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config, grpc_addr))
+        }
+    }
+}
+
+async fn serve(config_path: PathBuf, grpc_addr: SocketAddr) -> anyhow::Result<()> {
+    let cfg = config::load(&config_path)?;
+    log_loaded(&config_path, &cfg);
+    let store = MemoryStore::new(MemoryStoreOptions {
+        max_keys: cfg.store.max_keys,
+    });
+    let limiter = Arc::new(Limiter::new(cfg.rules, store, Arc::new(SystemClock)));
+    let grpc = TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("binding --grpc-addr {grpc_addr}"))?;
+    tracing::info!(addr = %grpc.local_addr()?, "serving RateLimitService");
+    let options = Options {
+        sweep_interval: cfg.store.sweep_interval,
+    };
+    server::run(Listeners { grpc }, limiter, options, shutdown::signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_loaded(path: &std::path::Path, cfg: &config::Config) {
+    let state = if cfg.rules.enabled { "ENABLED" } else { "DISABLED" };
+    tracing::info!(config = %path.display(), hash = format!("{:016x}", cfg.hash), "rate limiting {state}");
+    for d in &cfg.rules.domains {
+        let endpoints: Vec<&str> = d.rules.iter().map(|r| r.name.as_str()).collect();
+        tracing::info!(domain = %d.name, rules = ?endpoints, "loaded domain");
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

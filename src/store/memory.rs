@@ -1,0 +1,252 @@
+//! The in-memory store: counters in a fixed number of mutex-guarded hash-map shards.
+//!
+//! Why not one `DashMap`: a request touches several counters and must charge all of them or
+//! none, atomically. With our own shards we lock exactly the shards a batch needs, in ascending
+//! order (so two batches can never deadlock), evaluate, then commit or not. A hot key costs one
+//! uncontended-ish mutex; distinct keys spread over [`SHARDS`] locks, so there is no global lock.
+//!
+//! Keys are already keyed hashes ([`CounterKey`]), so the maps use them directly as their hash.
+//! Each entry is a 16-byte key plus a 24-byte [`Cell`]. Expired entries are dropped by
+//! [`MemoryStore::sweep_at`], which the server calls from a background task; when a shard is
+//! full (the configured `max_keys` bound) an insert first purges that shard's expired entries and
+//! otherwise evicts one live entry, so memory stays flat under a flood of new clients.
+
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashMap;
+use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
+
+use super::{Charge, CounterKey, Store, StoreError, Verdict};
+use crate::clock::Timestamp;
+use crate::limiter::algorithms::{CellState, Hits, evaluate};
+
+/// Number of shards. A power of two well above the core count keeps contention between
+/// unrelated clients rare; each shard's map is small enough to sweep in well under a millisecond.
+pub const SHARDS: usize = 256;
+
+/// Largest batch applied atomically (64 descriptors with a few limits each).
+pub const MAX_BATCH: usize = 1024;
+
+/// Tuning for [`MemoryStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryStoreOptions {
+    /// Upper bound on tracked counters; memory stays flat beyond it.
+    pub max_keys: usize,
+}
+
+impl Default for MemoryStoreOptions {
+    fn default() -> Self {
+        Self {
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+/// One counter's state and when it may be forgotten.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    state: CellState,
+    expires_at: u64,
+}
+
+/// Uses the low 64 bits of a [`CounterKey`] (already a keyed hash) as the map hash.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a u128 is hashed; fold it in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type Shard = HashMap<u128, Cell, BuildHasherDefault<KeyHasher>>;
+
+/// Sharded in-memory counters. See the module docs.
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    per_shard_cap: usize,
+    evictions: AtomicU64,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("tracked_keys", &self.tracked_keys())
+            .field("per_shard_cap", &self.per_shard_cap)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(options: MemoryStoreOptions) -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| Mutex::new(Shard::default()))
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
+        Self {
+            shards,
+            per_shard_cap: options.max_keys.div_ceil(SHARDS).max(1),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// The shard of a key: the high bits, independent of the low bits the map hashes with.
+    fn shard_of(key: CounterKey) -> usize {
+        (key.0 >> (128 - SHARDS.trailing_zeros())) as usize
+    }
+
+    /// Drops every counter whose state no longer matters at `now`; returns how many. Locks one
+    /// shard at a time, so requests wait at most one shard's sweep.
+    pub fn sweep_at(&self, now: Timestamp) -> usize {
+        let now = now.as_nanos();
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|_, cell| cell.expires_at > now);
+            dropped += before - map.len();
+        }
+        dropped
+    }
+
+    /// Live entries evicted because the store was full.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Inserts or replaces `key`, keeping the shard within its share of `max_keys`.
+    fn put(&self, map: &mut Shard, key: u128, cell: Cell, now: u64) {
+        if let Some(slot) = map.get_mut(&key) {
+            *slot = cell;
+            return;
+        }
+        if map.len() >= self.per_shard_cap {
+            map.retain(|_, c| c.expires_at > now);
+            if map.len() >= self.per_shard_cap {
+                // Still full of live counters: evict one (its client starts afresh). Iteration
+                // order is hash order, which clients cannot predict under a keyed hash.
+                if let Some(victim) = map.keys().next().copied() {
+                    map.remove(&victim);
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        map.insert(key, cell);
+    }
+
+    fn apply_locked(
+        &self,
+        charges: &[Charge<'_>],
+        verdicts: &mut [Verdict],
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        if charges.len() > MAX_BATCH {
+            return Err(StoreError::BatchTooLarge(charges.len()));
+        }
+        let now = now.as_nanos();
+        let mut ids: SmallVec<[usize; 8]> = charges.iter().map(|c| Self::shard_of(c.key)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Ascending shard order: any two batches lock shared shards in the same order.
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 8]> =
+            ids.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let mut cells: SmallVec<[Option<Cell>; 8]> = SmallVec::with_capacity(charges.len());
+        let mut commit = true;
+        for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
+            let map = shard_mut(&mut guards, charge.key).ok_or(StoreError::BatchTooLarge(0))?;
+            let state = map
+                .get(&charge.key.0)
+                .filter(|c| c.expires_at > now)
+                .map(|c| c.state);
+            let out = evaluate(charge.policy, state, now, charge.hits);
+            *verdict = Verdict {
+                allowed: out.allowed,
+                remaining: out.remaining,
+                reset_after: out.reset_after,
+            };
+            if !out.allowed && charge.blocking {
+                commit = false;
+            }
+            // A pure check of an unknown key leaves no trace.
+            let writes = out.allowed && (state.is_some() || charge.hits != Hits::Take(0));
+            cells.push(writes.then_some(Cell {
+                state: out.state,
+                expires_at: out.expires_at,
+            }));
+        }
+
+        if commit {
+            for (charge, cell) in charges.iter().zip(cells) {
+                if let (Some(cell), Some(map)) = (cell, shard_mut(&mut guards, charge.key)) {
+                    self.put(map, charge.key.0, cell, now);
+                }
+            }
+        } else {
+            // Nothing is charged: report what each admitted limit has left without this request.
+            for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
+                if verdict.allowed {
+                    if let Some(map) = shard_mut(&mut guards, charge.key) {
+                        let state = map
+                            .get(&charge.key.0)
+                            .filter(|c| c.expires_at > now)
+                            .map(|c| c.state);
+                        let out = evaluate(charge.policy, state, now, Hits::Take(0));
+                        verdict.remaining = out.remaining;
+                        verdict.reset_after = out.reset_after;
+                    }
+                }
+            }
+        }
+        Ok(commit)
+    }
+}
+
+/// The locked shard holding `key` among a batch's guards.
+fn shard_mut<'g>(
+    guards: &'g mut [(usize, MutexGuard<'_, Shard>)],
+    key: CounterKey,
+) -> Option<&'g mut Shard> {
+    let id = MemoryStore::shard_of(key);
+    guards
+        .iter_mut()
+        .find(|(i, _)| *i == id)
+        .map(|(_, g)| &mut **g)
+}
+
+impl Store for MemoryStore {
+    async fn apply(
+        &self,
+        charges: &[Charge<'_>],
+        verdicts: &mut [Verdict],
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.apply_locked(charges, verdicts, now)
+    }
+
+    async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {
+        for &key in keys {
+            self.shards[Self::shard_of(key)].lock().remove(&key.0);
+        }
+        Ok(())
+    }
+
+    fn tracked_keys(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    fn sweep_expired_at(&self, now: Timestamp) -> usize {
+        self.sweep_at(now)
+    }
+}

@@ -1,0 +1,80 @@
+//! Where counters live. The [`Store`] trait is deliberately narrow: apply a batch of charges
+//! atomically. The limiter builds the batch (one [`Charge`] per distinct counter a request
+//! touches) and the store either commits all of it or none of it: when any blocking limit is
+//! over, nothing is charged, because Envoy rejects the whole request and charging the other
+//! limits would punish the client twice.
+//!
+//! The counting itself is [`crate::limiter::algorithms::evaluate`], shared by every backend.
+
+pub mod memory;
+
+use std::future::Future;
+
+use crate::clock::Timestamp;
+use crate::limiter::algorithms::{Hits, Policy};
+
+pub use memory::{MemoryStore, MemoryStoreOptions};
+
+/// Identifies one counter: a keyed 128-bit hash of the limit's identity and the client's
+/// identifying descriptor values. 128 bits make an accidental collision negligible even with
+/// billions of keys, and the per-process key stops clients from crafting one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey(pub u128);
+
+/// One counter a request touches.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// The counter.
+    pub key: CounterKey,
+    /// How it counts.
+    pub policy: &'a Policy,
+    /// What the request adds or gives back.
+    pub hits: Hits,
+    /// Whether a denial here rejects the request. Shadow limits (and a disabled server) are
+    /// evaluated and reported but never block.
+    pub blocking: bool,
+}
+
+/// What a store says about one charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// Whether this limit admitted the hits.
+    pub allowed: bool,
+    /// Single hits still admissible (after this request's hits if the batch committed).
+    pub remaining: u64,
+    /// Nanoseconds until reset; for a denied charge, until the same hits would be admitted.
+    pub reset_after: u64,
+}
+
+/// A store failed; the limiter turns this into the configured failure behaviour.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The batch was larger than a store accepts in one atomic step.
+    #[error("batch of {0} charges exceeds the store's limit")]
+    BatchTooLarge(usize),
+}
+
+/// A counter backend. Implementations must make [`Store::apply`] atomic with respect to other
+/// calls touching the same keys, and must not block the async runtime for long.
+pub trait Store: Send + Sync + 'static {
+    /// Evaluates every charge at `now`; if every blocking charge is allowed, commits them all
+    /// (non-blocking charges that are over are skipped), otherwise commits nothing. Writes one
+    /// verdict per charge into `verdicts` (same length as `charges`) and returns whether the
+    /// batch was committed. Keys in one batch must be distinct.
+    fn apply(
+        &self,
+        charges: &[Charge<'_>],
+        verdicts: &mut [Verdict],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Forgets the given counters (an operator resetting a client).
+    fn forget(&self, keys: &[CounterKey]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Counters currently tracked (for stats; may be approximate).
+    fn tracked_keys(&self) -> usize;
+
+    /// Drops counters whose state no longer matters at `now`; returns how many. Called from a
+    /// background task, never on the request path. Stores that expire keys themselves return 0.
+    fn sweep_expired_at(&self, now: Timestamp) -> usize;
+}
