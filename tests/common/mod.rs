@@ -1,0 +1,195 @@
+//! Test support: start a real sluice server on a loopback port with a manual clock, and talk to
+//! it over gRPC with the generated Envoy client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::clock::{ManualClock, Timestamp};
+use sluice::config;
+use sluice::limiter::Limiter;
+use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use sluice::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use sluice::server::{self, Listeners, Options};
+use sluice::store::{MemoryStore, MemoryStoreOptions};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// A window-aligned start time: 2026-01-01T00:00:00Z, a whole number of days since the epoch.
+pub const T0: u64 = 1_767_225_600;
+
+/// A running server and a client connected to it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub clock: Arc<ManualClock>,
+    pub client: RateLimitServiceClient<Channel>,
+    pub limiter: Arc<Limiter<MemoryStore>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server on `127.0.0.1:0` with the config `yaml`, clock at [`T0`].
+    pub async fn start(yaml: &str) -> TestServer {
+        let cfg = config::parse(yaml, "test.yaml", |_| None).expect("test config is valid");
+        Self::start_with(cfg).await
+    }
+
+    /// Starts a server on the repository's default config file.
+    pub async fn start_default() -> TestServer {
+        let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
+        let cfg = config::parse(&text, "config/sluice.yaml", |_| None).unwrap();
+        Self::start_with(cfg).await
+    }
+
+    pub async fn start_with(cfg: config::Config) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
+        let store = MemoryStore::new(MemoryStoreOptions {
+            max_keys: cfg.store.max_keys,
+        });
+        let limiter = Arc::new(Limiter::new(cfg.rules, store, clock.clone()));
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = Options {
+            sweep_interval: Duration::from_secs(3600),
+        };
+        let l = limiter.clone();
+        let task = tokio::spawn(async move {
+            server::run(Listeners { grpc }, l, options, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        let client = RateLimitServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect to test server");
+        TestServer {
+            addr,
+            clock,
+            client,
+            limiter,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+
+    pub fn advance_millis(&self, ms: u64) {
+        self.clock.advance(Duration::from_millis(ms));
+    }
+
+    /// Calls ShouldRateLimit; panics on a gRPC error.
+    pub async fn call(&self, req: RateLimitRequest) -> RateLimitResponse {
+        self.client
+            .clone()
+            .should_rate_limit(req)
+            .await
+            .expect("ShouldRateLimit succeeds")
+            .into_inner()
+    }
+
+    /// Calls ShouldRateLimit and returns the gRPC status it fails with.
+    pub async fn call_err(&self, req: RateLimitRequest) -> tonic::Status {
+        match self.client.clone().should_rate_limit(req).await {
+            Ok(r) => panic!("expected an error, got {:?}", r.into_inner()),
+            Err(s) => s,
+        }
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A descriptor from `(key, value)` pairs.
+pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A request in `domain` with the given descriptors, `hits_addend` 0 as Envoy sends.
+pub fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+/// The descriptor the sample Envoy sends for the training server.
+pub fn training(path: &str, ip: &str) -> RateLimitRequest {
+    request(
+        "training",
+        vec![descriptor(&[("path", path), ("remote_address", ip)])],
+    )
+}
+
+/// The descriptor the sample Envoy sends for Talk2Me.
+pub fn talk2me(path: &str, ip: &str, ua: &str) -> RateLimitRequest {
+    request(
+        "talk2me",
+        vec![descriptor(&[
+            ("path", path),
+            ("remote_address", ip),
+            ("user_agent", ua),
+        ])],
+    )
+}
+
+/// A path in the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Finds an external tool the tests need: `$SLUICE_TOOLS_DIR`, then `<repo>/.tools/bin`, then
+/// `PATH`. Missing: `None` locally (the caller skips loudly), a panic when `CI=true`, where a
+/// missing tool must fail the run rather than turn into a skip.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("SLUICE_TOOLS_DIR") {
+        dirs.push(d.into());
+    }
+    dirs.push(repo_path(".tools/bin"));
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    let found = dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file());
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{name} is required when CI=true; run scripts/setup-test-env");
+        }
+        eprintln!("SKIPPING: {name} not found; run scripts/setup-test-env to install it");
+    }
+    found
+}
