@@ -117,7 +117,10 @@ mod tests {
     #[test]
     fn arithmetic_saturates_instead_of_panicking() {
         let t = Timestamp::from_nanos(u64::MAX - 1);
-        assert_eq!(t.saturating_add(Duration::from_secs(10)).as_nanos(), u64::MAX);
+        assert_eq!(
+            t.saturating_add(Duration::from_secs(10)).as_nanos(),
+            u64::MAX
+        );
         assert_eq!(
             Timestamp::from_secs(1).saturating_since(Timestamp::from_secs(2)),
             Duration::ZERO

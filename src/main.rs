@@ -1,6 +1,7 @@
 //! The `sluice` binary: parse the command line, set up logging, load the config, bind the
 //! listeners and run until SIGINT/SIGTERM. All logic lives in the library.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,11 @@ use sluice::store::{MemoryStore, MemoryStoreOptions};
 use sluice::{config, shutdown};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Rate-limit decision server for Envoy")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Rate-limit decision server for Envoy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +74,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{}: OK, rate limiting {}",
                 config.display(),
-                if cfg.rules.enabled { "ENABLED" } else { "DISABLED" }
+                if cfg.rules.enabled {
+                    "ENABLED"
+                } else {
+                    "DISABLED"
+                }
             );
             Ok(())
         }
@@ -94,20 +103,26 @@ async fn serve(config_path: PathBuf, grpc_addr: SocketAddr) -> anyhow::Result<()
         max_keys: cfg.store.max_keys,
     });
     let limiter = Arc::new(Limiter::new(cfg.rules, store, Arc::new(SystemClock)));
+    let shutdown = shutdown::install().context("installing signal handlers")?;
     let grpc = TcpListener::bind(grpc_addr)
         .await
         .with_context(|| format!("binding --grpc-addr {grpc_addr}"))?;
     tracing::info!(addr = %grpc.local_addr()?, "serving RateLimitService");
     let options = Options {
         sweep_interval: cfg.store.sweep_interval,
+        ..Options::default()
     };
-    server::run(Listeners { grpc }, limiter, options, shutdown::signal()).await?;
+    server::run(Listeners { grpc }, limiter, options, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
 fn log_loaded(path: &std::path::Path, cfg: &config::Config) {
-    let state = if cfg.rules.enabled { "ENABLED" } else { "DISABLED" };
+    let state = if cfg.rules.enabled {
+        "ENABLED"
+    } else {
+        "DISABLED"
+    };
     tracing::info!(config = %path.display(), hash = format!("{:016x}", cfg.hash), "rate limiting {state}");
     for d in &cfg.rules.domains {
         let endpoints: Vec<&str> = d.rules.iter().map(|r| r.name.as_str()).collect();
@@ -118,7 +133,10 @@ fn log_loaded(path: &std::path::Path, cfg: &config::Config) {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -1,5 +1,11 @@
 //! Generated protobuf and gRPC code. All lint allowances for generated code live here.
-#![allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 /// Encoded `FileDescriptorSet` of every proto sluice serves, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

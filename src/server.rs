@@ -28,6 +28,18 @@ pub struct Listeners {
 pub struct Options {
     /// Time between sweeps of expired counters.
     pub sweep_interval: Duration,
+    /// After the shutdown signal, how long in-flight calls may take before the server stops
+    /// anyway (a client that never closes its connection must not keep a pod alive).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            sweep_interval: crate::config::DEFAULT_SWEEP_INTERVAL,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The server failed.
@@ -64,14 +76,32 @@ pub async fn run<S: Store>(
         .await;
 
     let sweeper = tokio::spawn(sweep(limiter.clone(), options.sweep_interval));
-    let result = Server::builder()
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.notify_one();
+        }
+    };
+    let serve = Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RateLimitServiceServer::new(RlsService::new(limiter)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), signal);
+    let grace = async {
+        stopping.notified().await;
+        tokio::time::sleep(options.shutdown_grace).await;
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        () = grace => {
+            tracing::warn!(grace = ?options.shutdown_grace, "in-flight calls still open after the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
     sweeper.abort();
     result.map_err(ServerError::from)
 }

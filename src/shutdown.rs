@@ -1,25 +1,31 @@
 //! The shutdown signal: SIGINT (Ctrl-C) or SIGTERM (Kubernetes, systemd).
+//!
+//! Handlers are installed by [`install`], before the server says it is serving: a signal that
+//! arrives between "listening" and the first poll of the future must still be a graceful stop,
+//! not the default action (instant death, in-flight calls cut).
 
-/// Completes on the first SIGINT or SIGTERM.
-pub async fn signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+use std::future::Future;
+use std::io;
+
+/// Installs SIGINT and SIGTERM handlers now; the future completes on the first of them.
+pub fn install() -> io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT: shutting down, finishing in-flight calls"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down, finishing in-flight calls"),
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT: shutting down, finishing in-flight calls"),
-        () = term => tracing::info!("SIGTERM: shutting down, finishing in-flight calls"),
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C: shutting down, finishing in-flight calls");
+        })
     }
 }

@@ -1,6 +1,8 @@
 //! ShouldRateLimit over the wire: the seeds' tables, every request field Envoy sends, and every
 //! status field Envoy reads.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -36,7 +38,10 @@ fn assert_status(
     assert_eq!(limit.requests_per_unit, rpu);
     assert_eq!(limit.unit, unit as i32);
     assert_eq!(s.limit_remaining, remaining, "remaining of {s:?}");
-    let d = s.duration_until_reset.as_ref().expect("duration_until_reset");
+    let d = s
+        .duration_until_reset
+        .as_ref()
+        .expect("duration_until_reset");
     assert_eq!((d.seconds, d.nanos), (reset_secs, 0), "reset of {s:?}");
 }
 
@@ -44,7 +49,9 @@ fn assert_status(
 async fn eleventh_execute_in_a_minute_is_over_limit() {
     let srv = TestServer::start_default().await;
     for i in 0..10u32 {
-        let r = srv.call(training("/api/training/execute", "10.0.0.1")).await;
+        let r = srv
+            .call(training("/api/training/execute", "10.0.0.1"))
+            .await;
         assert_eq!(r.overall_code, OK, "request {}", i + 1);
         assert_eq!(r.statuses.len(), 1);
         assert_status(
@@ -61,7 +68,9 @@ async fn eleventh_execute_in_a_minute_is_over_limit() {
     }
     // At T0+10s: the window holds 10; with the weighted window the 11th is admitted once the
     // 10 hits of this minute have faded to 9 in the next one: 50 s + 6 s from now.
-    let r = srv.call(training("/api/training/execute", "10.0.0.1")).await;
+    let r = srv
+        .call(training("/api/training/execute", "10.0.0.1"))
+        .await;
     assert_eq!(r.overall_code, OVER);
     assert_status(&r.statuses[0], OVER, "per minute", 10, Unit::Minute, 0, 56);
     assert_eq!(header(&r, "retry-after"), Some("56"));
@@ -72,16 +81,22 @@ async fn eleventh_execute_in_a_minute_is_over_limit() {
     );
 
     // Another client is unaffected.
-    let other = srv.call(training("/api/training/execute", "10.0.0.2")).await;
+    let other = srv
+        .call(training("/api/training/execute", "10.0.0.2"))
+        .await;
     assert_eq!(other.overall_code, OK);
     assert_eq!(other.statuses[0].limit_remaining, 9);
 
     // The promise holds: still limited a second early, admitted on time.
     srv.advance(55);
-    let early = srv.call(training("/api/training/execute", "10.0.0.1")).await;
+    let early = srv
+        .call(training("/api/training/execute", "10.0.0.1"))
+        .await;
     assert_eq!(early.overall_code, OVER);
     srv.advance(1);
-    let on_time = srv.call(training("/api/training/execute", "10.0.0.1")).await;
+    let on_time = srv
+        .call(training("/api/training/execute", "10.0.0.1"))
+        .await;
     assert_eq!(on_time.overall_code, OK);
 }
 
@@ -101,7 +116,15 @@ async fn training_tables_match_the_seed() {
     ];
     for (path, limit) in cases {
         let r = srv.call(training(path, "10.1.1.1")).await;
-        assert_status(&r.statuses[0], OK, "per minute", limit, Unit::Minute, limit - 1, 60);
+        assert_status(
+            &r.statuses[0],
+            OK,
+            "per minute",
+            limit,
+            Unit::Minute,
+            limit - 1,
+            60,
+        );
     }
 }
 
@@ -110,7 +133,10 @@ async fn job_ids_share_the_clients_counter() {
     let srv = TestServer::start_default().await;
     for i in 0..30 {
         let r = srv
-            .call(training(&format!("/api/training/cancel/job-{i}"), "10.0.0.9"))
+            .call(training(
+                &format!("/api/training/cancel/job-{i}"),
+                "10.0.0.9",
+            ))
             .await;
         assert_eq!(r.overall_code, OK, "cancel {i}");
     }
@@ -144,7 +170,9 @@ async fn talk2me_transcribe_allows_a_burst_of_three_then_one_per_six_seconds() {
         r#"{"error": "Rate limit exceeded (burst)", "retry_after": 6}"#
     );
     // The same address with another user agent is another client.
-    let other = srv.call(talk2me("/transcribe", "10.2.0.1", "Firefox")).await;
+    let other = srv
+        .call(talk2me("/transcribe", "10.2.0.1", "Firefox"))
+        .await;
     assert_eq!(other.overall_code, OK);
 
     srv.advance(6);
@@ -163,7 +191,10 @@ async fn talk2me_per_minute_limit_applies_after_the_burst_refills() {
         if r.overall_code == OK {
             admitted += 1;
         } else {
-            assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "per minute");
+            assert_eq!(
+                r.statuses[0].current_limit.as_ref().unwrap().name,
+                "per minute"
+            );
         }
         srv.advance(5);
     }
@@ -201,7 +232,10 @@ async fn a_denied_request_charges_none_of_its_limits() {
             vec![descriptor(&[("path", "/b"), ("remote_address", "1.1.1.1")])],
         ))
         .await;
-    assert_eq!(only_b.statuses[0].limit_remaining, 2, "the denied request did not count");
+    assert_eq!(
+        only_b.statuses[0].limit_remaining, 2,
+        "the denied request did not count"
+    );
 }
 
 #[tokio::test]
@@ -222,7 +256,10 @@ async fn hits_addend_counts_as_envoy_defines_it() {
     req.hits_addend = 4;
     assert_eq!(srv.call(req).await.statuses[0].limit_remaining, 6);
     // Request hits_addend 0 means 1.
-    assert_eq!(srv.call(request("d", vec![d()])).await.statuses[0].limit_remaining, 5);
+    assert_eq!(
+        srv.call(request("d", vec![d()])).await.statuses[0].limit_remaining,
+        5
+    );
     // Descriptor-level 3 overrides a request-level 7.
     let mut three = d();
     three.hits_addend = Some(3);
@@ -258,14 +295,39 @@ async fn limit_override_replaces_the_configured_limit() {
     };
     for remaining in [1, 0] {
         let r = srv.call(with_override()).await;
-        assert_status(&r.statuses[0], OK, "override", 2, Unit::Hour, remaining, 3600);
+        assert_status(
+            &r.statuses[0],
+            OK,
+            "override",
+            2,
+            Unit::Hour,
+            remaining,
+            3600,
+        );
     }
     let r = srv.call(with_override()).await;
     assert_eq!(r.overall_code, OVER);
-    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().requests_per_unit, 2);
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        2
+    );
     // The configured 10/minute counter was never touched.
-    let plain = srv.call(training("/api/training/execute", "10.3.0.1")).await;
-    assert_status(&plain.statuses[0], OK, "per minute", 10, Unit::Minute, 9, 60);
+    let plain = srv
+        .call(training("/api/training/execute", "10.3.0.1"))
+        .await;
+    assert_status(
+        &plain.statuses[0],
+        OK,
+        "per minute",
+        10,
+        Unit::Minute,
+        9,
+        60,
+    );
 }
 
 #[tokio::test]
@@ -279,7 +341,10 @@ async fn month_override_is_reported_in_months() {
     });
     let r = srv.call(req).await;
     let limit = r.statuses[0].current_limit.as_ref().unwrap();
-    assert_eq!((limit.requests_per_unit, limit.unit), (100, Unit::Month as i32));
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit),
+        (100, Unit::Month as i32)
+    );
 }
 
 #[tokio::test]
@@ -305,15 +370,35 @@ async fn statuses_follow_descriptor_order() {
         "training",
         vec![
             descriptor(&[("path", "/nothing"), ("remote_address", "1.1.1.1")]),
-            descriptor(&[("path", "/api/filesystem/read"), ("remote_address", "1.1.1.1")]),
-            descriptor(&[("path", "/api/training/execute"), ("remote_address", "1.1.1.1")]),
+            descriptor(&[
+                ("path", "/api/filesystem/read"),
+                ("remote_address", "1.1.1.1"),
+            ]),
+            descriptor(&[
+                ("path", "/api/training/execute"),
+                ("remote_address", "1.1.1.1"),
+            ]),
         ],
     );
     let r = srv.call(req).await;
     assert_eq!(r.statuses.len(), 3);
     assert!(r.statuses[0].current_limit.is_none());
-    assert_eq!(r.statuses[1].current_limit.as_ref().unwrap().requests_per_unit, 60);
-    assert_eq!(r.statuses[2].current_limit.as_ref().unwrap().requests_per_unit, 10);
+    assert_eq!(
+        r.statuses[1]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        60
+    );
+    assert_eq!(
+        r.statuses[2]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        10
+    );
 }
 
 #[tokio::test]
@@ -355,7 +440,12 @@ async fn disabled_rate_limiting_answers_ok_but_keeps_counting() {
         "enabled: false\ndomains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [2/minute]\n",
     )
     .await;
-    let req = || request("d", vec![descriptor(&[("path", "/a"), ("remote_address", "1.1.1.1")])]);
+    let req = || {
+        request(
+            "d",
+            vec![descriptor(&[("path", "/a"), ("remote_address", "1.1.1.1")])],
+        )
+    };
     let remaining: Vec<u32> = {
         let mut v = Vec::new();
         for _ in 0..4 {
@@ -375,7 +465,12 @@ async fn fixed_window_algorithm_resets_at_the_aligned_boundary() {
         "domains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [{rate: 2/minute, algorithm: fixed_window, name: per-ip}]\n",
     )
     .await;
-    let req = || request("d", vec![descriptor(&[("path", "/a"), ("remote_address", "1.1.1.1")])]);
+    let req = || {
+        request(
+            "d",
+            vec![descriptor(&[("path", "/a"), ("remote_address", "1.1.1.1")])],
+        )
+    };
     srv.advance(50);
     srv.call(req()).await;
     srv.call(req()).await;
@@ -392,7 +487,12 @@ async fn window_of_thirty_seconds_is_reported_per_minute_with_exact_reset() {
         "domains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [5/30 seconds]\n",
     )
     .await;
-    let req = || request("d", vec![descriptor(&[("path", "/a"), ("remote_address", "1.1.1.1")])]);
+    let req = || {
+        request(
+            "d",
+            vec![descriptor(&[("path", "/a"), ("remote_address", "1.1.1.1")])],
+        )
+    };
     srv.advance(20);
     let r = srv.call(req()).await;
     assert_status(&r.statuses[0], OK, "per 30 seconds", 5, Unit::Minute, 4, 10);
@@ -402,12 +502,21 @@ async fn window_of_thirty_seconds_is_reported_per_minute_with_exact_reset() {
 async fn sub_second_resets_round_up() {
     let srv = TestServer::start_default().await;
     srv.advance_millis(59_500);
-    let r = srv.call(training("/api/training/execute", "10.9.0.1")).await;
+    let r = srv
+        .call(training("/api/training/execute", "10.9.0.1"))
+        .await;
     // 0.5 s left in the window: reported as 1 s, never 0.
-    assert_eq!(r.statuses[0].duration_until_reset.as_ref().unwrap().seconds, 1);
+    assert_eq!(
+        r.statuses[0].duration_until_reset.as_ref().unwrap().seconds,
+        1
+    );
 }
 
-async fn assert_invalid(srv: &TestServer, req: sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest, field: &str) {
+async fn assert_invalid(
+    srv: &TestServer,
+    req: sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest,
+    field: &str,
+) {
     let status = srv.call_err(req).await;
     assert_eq!(status.code(), GrpcCode::InvalidArgument, "{status:?}");
     assert!(
@@ -421,8 +530,18 @@ async fn assert_invalid(srv: &TestServer, req: sluice::proto::envoy::service::ra
 async fn malformed_requests_are_invalid_argument_naming_the_field() {
     let srv = TestServer::start_default().await;
     let ok = || training("/api/training/execute", "1.1.1.1");
-    assert_invalid(&srv, ok().tap(|r| r.domain.clear()), "domain: must not be empty").await;
-    assert_invalid(&srv, ok().tap(|r| r.descriptors.clear()), "descriptors: at least one").await;
+    assert_invalid(
+        &srv,
+        ok().tap(|r| r.domain.clear()),
+        "domain: must not be empty",
+    )
+    .await;
+    assert_invalid(
+        &srv,
+        ok().tap(|r| r.descriptors.clear()),
+        "descriptors: at least one",
+    )
+    .await;
     assert_invalid(
         &srv,
         ok().tap(|r| r.descriptors = vec![r.descriptors[0].clone(); 65]),
@@ -484,8 +603,13 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
 async fn overall_code_is_never_unknown() {
     let srv = TestServer::start_default().await;
     for i in 0..40 {
-        let r = srv.call(training("/api/training/execute", "10.7.0.1")).await;
-        assert!(r.overall_code == OK || r.overall_code == OVER, "call {i}: {r:?}");
+        let r = srv
+            .call(training("/api/training/execute", "10.7.0.1"))
+            .await;
+        assert!(
+            r.overall_code == OK || r.overall_code == OVER,
+            "call {i}: {r:?}"
+        );
         assert!(r.statuses.iter().all(|s| s.code == OK || s.code == OVER));
     }
 }

@@ -7,7 +7,9 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvError {
     /// `${VAR}` with `VAR` unset and no default.
-    #[error("environment variable {name} is not set and has no default (write ${{{name}:-default}})")]
+    #[error(
+        "environment variable {name} is not set and has no default (write ${{{name}:-default}})"
+    )]
     Unset {
         /// Variable name.
         name: String,
@@ -140,7 +142,13 @@ mod tests {
 
     #[test]
     fn malformed_references_are_errors() {
-        assert!(matches!(expand("a: ${1X}", env), Err(EnvError::Malformed { .. })));
-        assert!(matches!(expand("a: ${OPEN", env), Err(EnvError::Malformed { .. })));
+        assert!(matches!(
+            expand("a: ${1X}", env),
+            Err(EnvError::Malformed { .. })
+        ));
+        assert!(matches!(
+            expand("a: ${OPEN", env),
+            Err(EnvError::Malformed { .. })
+        ));
     }
 }

@@ -156,9 +156,21 @@ mod tests {
 
     #[test]
     fn finds_the_line_of_nested_fields() {
-        let path = [f("domains"), Seg::Index(0), f("endpoints"), Seg::Index(1), f("burst")];
+        let path = [
+            f("domains"),
+            Seg::Index(0),
+            f("endpoints"),
+            Seg::Index(1),
+            f("burst"),
+        ];
         assert_eq!(line_of(DOC, &path), Some(6));
-        let path = [f("domains"), Seg::Index(0), f("endpoints"), Seg::Index(1), f("path")];
+        let path = [
+            f("domains"),
+            Seg::Index(0),
+            f("endpoints"),
+            Seg::Index(1),
+            f("path"),
+        ];
         assert_eq!(line_of(DOC, &path), Some(5));
         assert_eq!(render(&path), "domains[0].endpoints[1].path");
     }

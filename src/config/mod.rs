@@ -134,7 +134,11 @@ pub fn parse(
     })?;
     let hash = xxh3_64(expanded.as_bytes());
     compile(raw, hash).map_err(|(path, message)| {
-        invalid(locate::line_of(&expanded, &path), locate::render(&path), message)
+        invalid(
+            locate::line_of(&expanded, &path),
+            locate::render(&path),
+            message,
+        )
     })
 }
 
@@ -159,7 +163,11 @@ fn field(name: &str) -> Seg {
 fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
     let max_keys = raw.store.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
     if max_keys == 0 {
-        return Err(at(&[field("store"), field("max_keys")], &[], "must be at least 1"));
+        return Err(at(
+            &[field("store"), field("max_keys")],
+            &[],
+            "must be at least 1",
+        ));
     }
     let sweep = raw
         .store
@@ -173,7 +181,11 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
         ));
     }
     if raw.domains.is_empty() {
-        return Err(at(&[field("domains")], &[], "at least one domain is required"));
+        return Err(at(
+            &[field("domains")],
+            &[],
+            "at least one domain is required",
+        ));
     }
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut domains = Vec::with_capacity(raw.domains.len());
@@ -186,7 +198,10 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
             return Err(at(
                 &path,
                 &[field("name")],
-                format!("duplicate domain {:?} (first defined at domains[{first}])", d.name),
+                format!(
+                    "duplicate domain {:?} (first defined at domains[{first}])",
+                    d.name
+                ),
             ));
         }
         domains.push(compile_domain(d, &path)?);
@@ -207,7 +222,11 @@ fn compile_domain(d: RawDomain, path: &[Seg]) -> Result<Domain, Invalid> {
         .unwrap_or_else(|| vec![DEFAULT_CLIENT_ENTRY.to_string()]);
     for (i, c) in client.iter().enumerate() {
         if c.is_empty() {
-            return Err(at(path, &[field("client"), Seg::Index(i)], "entry key must not be empty"));
+            return Err(at(
+                path,
+                &[field("client"), Seg::Index(i)],
+                "entry key must not be empty",
+            ));
         }
     }
     let endpoint_entry = d
@@ -284,12 +303,20 @@ fn compile_endpoint(
             ));
         }
         (None, Some(_)) => {
-            return Err(at(path, &[field("refill")], "refill needs a burst size too (e.g. `burst: 3`)"));
+            return Err(at(
+                path,
+                &[field("refill")],
+                "refill needs a burst size too (e.g. `burst: 3`)",
+            ));
         }
         (None, None) => {}
     }
     if limits.is_empty() {
-        return Err(at(path, &[], "endpoint has no limits (add `limits:` or `burst:`)"));
+        return Err(at(
+            path,
+            &[],
+            "endpoint has no limits (add `limits:` or `burst:`)",
+        ));
     }
     Ok(Rule {
         name: e.path,
@@ -313,7 +340,15 @@ fn compile_limits(
         match l {
             RawLimit::Rates(rates) => {
                 for r in rates {
-                    out.push(compile_limit(domain, rule, *r, default_algorithm, None, shadow, &lpath)?);
+                    out.push(compile_limit(
+                        domain,
+                        rule,
+                        *r,
+                        default_algorithm,
+                        None,
+                        shadow,
+                        &lpath,
+                    )?);
                 }
             }
             RawLimit::Full(f) => out.push(compile_limit(
@@ -426,7 +461,11 @@ pub fn limits_table(rules: &RuleSet) -> String {
                     client.clone(),
                     format!("{} [{}]", l.rate, l.name),
                     algo,
-                    format!("{}/{}", l.reported.requests_per_unit, l.reported.unit.as_str()),
+                    format!(
+                        "{}/{}",
+                        l.reported.requests_per_unit,
+                        l.reported.unit.as_str()
+                    ),
                 ]);
             }
         }

@@ -130,7 +130,10 @@ impl FromStr for Rate {
 
 /// Parses `10/minute; 100/hour` into its rates.
 pub fn parse_list(s: &str) -> Result<Vec<Rate>, RateError> {
-    let parts: Vec<&str> = s.split([';', ',']).filter(|p| !p.trim().is_empty()).collect();
+    let parts: Vec<&str> = s
+        .split([';', ','])
+        .filter(|p| !p.trim().is_empty())
+        .collect();
     if parts.is_empty() {
         return Err(RateError::Shape(s.to_string()));
     }
@@ -170,13 +173,31 @@ mod tests {
 
     #[test]
     fn bad_counts_and_shapes_are_rejected() {
-        assert!(matches!("0/minute".parse::<Rate>(), Err(RateError::Count(_))));
-        assert!(matches!("x/minute".parse::<Rate>(), Err(RateError::Count(_))));
-        assert!(matches!("5000000000/minute".parse::<Rate>(), Err(RateError::Count(_))));
+        assert!(matches!(
+            "0/minute".parse::<Rate>(),
+            Err(RateError::Count(_))
+        ));
+        assert!(matches!(
+            "x/minute".parse::<Rate>(),
+            Err(RateError::Count(_))
+        ));
+        assert!(matches!(
+            "5000000000/minute".parse::<Rate>(),
+            Err(RateError::Count(_))
+        ));
         assert!(matches!("10".parse::<Rate>(), Err(RateError::Shape(_))));
-        assert!(matches!("10 minute".parse::<Rate>(), Err(RateError::Shape(_))));
-        assert!(matches!("5/0 seconds".parse::<Rate>(), Err(RateError::Per(_))));
-        assert!(matches!("5/thirty seconds".parse::<Rate>(), Err(RateError::Unit(_))));
+        assert!(matches!(
+            "10 minute".parse::<Rate>(),
+            Err(RateError::Shape(_))
+        ));
+        assert!(matches!(
+            "5/0 seconds".parse::<Rate>(),
+            Err(RateError::Per(_))
+        ));
+        assert!(matches!(
+            "5/thirty seconds".parse::<Rate>(),
+            Err(RateError::Unit(_))
+        ));
     }
 
     #[test]
@@ -191,7 +212,11 @@ mod tests {
     fn lists_split_on_semicolons_and_commas() {
         assert_eq!(
             parse_list("10/minute; 100/hour,1000/day"),
-            Ok(vec![rate(10, 1, 60), rate(100, 1, 3600), rate(1000, 1, 86_400)])
+            Ok(vec![
+                rate(10, 1, 60),
+                rate(100, 1, 3600),
+                rate(1000, 1, 86_400)
+            ])
         );
         assert!(parse_list(" ; ").is_err());
     }

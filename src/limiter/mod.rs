@@ -205,12 +205,28 @@ impl<S: Store> Limiter<S> {
                         Some(k) => k,
                         None => self.entries_key(domain.name.as_str(), &d.entries, o),
                     };
-                    plan(&mut planned, &mut counters, index, d.hits, Source::Override(policy, reported), key, rules.enabled);
+                    plan(
+                        &mut planned,
+                        &mut counters,
+                        index,
+                        d.hits,
+                        Source::Override(policy, reported),
+                        key,
+                        rules.enabled,
+                    );
                 }
                 (None, Some(rule)) => {
                     for limit in &rule.limits {
                         if let Some(key) = self.limit_key(rule, limit, &d.entries) {
-                            plan(&mut planned, &mut counters, index, d.hits, Source::Config(limit), key, rules.enabled && !limit.shadow);
+                            plan(
+                                &mut planned,
+                                &mut counters,
+                                index,
+                                d.hits,
+                                Source::Config(limit),
+                                key,
+                                rules.enabled && !limit.shadow,
+                            );
                         }
                     }
                 }
@@ -219,7 +235,15 @@ impl<S: Store> Limiter<S> {
             for rule in domain.conditional(&d.entries) {
                 for limit in &rule.limits {
                     if let Some(key) = self.limit_key(rule, limit, &d.entries) {
-                        plan(&mut planned, &mut counters, index, d.hits, Source::Config(limit), key, rules.enabled && !limit.shadow);
+                        plan(
+                            &mut planned,
+                            &mut counters,
+                            index,
+                            d.hits,
+                            Source::Config(limit),
+                            key,
+                            rules.enabled && !limit.shadow,
+                        );
                     }
                 }
             }
@@ -252,7 +276,12 @@ impl<S: Store> Limiter<S> {
 
     /// Counter key of `limit` of `rule` for the client named by `entries`; `None` if the
     /// descriptor lacks one of the rule's client entries.
-    fn limit_key(&self, rule: &Rule, limit: &Limit, entries: &[(&str, &str)]) -> Option<CounterKey> {
+    fn limit_key(
+        &self,
+        rule: &Rule,
+        limit: &Limit,
+        entries: &[(&str, &str)],
+    ) -> Option<CounterKey> {
         let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
         h.write_u64(limit.id);
         for k in &rule.client {
@@ -360,8 +389,8 @@ fn merge(
 
 /// The policy and reported form of a descriptor override: a sliding window of one unit.
 fn override_policy(o: LimitOverride) -> (Policy, Reported) {
-    let window = NonZeroU64::new(o.unit.seconds().saturating_mul(1_000_000_000))
-        .unwrap_or(NonZeroU64::MIN);
+    let window =
+        NonZeroU64::new(o.unit.seconds().saturating_mul(1_000_000_000)).unwrap_or(NonZeroU64::MIN);
     (
         Policy::SlidingWindow {
             limit: u64::from(o.requests_per_unit),
@@ -416,7 +445,12 @@ fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) 
                     Source::Config(l) => (l.name.clone(), l.reported),
                     Source::Override(_, r) => (Arc::from(OVERRIDE_NAME), r),
                 };
-                if over && decision.retry.as_ref().is_none_or(|(t, _)| v.reset_after > *t) {
+                if over
+                    && decision
+                        .retry
+                        .as_ref()
+                        .is_none_or(|(t, _)| v.reset_after > *t)
+                {
                     decision.retry = Some((v.reset_after, name.clone()));
                 }
                 Status {

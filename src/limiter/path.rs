@@ -10,15 +10,35 @@
 //! as `/api/training/execute` but did not match the `execute` endpoint here, a
 //! client could dodge its limit just by spelling the path differently. So
 //! [`PathRouter::lookup`] normalises the way Envoy's `normalize_path` +
-//! `merge_slashes` would: the query string and fragment are dropped, empty and
-//! `.` segments are ignored, `..` removes the previous segment (never climbing
-//! above the root), escaped dots (`%2e`) count as dots, and percent-encoded
-//! bytes compare decoded (`%2F` decodes to `/` inside a segment but never splits
-//! it). Comparison is otherwise byte-exact and case-sensitive.
+//! `merge_slashes` would: the query string and fragment (from the first `?` or
+//! `#`) are dropped, empty and `.` segments are ignored, `..` removes the
+//! previous segment (never climbing above the root), escaped dots (`%2e`) count
+//! as dots, and percent-encoded bytes compare decoded (`%2F` decodes to `/`
+//! inside a segment but never splits it; invalid escapes compare literally).
+//! Comparison is otherwise byte-exact and case-sensitive.
 //!
-//! Lookup never allocates. Normalised segment slices live in a fixed stack array
-//! of [`MAX_PATH_SEGMENTS`] entries; a path whose normalised form would need
-//! more never matches any endpoint.
+//! # Template grammar
+//!
+//! A template starts with `/` and is split on `/`, ignoring empty segments
+//! (`/a//b/` is `/a/b`; `/` alone matches only the root). Each segment is
+//! literal text, `{name}` (exactly one path segment) or `{*name}` (a catch-all
+//! for one or more remaining segments; last only), with `name` matching
+//! `[A-Za-z_][A-Za-z0-9_]*`. Partial segments (`file.{ext}`), `?`, `#`,
+//! repeated names and `.`/`..` segments are rejected. Literals may contain
+//! percent escapes; they compare decoded, like request paths.
+//!
+//! # Precedence
+//!
+//! Decided segment by segment: a literal beats `{param}`, which beats
+//! `{*catchall}`. If the more specific branch dead-ends later, lookup backtracks,
+//! so `/a/b/d` matches `/a/{x}/d` even when `/a/b/c` exists.
+//!
+//! # Cost
+//!
+//! Lookup never allocates. A short path without `.` or `%` (the common case)
+//! is walked lazily in one pass; any other path is first resolved into a stack
+//! array of [`MAX_PATH_SEGMENTS`] segment slices, and a path whose normalised
+//! form would need more never matches any endpoint.
 
 use std::fmt;
 use std::str::FromStr;
@@ -516,7 +536,7 @@ const fn hex_value(b: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
-    fn router(templates: &[&str]) -> PathRouter<usize> {
+    fn router_of(templates: &[&str]) -> PathRouter<usize> {
         let mut router = PathRouter::new();
         for (index, template) in templates.iter().enumerate() {
             router
@@ -651,7 +671,7 @@ mod tests {
 
     #[test]
     fn same_shape_with_other_param_names_is_a_duplicate() {
-        let mut router = router(&["/api/training/cancel/{job_id}"]);
+        let mut router = router_of(&["/api/training/cancel/{job_id}"]);
         let err = router
             .insert(PathTemplate::parse("/api/training/cancel/{id}").unwrap(), 9)
             .unwrap_err();
@@ -672,7 +692,7 @@ mod tests {
 
     #[test]
     fn equivalent_spellings_are_duplicates() {
-        let mut router = router(&["/a/b", "/x/{*rest}"]);
+        let mut router = router_of(&["/a/b", "/x/{*rest}"]);
         for template in ["/a//b/", "/%61/b", "/x/{*tail}"] {
             assert!(
                 router
@@ -701,14 +721,14 @@ mod tests {
 
     #[test]
     fn exact_literal_matches() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.len(), TRAINING.len());
         assert_eq!(router.lookup("/api/training/execute"), Some(&0));
     }
 
     #[test]
     fn job_ids_share_the_cancel_template() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("/api/training/cancel/job-1"), Some(&1));
         assert_eq!(router.lookup("/api/training/cancel/42"), Some(&1));
         assert_eq!(router.lookup("/api/training/job-7/force-start"), Some(&2));
@@ -716,7 +736,7 @@ mod tests {
 
     #[test]
     fn query_string_is_ignored() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("/api/training/execute?x=1/y"), Some(&0));
         assert_eq!(router.lookup("/api/training/execute#frag"), Some(&0));
         assert_eq!(router.lookup("/api/training/execute?"), Some(&0));
@@ -725,7 +745,7 @@ mod tests {
 
     #[test]
     fn trailing_slash_and_double_slash_match() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("/api/training/execute/"), Some(&0));
         assert_eq!(router.lookup("//api///training//execute//"), Some(&0));
         assert_eq!(router.lookup("/api/training/cancel//j1/"), Some(&1));
@@ -733,7 +753,7 @@ mod tests {
 
     #[test]
     fn dot_segments_are_resolved() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("/api/./training/./execute/."), Some(&0));
         assert_eq!(router.lookup("/api/other/../training/execute"), Some(&0));
         assert_eq!(router.lookup("/api/training/execute/x/y/../.."), Some(&0));
@@ -746,7 +766,7 @@ mod tests {
 
     #[test]
     fn dot_dot_cannot_escape_root() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("/../../api/training/execute"), Some(&0));
         assert_eq!(
             router.lookup("/api/../../../api/training/execute"),
@@ -758,7 +778,7 @@ mod tests {
 
     #[test]
     fn percent_encoded_literal_matches() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("/api/training/exec%75te"), Some(&0));
         assert_eq!(router.lookup("/%61%70%69/training/execute"), Some(&0));
         assert_eq!(router.lookup("/api/training/%63ancel/j1"), Some(&1));
@@ -769,7 +789,7 @@ mod tests {
 
     #[test]
     fn percent_encoded_template_literal_matches_plain_path() {
-        let router = router(&["/a%20b/c"]);
+        let router = router_of(&["/a%20b/c"]);
         assert_eq!(router.lookup("/a%20b/c"), Some(&0));
         assert_eq!(router.lookup("/a b/c"), Some(&0));
         assert_eq!(router.lookup("/a+b/c"), None);
@@ -777,7 +797,7 @@ mod tests {
 
     #[test]
     fn encoded_slash_does_not_split_segments() {
-        let router = router(&["/a/b/c", "/a/{x}"]);
+        let router = router_of(&["/a/b/c", "/a/{x}"]);
         assert_eq!(router.lookup("/a/b%2Fc"), Some(&1));
         assert_eq!(router.lookup("/a/b%2fc"), Some(&1));
         assert_eq!(router.lookup("/a/b/c"), Some(&0));
@@ -785,7 +805,7 @@ mod tests {
 
     #[test]
     fn invalid_escapes_compare_literally() {
-        let router = router(&["/a/%zz", "/b/%", "/c/%4"]);
+        let router = router_of(&["/a/%zz", "/b/%", "/c/%4"]);
         assert_eq!(router.lookup("/a/%zz"), Some(&0));
         assert_eq!(router.lookup("/a/%25zz"), Some(&0));
         assert_eq!(router.lookup("/b/%"), Some(&1));
@@ -795,7 +815,7 @@ mod tests {
 
     #[test]
     fn matching_is_case_sensitive() {
-        let router = router(&["/Api/x"]);
+        let router = router_of(&["/Api/x"]);
         assert_eq!(router.lookup("/Api/x"), Some(&0));
         assert_eq!(router.lookup("/api/x"), None);
         assert_eq!(router.lookup("/API/X"), None);
@@ -803,7 +823,7 @@ mod tests {
 
     #[test]
     fn root_template_matches_only_root() {
-        let router = router(&["/", "/a"]);
+        let router = router_of(&["/", "/a"]);
         assert_eq!(router.lookup("/"), Some(&0));
         assert_eq!(router.lookup("//"), Some(&0));
         assert_eq!(router.lookup("/?q"), Some(&0));
@@ -813,32 +833,32 @@ mod tests {
 
     #[test]
     fn missing_leading_slash_is_tolerated() {
-        let router = router(TRAINING);
+        let router = router_of(TRAINING);
         assert_eq!(router.lookup("api/training/execute"), Some(&0));
         assert_eq!(router.lookup(""), Some(&4));
     }
 
     #[test]
     fn literal_beats_parameter() {
-        let router = router(&["/a/{x}", "/a/b", "/{*rest}"]);
+        let router = router_of(&["/a/{x}", "/a/b", "/{*rest}"]);
         assert_eq!(router.lookup("/a/b"), Some(&1));
         assert_eq!(router.lookup("/a/c"), Some(&0));
         // Insertion order does not matter.
-        let router = self::router(&["/a/b", "/a/{x}"]);
+        let router = router_of(&["/a/b", "/a/{x}"]);
         assert_eq!(router.lookup("/a/b"), Some(&0));
         assert_eq!(router.lookup("/a/c"), Some(&1));
     }
 
     #[test]
     fn parameter_beats_catch_all() {
-        let router = router(&["/a/{*rest}", "/a/{x}"]);
+        let router = router_of(&["/a/{*rest}", "/a/{x}"]);
         assert_eq!(router.lookup("/a/b"), Some(&1));
         assert_eq!(router.lookup("/a/b/c"), Some(&0));
     }
 
     #[test]
     fn backtracks_to_parameter_branch() {
-        let router = router(&["/a/b/c", "/a/{x}/d"]);
+        let router = router_of(&["/a/b/c", "/a/{x}/d"]);
         assert_eq!(router.lookup("/a/b/c"), Some(&0));
         assert_eq!(router.lookup("/a/b/d"), Some(&1));
         assert_eq!(router.lookup("/a/b/e"), None);
@@ -846,7 +866,7 @@ mod tests {
 
     #[test]
     fn backtracks_to_catch_all() {
-        let router = router(&["/a/b/c", "/a/{x}/d", "/a/{*rest}"]);
+        let router = router_of(&["/a/b/c", "/a/{x}/d", "/a/{*rest}"]);
         assert_eq!(router.lookup("/a/b/e"), Some(&2));
         assert_eq!(router.lookup("/a/b"), Some(&2));
         assert_eq!(router.lookup("/a/b/c/d"), Some(&2));
@@ -854,7 +874,7 @@ mod tests {
 
     #[test]
     fn catch_all_needs_at_least_one_segment() {
-        let router = router(&["/api/{*rest}"]);
+        let router = router_of(&["/api/{*rest}"]);
         assert_eq!(router.lookup("/api"), None);
         assert_eq!(router.lookup("/api/"), None);
         assert_eq!(router.lookup("/api/x/.."), None);
@@ -864,7 +884,7 @@ mod tests {
 
     #[test]
     fn too_many_segments_never_match() {
-        let router = router(&["/{*rest}"]);
+        let router = router_of(&["/{*rest}"]);
         let fits = "/s".repeat(MAX_PATH_SEGMENTS);
         assert_eq!(router.lookup(&fits), Some(&0));
         let too_long = "/s".repeat(MAX_PATH_SEGMENTS + 1);
@@ -881,7 +901,7 @@ mod tests {
 
     #[test]
     fn non_ascii_paths_match_bytewise() {
-        let router = router(&["/café/{x}"]);
+        let router = router_of(&["/café/{x}"]);
         assert_eq!(router.lookup("/café/ü"), Some(&0));
         assert_eq!(router.lookup("/caf%C3%A9/ü"), Some(&0));
         assert_eq!(router.lookup("/cafe/ü"), None);
@@ -1140,7 +1160,7 @@ mod tests {
 
         #[test]
         fn arbitrary_strings_never_panic(path in any::<String>(), template in any::<String>()) {
-            let router = router(TRAINING);
+            let router = router_of(TRAINING);
             let _ = router.lookup(&path);
             let _ = PathTemplate::parse(&template);
             let _ = PathTemplate::parse(&format!("/{template}"));
@@ -1151,7 +1171,7 @@ mod tests {
             path in "[/.%2eEfF?#{}*abé]{0,40}",
             template in "[/.%2eEfF?#{}*abé]{0,40}",
         ) {
-            let router = router(TRAINING);
+            let router = router_of(TRAINING);
             let _ = router.lookup(&path);
             if let Ok(template) = PathTemplate::parse(&template) {
                 let mut router = PathRouter::new();

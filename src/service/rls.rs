@@ -11,15 +11,15 @@ use tonic::{Request, Response, Status};
 
 use crate::limiter::algorithms::Hits;
 use crate::limiter::model::Unit;
-use crate::limiter::{self, Decision, Descriptor, Limiter, LimitOverride};
+use crate::limiter::{self, Decision, Descriptor, LimitOverride, Limiter};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use crate::proto::envoy::r#type::v3::RateLimitUnit;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit, rate_limit::Unit as ProtoUnit,
 };
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use crate::proto::envoy::r#type::v3::RateLimitUnit;
 use crate::store::Store;
 
 /// Most descriptors accepted in one request.
@@ -58,7 +58,10 @@ pub fn to_request(req: &RateLimitRequest) -> Result<limiter::Request<'_>, BadReq
     if req.descriptors.len() > MAX_DESCRIPTORS {
         return Err(bad(
             "descriptors",
-            format!("{} descriptors, at most {MAX_DESCRIPTORS} allowed", req.descriptors.len()),
+            format!(
+                "{} descriptors, at most {MAX_DESCRIPTORS} allowed",
+                req.descriptors.len()
+            ),
         ));
     }
     // Envoy always sends the request's hits_addend; 0 means 1.
@@ -89,7 +92,10 @@ fn to_descriptor(
     request_hits: u64,
 ) -> Result<Descriptor<'_>, BadRequest> {
     if d.entries.is_empty() {
-        return Err(bad(format!("descriptors[{i}].entries"), "at least one entry is required"));
+        return Err(bad(
+            format!("descriptors[{i}].entries"),
+            "at least one entry is required",
+        ));
     }
     if d.entries.len() > MAX_ENTRIES {
         return Err(bad(
@@ -100,7 +106,10 @@ fn to_descriptor(
     let mut entries = SmallVec::with_capacity(d.entries.len());
     for (j, e) in d.entries.iter().enumerate() {
         if e.key.is_empty() {
-            return Err(bad(format!("descriptors[{i}].entries[{j}].key"), "must not be empty"));
+            return Err(bad(
+                format!("descriptors[{i}].entries[{j}].key"),
+                "must not be empty",
+            ));
         }
         if e.key.len() > MAX_FIELD_BYTES {
             check_len(&format!("descriptors[{i}].entries[{j}].key"), &e.key)?;
@@ -188,7 +197,11 @@ pub fn to_response(decision: &Decision) -> RateLimitResponse {
         })
         .collect();
     let mut response = RateLimitResponse {
-        overall_code: if decision.over { Code::OverLimit } else { Code::Ok } as i32,
+        overall_code: if decision.over {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        } as i32,
         statuses,
         ..Default::default()
     };

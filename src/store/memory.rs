@@ -196,16 +196,16 @@ impl MemoryStore {
         } else {
             // Nothing is charged: report what each admitted limit has left without this request.
             for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
-                if verdict.allowed {
-                    if let Some(map) = shard_mut(&mut guards, charge.key) {
-                        let state = map
-                            .get(&charge.key.0)
-                            .filter(|c| c.expires_at > now)
-                            .map(|c| c.state);
-                        let out = evaluate(charge.policy, state, now, Hits::Take(0));
-                        verdict.remaining = out.remaining;
-                        verdict.reset_after = out.reset_after;
-                    }
+                if verdict.allowed
+                    && let Some(map) = shard_mut(&mut guards, charge.key)
+                {
+                    let state = map
+                        .get(&charge.key.0)
+                        .filter(|c| c.expires_at > now)
+                        .map(|c| c.state);
+                    let out = evaluate(charge.policy, state, now, Hits::Take(0));
+                    verdict.remaining = out.remaining;
+                    verdict.reset_after = out.reset_after;
                 }
             }
         }

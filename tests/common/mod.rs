@@ -57,6 +57,7 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let options = Options {
             sweep_interval: Duration::from_secs(3600),
+            ..Options::default()
         };
         let l = limiter.clone();
         let task = tokio::spawn(async move {

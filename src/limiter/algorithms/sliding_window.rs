@@ -49,7 +49,12 @@ pub(super) fn evaluate(
             if used(prev, curr) + u128::from(h) * wide <= cap {
                 (true, prev, curr + h, 0)
             } else {
-                (false, prev, curr, retry_after(limit, w, elapsed, prev, curr, h))
+                (
+                    false,
+                    prev,
+                    curr,
+                    retry_after(limit, w, elapsed, prev, curr, h),
+                )
             }
         }
         Hits::Return(h) => {
@@ -79,14 +84,14 @@ fn retry_after(limit: u64, w: u64, elapsed: u64, prev: u64, curr: u64, h: u64) -
         return to_window_end.saturating_add(w);
     }
     // Later in this window: need prev * (w - e) <= (limit - curr - h) * w.
-    if let Some(room) = limit.checked_sub(curr).and_then(|r| r.checked_sub(h)) {
-        if prev > 0 {
-            let max_weight = u128::from(room) * wide / u128::from(prev);
-            // e >= w - max_weight; elapsed is already short of that (we were denied).
-            let e_needed = wide.saturating_sub(max_weight);
-            if e_needed < wide {
-                return sat(e_needed).saturating_sub(elapsed).max(1);
-            }
+    if let Some(room) = limit.checked_sub(curr).and_then(|r| r.checked_sub(h))
+        && prev > 0
+    {
+        let max_weight = u128::from(room) * wide / u128::from(prev);
+        // e >= w - max_weight; elapsed is already short of that (we were denied).
+        let e_needed = wide.saturating_sub(max_weight);
+        if e_needed < wide {
+            return sat(e_needed).saturating_sub(elapsed).max(1);
         }
     }
     // In the next window `curr` becomes the previous count: need curr * (w - e) <= (limit - h) * w.
@@ -171,6 +176,6 @@ mod tests {
         let a = take(10, None, 0, 4);
         let b = take(10, Some(a.state), W, 2); // prev 4, curr 2
         let r = evaluate(10, W, Some(b.state), W, Hits::Return(3));
-        assert_eq!(r.state.b, (3 << 32) | 0);
+        assert_eq!(r.state.b, 3 << 32, "prev 3, curr 0");
     }
 }

@@ -1,0 +1,143 @@
+//! Server reflection (v1 and v1alpha) and health, through the real grpcurl and a tonic client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use tokio_stream::StreamExt as _;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// Runs `grpcurl -plaintext FLAGS ADDR ARGS`; `None` (skipped, loudly) when grpcurl is missing
+/// outside CI.
+fn grpcurl(addr: &std::net::SocketAddr, flags: &[&str], args: &[&str]) -> Option<String> {
+    let bin = tool("grpcurl")?;
+    let out = Command::new(bin)
+        .arg("-plaintext")
+        .args(flags)
+        .arg(addr.to_string())
+        .args(args)
+        .output()
+        .expect("run grpcurl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_and_describes_the_services() {
+    let srv = TestServer::start_default().await;
+    let Some(list) = grpcurl(&srv.addr, &[], &["list"]) else {
+        return;
+    };
+    for service in [
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            list.lines().any(|l| l == service),
+            "{service} missing from:\n{list}"
+        );
+    }
+    let described = grpcurl(
+        &srv.addr,
+        &[],
+        &["describe", "envoy.service.ratelimit.v3.RateLimitService"],
+    )
+    .unwrap();
+    assert!(
+        described.contains(
+            "rpc ShouldRateLimit ( .envoy.service.ratelimit.v3.RateLimitRequest ) returns ( .envoy.service.ratelimit.v3.RateLimitResponse );"
+        ),
+        "{described}"
+    );
+    let message = grpcurl(
+        &srv.addr,
+        &[],
+        &[
+            "describe",
+            "envoy.extensions.common.ratelimit.v3.RateLimitDescriptor",
+        ],
+    )
+    .unwrap();
+    assert!(message.contains("bool is_negative_hits = 4;"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_calls_should_rate_limit_through_reflection() {
+    let srv = TestServer::start_default().await;
+    let body = r#"{"domain": "training", "descriptors": [{"entries": [{"key": "path", "value": "/api/training/execute"}, {"key": "remote_address", "value": "203.0.113.7"}]}]}"#;
+    let Some(out) = grpcurl(
+        &srv.addr,
+        &["-d", body],
+        &["envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"],
+    ) else {
+        return;
+    };
+    let json: serde_json::Value = serde_json::from_str(&out).expect("grpcurl prints JSON");
+    assert_eq!(json["overallCode"], "OK", "{out}");
+    let status = &json["statuses"][0];
+    assert_eq!(status["code"], "OK");
+    assert_eq!(status["currentLimit"]["requestsPerUnit"], 10);
+    assert_eq!(status["currentLimit"]["unit"], "MINUTE");
+    assert_eq!(status["limitRemaining"], 9);
+    assert_eq!(status["durationUntilReset"], "60s");
+
+    // Malformed input through grpcurl: INVALID_ARGUMENT naming the field.
+    let bin = tool("grpcurl").unwrap();
+    let out = Command::new(bin)
+        .args(["-plaintext", "-d", r#"{"domain": "", "descriptors": []}"#])
+        .arg(srv.addr.to_string())
+        .arg("envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Code: InvalidArgument"), "{stderr}");
+    assert!(stderr.contains("domain: must not be empty"), "{stderr}");
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_the_services() {
+    let srv = TestServer::start_default().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", srv.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} missing: {names:?}"
+        );
+    }
+}
