@@ -15,6 +15,8 @@
 //!   graceful shutdown. The caller binds the listeners and owns shutdown.
 //! - [`proto`]: generated protobuf code.
 
+pub mod admin;
+pub mod blocklist;
 pub mod clock;
 pub mod config;
 pub mod limiter;
@@ -22,4 +24,5 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod stats;
 pub mod store;

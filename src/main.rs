@@ -11,9 +11,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
+use sluice::blocklist::AccessList;
 use sluice::clock::SystemClock;
 use sluice::limiter::Limiter;
 use sluice::server::{self, Listeners, Options};
+use sluice::stats::Stats;
 use sluice::store::{MemoryStore, MemoryStoreOptions};
 use sluice::{config, shutdown};
 
@@ -38,6 +40,15 @@ enum Command {
         /// Address for decisions (RateLimitService, health, reflection).
         #[arg(long, default_value = "0.0.0.0:8081", env = "SLUICE_GRPC_ADDR")]
         grpc_addr: SocketAddr,
+        /// Address for the admin API (configuration, statistics, blocks).
+        #[arg(long, default_value = "127.0.0.1:8082", env = "SLUICE_ADMIN_ADDR")]
+        admin_addr: SocketAddr,
+        /// File holding the admin token (instead of SLUICE_ADMIN_TOKEN).
+        #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// Where blocks and runtime allowlist entries are kept across restarts.
+        #[arg(long, default_value = "sluice-state.json", env = "SLUICE_STATE_FILE")]
+        state_file: PathBuf,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
         log_format: LogFormat,
@@ -85,34 +96,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             config,
             grpc_addr,
+            admin_addr,
+            admin_token_file,
+            state_file,
             log_format,
         } => {
             init_logging(log_format);
+            let admin_token = admin_token(admin_token_file.as_deref())?;
+            let addrs = Addrs {
+                grpc: grpc_addr,
+                admin: admin_addr,
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(config, grpc_addr))
+                .block_on(serve(config, addrs, state_file, admin_token))
         }
     }
 }
 
-async fn serve(config_path: PathBuf, grpc_addr: SocketAddr) -> anyhow::Result<()> {
+struct Addrs {
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// The admin token: the file's first line, else `SLUICE_ADMIN_TOKEN`; empty means none.
+fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let token = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading --admin-token-file {}", f.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        None => std::env::var("SLUICE_ADMIN_TOKEN").unwrap_or_default(),
+    };
+    Ok((!token.is_empty()).then_some(token))
+}
+
+async fn serve(
+    config_path: PathBuf,
+    addrs: Addrs,
+    state_file: PathBuf,
+    admin_token: Option<String>,
+) -> anyhow::Result<()> {
     let cfg = config::load(&config_path)?;
     log_loaded(&config_path, &cfg);
+    let access = AccessList::open(Some(state_file), cfg.rules.allowlist.clone())?;
     let store = MemoryStore::new(MemoryStoreOptions {
         max_keys: cfg.store.max_keys,
     });
-    let limiter = Arc::new(Limiter::new(cfg.rules, store, Arc::new(SystemClock)));
+    let limiter = Arc::new(Limiter::with_parts(
+        cfg.rules,
+        store,
+        Arc::new(SystemClock),
+        Arc::new(access),
+        Arc::new(Stats::new(cfg.max_clients)),
+    ));
     let shutdown = shutdown::install().context("installing signal handlers")?;
-    let grpc = TcpListener::bind(grpc_addr)
+    let grpc = TcpListener::bind(addrs.grpc)
         .await
-        .with_context(|| format!("binding --grpc-addr {grpc_addr}"))?;
+        .with_context(|| format!("binding --grpc-addr {}", addrs.grpc))?;
+    let admin = TcpListener::bind(addrs.admin)
+        .await
+        .with_context(|| format!("binding --admin-addr {}", addrs.admin))?;
     tracing::info!(addr = %grpc.local_addr()?, "serving RateLimitService");
     let options = Options {
         sweep_interval: cfg.store.sweep_interval,
+        admin_token,
         ..Options::default()
     };
-    server::run(Listeners { grpc }, limiter, options, shutdown).await?;
+    let listeners = Listeners {
+        grpc,
+        admin: Some(admin),
+    };
+    server::run(listeners, limiter, options, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

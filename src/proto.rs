@@ -11,6 +11,15 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
 
+/// sluice's own admin API.
+pub mod sluice {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("sluice.admin.v1");
+        }
+    }
+}
+
 /// `google.protobuf` well-known types come from `prost-types`.
 pub mod envoy {
     pub mod config {

@@ -1,18 +1,29 @@
-//! Wiring: the gRPC services on their listener, health and reflection, background upkeep, and
-//! graceful shutdown. The caller binds the listener and owns the shutdown future, so `main` and
+//! Wiring: the gRPC services on their listeners, health and reflection, background upkeep, and
+//! graceful shutdown. The caller binds the listeners and owns the shutdown future, so `main` and
 //! the tests run exactly the same code (tests bind `127.0.0.1:0`).
+//!
+//! - decisions listener: `RateLimitService`, health, reflection (v1 and v1alpha);
+//! - admin listener: `sluice.admin.v1.Admin` behind the token check, health, reflection;
+//! - background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
+use crate::admin::AdminService;
+use crate::admin::auth::TokenCheck;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use crate::proto::sluice::admin::v1::admin_server::AdminServer;
 use crate::service::rls::RlsService;
 use crate::store::Store;
 
@@ -21,16 +32,22 @@ use crate::store::Store;
 pub struct Listeners {
     /// Decisions (`RateLimitService`), health and reflection.
     pub grpc: TcpListener,
+    /// The admin service, if it should run.
+    pub admin: Option<TcpListener>,
 }
 
 /// Settings of the running server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Time between sweeps of expired counters.
     pub sweep_interval: Duration,
     /// After the shutdown signal, how long in-flight calls may take before the server stops
     /// anyway (a client that never closes its connection must not keep a pod alive).
     pub shutdown_grace: Duration,
+    /// The admin token (`x-admin-token`); `None` only with a loopback admin listener.
+    pub admin_token: Option<String>,
+    /// Clients idle this long are dropped from per-client statistics.
+    pub client_idle: Duration,
 }
 
 impl Default for Options {
@@ -38,6 +55,8 @@ impl Default for Options {
         Self {
             sweep_interval: crate::config::DEFAULT_SWEEP_INTERVAL,
             shutdown_grace: Duration::from_secs(10),
+            admin_token: None,
+            client_idle: Duration::from_secs(3600),
         }
     }
 }
@@ -51,15 +70,18 @@ pub enum ServerError {
     /// Reflection could not load the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The admin listener would be reachable from other hosts without a token.
+    #[error(
+        "the admin listener {0} is not a loopback address: set SLUICE_ADMIN_TOKEN (or --admin-token-file), or use --admin-addr 127.0.0.1:8082"
+    )]
+    AdminWithoutToken(std::net::SocketAddr),
+    /// A listener has no local address.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// Serves until `shutdown` completes, then stops accepting and finishes in-flight calls.
-pub async fn run<S: Store>(
-    listeners: Listeners,
-    limiter: Arc<Limiter<S>>,
-    options: Options,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
+/// Health and reflection, added to each listener's router.
+fn with_common(builder: &mut Server) -> Result<(HealthReporter, Router), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -69,50 +91,134 @@ pub async fn run<S: Store>(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Ok((health, router))
+}
 
-    // The config was loaded before we got here: the service is ready as soon as it listens.
+/// Serves until `shutdown` completes, then stops accepting and finishes in-flight calls.
+pub async fn run<S: Store>(
+    listeners: Listeners,
+    limiter: Arc<Limiter<S>>,
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let check = TokenCheck::new(options.admin_token.as_deref());
+    if let Some(admin) = &listeners.admin {
+        let addr = admin.local_addr()?;
+        if !check.required() && !addr.ip().is_loopback() {
+            return Err(ServerError::AdminWithoutToken(addr));
+        }
+        if !check.required() {
+            tracing::warn!(%addr, "admin API has no token (SLUICE_ADMIN_TOKEN unset): loopback callers need none");
+        }
+        tracing::info!(%addr, "serving Admin");
+    }
+
+    // Every listener and background task watches one flag.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // Health is reported per listener: both routers answer "" and their services as SERVING
+    // once the config is loaded, which it is by the time we get here.
+    let mut grpc_builder = Server::builder().tcp_nodelay(true);
+    let (health, router) = with_common(&mut grpc_builder)?;
     health
         .set_serving::<RateLimitServiceServer<RlsService<S>>>()
         .await;
+    let grpc = router
+        .add_service(RateLimitServiceServer::new(RlsService::new(
+            limiter.clone(),
+        )))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            stopped(stop_rx.clone()),
+        );
+    let admin = match listeners.admin {
+        Some(listener) => {
+            let mut admin_builder = Server::builder().tcp_nodelay(true);
+            let check = check.clone();
+            let service =
+                AdminServer::with_interceptor(AdminService::new(limiter.clone()), move |req| {
+                    check.check(req)
+                });
+            let (health, router) = with_common(&mut admin_builder)?;
+            health
+                .set_service_status("sluice.admin.v1.Admin", ServingStatus::Serving)
+                .await;
+            Some(router.add_service(service).serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stopped(stop_rx.clone()),
+            ))
+        }
+        None => None,
+    };
 
-    let sweeper = tokio::spawn(sweep(limiter.clone(), options.sweep_interval));
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            stopping.notify_one();
+    let upkeep = tokio::spawn(upkeep(limiter.clone(), options.clone()));
+    let saver = tokio::spawn(save_automatic_blocks(limiter.clone()));
+
+    let servers = async {
+        match admin {
+            Some(admin) => {
+                let (g, a) = tokio::join!(grpc, admin);
+                g.and(a)
+            }
+            None => grpc.await,
         }
     };
-    let serve = Server::builder()
-        .tcp_nodelay(true)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(RateLimitServiceServer::new(RlsService::new(limiter)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), signal);
-    let grace = async {
-        stopping.notified().await;
+    let signal = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
         tokio::time::sleep(options.shutdown_grace).await;
     };
     let result = tokio::select! {
-        r = serve => r,
-        () = grace => {
+        r = servers => r.map_err(ServerError::from),
+        () = signal => {
             tracing::warn!(grace = ?options.shutdown_grace, "in-flight calls still open after the shutdown grace period; stopping anyway");
             Ok(())
         }
     };
-    sweeper.abort();
-    result.map_err(ServerError::from)
+    upkeep.abort();
+    saver.abort();
+    // Whatever automatic blocks happened last are saved before we go.
+    let access = limiter.access().clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || access.persist()).await {
+        tracing::error!(error = %e, "could not save blocks and allowlist at shutdown");
+    }
+    result
 }
 
-/// Drops expired counters every `every`, off the request path.
-async fn sweep<S: Store>(limiter: Arc<Limiter<S>>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Drops expired counters, expired blocks and idle clients every `sweep_interval`, off the
+/// request path.
+async fn upkeep<S: Store>(limiter: Arc<Limiter<S>>, options: Options) {
+    let mut tick = tokio::time::interval(options.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle = crate::clock::duration_nanos(options.client_idle);
     loop {
         tick.tick().await;
-        let dropped = limiter.store().sweep_expired_at(limiter.clock().now());
-        tracing::trace!(dropped, "swept expired counters");
+        let now = limiter.clock().now();
+        let counters = limiter.store().sweep_expired_at(now);
+        let blocks = limiter.access().sweep_at(now);
+        let clients = limiter
+            .stats()
+            .sweep_clients_idle_since(now.as_nanos().saturating_sub(idle));
+        tracing::trace!(counters, blocks, clients, "swept");
+    }
+}
+
+/// Writes the state file whenever an automatic block is made.
+async fn save_automatic_blocks<S: Store>(limiter: Arc<Limiter<S>>) {
+    loop {
+        limiter.access().changed().await;
+        let access = limiter.access().clone();
+        match tokio::task::spawn_blocking(move || access.persist()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not save automatic blocks"),
+            Err(e) => tracing::error!(error = %e, "state writer failed"),
+        }
     }
 }

@@ -95,7 +95,10 @@ fn check_reports_a_missing_file() {
 
 /// Starts `sluice serve` on a free port and returns the child and its address, read from the
 /// start-up log (the port is chosen by the OS).
-fn serve(extra_env: &[(&str, &str)]) -> (Child, String, mpsc::Receiver<String>) {
+fn serve(
+    state: &std::path::Path,
+    extra_env: &[(&str, &str)],
+) -> (Child, String, mpsc::Receiver<String>) {
     let mut cmd = sluice();
     cmd.args([
         "serve",
@@ -103,7 +106,11 @@ fn serve(extra_env: &[(&str, &str)]) -> (Child, String, mpsc::Receiver<String>) 
         "config/sluice.yaml",
         "--grpc-addr",
         "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
     ])
+    .arg("--state-file")
+    .arg(state)
     .env("RUST_LOG", "info")
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
@@ -166,7 +173,8 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 // for the child to exit, or the server's graceful shutdown would wait on them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_health_and_decisions_then_stops_on_sigterm() {
-    let (mut child, addr, rx) = serve(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr, rx) = serve(&dir.path().join("state.json"), &[]);
     let url = format!("http://{addr}");
     let channel = tonic::transport::Channel::from_shared(url.clone())
         .unwrap()
@@ -203,10 +211,19 @@ async fn serve_answers_health_and_decisions_then_stops_on_sigterm() {
 #[test]
 fn serve_logs_disabled_and_stops_on_sigint() {
     // `serve()` asserts ENABLED in its start-up log; check DISABLED by hand here.
+    let dir = tempfile::tempdir().unwrap();
     let mut cmd = sluice();
-    cmd.args(["serve", "--grpc-addr", "127.0.0.1:0"])
-        .env("RATE_LIMIT_ENABLED", "false")
-        .stderr(Stdio::piped());
+    cmd.args([
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ])
+    .arg("--state-file")
+    .arg(dir.path().join("state.json"))
+    .env("RATE_LIMIT_ENABLED", "false")
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut saw_disabled = false;
@@ -231,7 +248,7 @@ fn serve_refuses_a_bad_config_and_exits_non_zero() {
         .arg("serve")
         .arg("--config")
         .arg(&path)
-        .args(["--grpc-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());

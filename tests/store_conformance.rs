@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use sluice::clock::Timestamp;
 use sluice::limiter::algorithms::{Hits, Policy};
-use sluice::store::{Charge, CounterKey, MemoryStore, MemoryStoreOptions, Store, Verdict};
+use sluice::store::{
+    Charge, ChargeKind, CounterKey, MemoryStore, MemoryStoreOptions, Store, Verdict,
+};
 
 const S: u64 = 1_000_000_000;
 const T0: u64 = 1_767_225_600 * S;
@@ -25,7 +27,7 @@ fn charge(key: u128, policy: &Policy, hits: u64) -> Charge<'_> {
         key: CounterKey(key),
         policy,
         hits: Hits::Take(hits),
-        blocking: true,
+        kind: ChargeKind::Enforce,
     }
 }
 
@@ -58,13 +60,27 @@ async fn shadow_denials_do_not_block<S: Store>(store: S) {
     let big = per_minute(10);
     apply(&store, &[charge(1, &small, 1)], T0).await;
     let shadow = Charge {
-        blocking: false,
+        kind: ChargeKind::Shadow,
         ..charge(1, &small, 1)
     };
     let (ok, v) = apply(&store, &[shadow, charge(2, &big, 1)], T0).await;
     assert!(ok);
     assert!(!v[0].allowed);
     assert_eq!(v[1].remaining, 9);
+}
+
+async fn observed_charges_count_even_when_the_request_is_refused<S: Store>(store: S) {
+    let small = per_minute(1);
+    let watch = per_minute(100);
+    apply(&store, &[charge(1, &small, 1)], T0).await;
+    let observe = Charge {
+        kind: ChargeKind::Observe,
+        ..charge(3, &watch, 1)
+    };
+    let (ok, _) = apply(&store, &[charge(1, &small, 1), observe], T0).await;
+    assert!(!ok);
+    let (_, v) = apply(&store, &[charge(3, &watch, 0)], T0).await;
+    assert_eq!(v[0].remaining, 99, "the observed hit was kept");
 }
 
 async fn forget_resets_a_counter<S: Store>(store: S) {
@@ -115,6 +131,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn shadow_denials_do_not_block_the_batch() {
                 shadow_denials_do_not_block($make).await;
+            }
+            #[tokio::test]
+            async fn observed_charges_count_when_refused() {
+                observed_charges_count_even_when_the_request_is_refused($make).await;
             }
             #[tokio::test]
             async fn forgetting_a_key_resets_it() {

@@ -20,12 +20,13 @@ use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::blocklist::parse_net;
 use crate::limiter::algorithms::Policy;
-use crate::limiter::model::{Condition, Domain, Limit, Reported, Rule, RuleSet};
+use crate::limiter::model::{AutoBlock, Condition, Domain, Limit, Reported, Rule, RuleSet};
 use crate::limiter::path::{PathRouter, PathTemplate};
 use locate::Seg;
 use rate::Rate;
-use raw::{AlgorithmName, RawConfig, RawDomain, RawEndpoint, RawLimit};
+use raw::{AlgorithmName, RawAutoBlock, RawConfig, RawDomain, RawEndpoint, RawLimit};
 
 /// Default client identity: the address Envoy's `remote_address` action sends.
 pub const DEFAULT_CLIENT_ENTRY: &str = "remote_address";
@@ -43,6 +44,8 @@ pub struct Config {
     pub rules: RuleSet,
     /// Store settings.
     pub store: StoreSettings,
+    /// Clients with individual statistics.
+    pub max_clients: usize,
     /// Hash of the file's text after expansion: tells operators which config is live.
     pub hash: u64,
 }
@@ -206,12 +209,33 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
         }
         domains.push(compile_domain(d, &path)?);
     }
+    let mut allowlist = Vec::with_capacity(raw.allowlist.len());
+    for (i, a) in raw.allowlist.iter().enumerate() {
+        let net = parse_net(a)
+            .map_err(|e| at(&[field("allowlist"), Seg::Index(i)], &[], e.to_string()))?;
+        allowlist.push(net);
+    }
+    let address_entry = raw
+        .address_entry
+        .unwrap_or_else(|| DEFAULT_CLIENT_ENTRY.to_string());
+    if address_entry.is_empty() {
+        return Err(at(&[field("address_entry")], &[], "must not be empty"));
+    }
+    let max_clients = raw
+        .stats
+        .max_clients
+        .unwrap_or(crate::stats::DEFAULT_MAX_CLIENTS);
+    let mut rules = RuleSet::new(raw.enabled, domains);
+    rules.address_entry = address_entry;
+    rules.allowlist = allowlist;
+    rules.source_hash = hash;
     Ok(Config {
-        rules: RuleSet::new(raw.enabled, domains),
+        rules,
         store: StoreSettings {
             max_keys,
             sweep_interval: Duration::from_secs(sweep),
         },
+        max_clients,
         hash,
     })
 }
@@ -256,9 +280,57 @@ fn compile_domain(d: RawDomain, path: &[Seg]) -> Result<Domain, Invalid> {
             conditions: vec![Condition::Present(endpoint_entry.clone())],
             client: Vec::new(),
             limits,
+            stats: Arc::default(),
         });
     }
-    Ok(Domain::new(d.name, endpoint_entry, rules, routes))
+    let auto_block = match d.auto_block {
+        None => None,
+        Some(a) => Some(compile_auto_block(
+            &d.name,
+            a,
+            &[path, &[field("auto_block")]].concat(),
+        )?),
+    };
+    let mut domain = Domain::new(d.name, endpoint_entry, rules, routes);
+    domain.client = client;
+    domain.auto_block = auto_block;
+    Ok(domain)
+}
+
+/// Default duration of an automatic block: the Talk2Me seed's one hour.
+pub const DEFAULT_AUTO_BLOCK: Duration = Duration::from_secs(3600);
+
+fn compile_auto_block(domain: &str, a: RawAutoBlock, path: &[Seg]) -> Result<AutoBlock, Invalid> {
+    let duration = a.duration_seconds.unwrap_or(DEFAULT_AUTO_BLOCK.as_secs());
+    if duration == 0 {
+        return Err(at(path, &[field("duration_seconds")], "must be at least 1"));
+    }
+    if a.max_requests.is_none() && a.max_limited.is_none() {
+        return Err(at(
+            path,
+            &[],
+            "set max_requests (e.g. 100/minute) and/or max_limited (e.g. 10/10 minutes)",
+        ));
+    }
+    let limit = |rate: Option<Rate>, what: &str| -> Result<Option<Limit>, Invalid> {
+        rate.map(|r| {
+            compile_limit(
+                domain,
+                "auto-block",
+                r,
+                AlgorithmName::SlidingWindow,
+                Some(what),
+                false,
+                &[path, &[field(what)]].concat(),
+            )
+        })
+        .transpose()
+    };
+    Ok(AutoBlock {
+        duration: Duration::from_secs(duration),
+        max_requests: limit(a.max_requests, "max_requests")?,
+        max_limited: limit(a.max_limited, "max_limited")?,
+    })
 }
 
 fn compile_endpoint(
@@ -323,6 +395,7 @@ fn compile_endpoint(
         conditions: Vec::new(),
         client: client.to_vec(),
         limits,
+        stats: Arc::default(),
     })
 }
 

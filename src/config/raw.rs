@@ -19,8 +19,38 @@ pub struct RawConfig {
     /// Store settings.
     #[serde(default)]
     pub store: RawStore,
+    /// Statistics settings.
+    #[serde(default)]
+    pub stats: RawStats,
+    /// Descriptor entry holding the client address (default `remote_address`).
+    pub address_entry: Option<String>,
+    /// Addresses and CIDRs that skip every limit.
+    #[serde(default)]
+    pub allowlist: Vec<String>,
     /// Domains, in order.
     pub domains: Vec<RawDomain>,
+}
+
+/// `stats:` settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStats {
+    /// Clients with individual counts.
+    pub max_clients: Option<usize>,
+}
+
+/// `auto_block:` settings of a domain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoBlock {
+    /// How long an automatic block lasts (default one hour, as the Talk2Me seed).
+    pub duration_seconds: Option<u64>,
+    /// Block an address sending more than this across all endpoints.
+    #[serde(default, deserialize_with = "optional_rate")]
+    pub max_requests: Option<Rate>,
+    /// Block an address limited more often than this.
+    #[serde(default, deserialize_with = "optional_rate")]
+    pub max_limited: Option<Rate>,
 }
 
 fn yes() -> bool {
@@ -55,6 +85,8 @@ pub struct RawDomain {
     /// Per-endpoint limits.
     #[serde(default)]
     pub endpoints: Vec<RawEndpoint>,
+    /// Automatic blocking of abusive client addresses.
+    pub auto_block: Option<RawAutoBlock>,
 }
 
 /// One endpoint.

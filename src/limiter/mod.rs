@@ -17,10 +17,12 @@ use arc_swap::ArcSwap;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use smallvec::SmallVec;
 
+use crate::blocklist::{Access, AccessList};
 use crate::clock::{Clock, Timestamp};
-use crate::store::{Charge, CounterKey, Store, StoreError, Verdict};
+use crate::stats::{ClientRef, Outcome, Stats};
+use crate::store::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
 use algorithms::{Hits, Policy};
-use model::{Limit, Reported, Rule, RuleSet, Unit, lookup};
+use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, lookup};
 
 /// A request, borrowed from whatever carried it (the Envoy proto in practice).
 #[derive(Debug, Clone, Default)]
@@ -63,6 +65,27 @@ pub struct Status {
     pub remaining: u64,
     /// Nanoseconds until it resets (until the request would be admitted, when over).
     pub reset_after: u64,
+    /// Admitted with 20% or less of the reported limit left.
+    pub near: bool,
+}
+
+impl Status {
+    const UNLIMITED: Status = Status {
+        over: false,
+        limit: None,
+        remaining: 0,
+        reset_after: 0,
+        near: false,
+    };
+}
+
+/// Why a client was turned away before any limit was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocked {
+    /// The block never expires.
+    pub permanent: bool,
+    /// Nanoseconds until a temporary block ends.
+    pub remaining: u64,
 }
 
 /// A limit as reported to Envoy.
@@ -84,6 +107,31 @@ pub struct Decision {
     /// When over: nanoseconds until the same request would be admitted, and the name of the
     /// limit that decides it.
     pub retry: Option<(u64, Arc<str>)>,
+    /// Set when the client address is blocked: every descriptor is over, nothing was counted.
+    pub blocked: Option<Blocked>,
+}
+
+impl Decision {
+    fn unlimited(descriptors: usize) -> Self {
+        Decision {
+            statuses: (0..descriptors).map(|_| Status::UNLIMITED).collect(),
+            ..Decision::default()
+        }
+    }
+
+    fn blocked(descriptors: usize, b: Blocked) -> Self {
+        let status = Status {
+            over: true,
+            reset_after: b.remaining,
+            ..Status::UNLIMITED
+        };
+        Decision {
+            over: true,
+            statuses: (0..descriptors).map(|_| status.clone()).collect(),
+            retry: None,
+            blocked: Some(b),
+        }
+    }
 }
 
 /// Why no decision could be made.
@@ -100,6 +148,8 @@ pub struct Limiter<S> {
     store: S,
     clock: Arc<dyn Clock>,
     keys: (u64, u64),
+    access: Arc<AccessList>,
+    stats: Arc<Stats>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
@@ -129,22 +179,48 @@ impl Source<'_> {
 /// One (descriptor, limit) pair and the distinct counter it charges.
 struct Planned<'r> {
     descriptor: usize,
+    rule: Option<&'r Rule>,
     source: Source<'r>,
     charge: usize,
     blocking: bool,
 }
 
+/// The request's distinct counters: key, hits, kind.
+type Counters = SmallVec<[(CounterKey, Hits, ChargeKind); 8]>;
+
 const OVERRIDE_NAME: &str = "override";
 
 impl<S: Store> Limiter<S> {
-    /// A limiter over `rules` and `store`, reading time from `clock`.
+    /// A limiter over `rules` and `store`, reading time from `clock`, with no blocks and its
+    /// own statistics.
     pub fn new(rules: RuleSet, store: S, clock: Arc<dyn Clock>) -> Self {
+        Self::with_parts(
+            rules,
+            store,
+            clock,
+            Arc::new(AccessList::empty()),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    /// A limiter sharing `access` (blocks, allowlist) and `stats` with the admin service.
+    pub fn with_parts(
+        rules: RuleSet,
+        store: S,
+        clock: Arc<dyn Clock>,
+        access: Arc<AccessList>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let rules = attach_stats(rules, &stats);
+        access.set_config_allowed(rules.allowlist.clone());
         Self {
             rules: ArcSwap::from_pointee(rules),
             store,
             clock,
             // Keyed hashing: clients cannot craft counter-key collisions without these.
             keys: (rand::random(), rand::random()),
+            access,
+            stats,
         }
     }
 
@@ -155,7 +231,19 @@ impl<S: Store> Limiter<S> {
 
     /// Replaces the rule set; requests already deciding finish on the old one.
     pub fn swap_rules(&self, rules: RuleSet) {
+        let rules = attach_stats(rules, &self.stats);
+        self.access.set_config_allowed(rules.allowlist.clone());
         self.rules.store(Arc::new(rules));
+    }
+
+    /// Blocks and allowlist.
+    pub fn access(&self) -> &Arc<AccessList> {
+        &self.access
+    }
+
+    /// Decision statistics.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 
     /// The store.
@@ -180,22 +268,48 @@ impl<S: Store> Limiter<S> {
         now: Timestamp,
     ) -> Result<Decision, DecideError> {
         let rules = self.rules.load();
-        let unmatched = || Status {
-            over: false,
-            limit: None,
-            remaining: 0,
-            reset_after: 0,
-        };
-        let Some(domain) = rules.domain(request.domain) else {
-            return Ok(Decision {
-                over: false,
-                statuses: request.descriptors.iter().map(|_| unmatched()).collect(),
-                retry: None,
-            });
+        let n = request.descriptors.len();
+        let domain = rules.domain(request.domain);
+        let address = request
+            .descriptors
+            .iter()
+            .find_map(|d| lookup(&d.entries, &rules.address_entry));
+        let client = domain.and_then(|d| self.client_of(d, request, address));
+
+        match address.map(|a| self.access.check_at(a, now)) {
+            Some(Access::Allowed) => {
+                self.record(domain, client.as_ref(), Outcome::Allowed, false, now);
+                return Ok(Decision::unlimited(n));
+            }
+            Some(Access::Blocked {
+                permanent,
+                remaining,
+            }) => {
+                self.record(domain, client.as_ref(), Outcome::Blocked, false, now);
+                return Ok(Decision::blocked(
+                    n,
+                    Blocked {
+                        permanent,
+                        remaining,
+                    },
+                ));
+            }
+            Some(Access::Normal) | None => {}
+        }
+        let Some(domain) = domain else {
+            self.stats.total.record(Outcome::Allowed, false);
+            return Ok(Decision::unlimited(n));
         };
 
         let mut planned: SmallVec<[Planned<'_>; 8]> = SmallVec::new();
-        let mut counters: SmallVec<[(CounterKey, Hits, bool); 8]> = SmallVec::new();
+        let mut counters = Counters::new();
+        let enforce = |shadow: bool| {
+            if rules.enabled && !shadow {
+                ChargeKind::Enforce
+            } else {
+                ChargeKind::Shadow
+            }
+        };
         for (index, d) in request.descriptors.iter().enumerate() {
             let routed = domain.route(&d.entries);
             match (d.limit_override, routed) {
@@ -205,27 +319,31 @@ impl<S: Store> Limiter<S> {
                         Some(k) => k,
                         None => self.entries_key(domain.name.as_str(), &d.entries, o),
                     };
+                    let source = Source::Override(policy, reported);
                     plan(
                         &mut planned,
                         &mut counters,
                         index,
+                        rule,
                         d.hits,
-                        Source::Override(policy, reported),
+                        source,
                         key,
-                        rules.enabled,
+                        enforce(false),
                     );
                 }
                 (None, Some(rule)) => {
                     for limit in &rule.limits {
                         if let Some(key) = self.limit_key(rule, limit, &d.entries) {
+                            let kind = enforce(limit.shadow);
                             plan(
                                 &mut planned,
                                 &mut counters,
                                 index,
+                                Some(rule),
                                 d.hits,
                                 Source::Config(limit),
                                 key,
-                                rules.enabled && !limit.shadow,
+                                kind,
                             );
                         }
                     }
@@ -235,43 +353,244 @@ impl<S: Store> Limiter<S> {
             for rule in domain.conditional(&d.entries) {
                 for limit in &rule.limits {
                     if let Some(key) = self.limit_key(rule, limit, &d.entries) {
+                        let kind = enforce(limit.shadow);
                         plan(
                             &mut planned,
                             &mut counters,
                             index,
+                            Some(rule),
                             d.hits,
                             Source::Config(limit),
                             key,
-                            rules.enabled && !limit.shadow,
+                            kind,
                         );
                     }
                 }
             }
         }
+        // Automatic blocking watches every request of an address, admitted or not.
+        let watch = domain
+            .auto_block
+            .as_ref()
+            .and_then(|ab| ab.max_requests.as_ref())
+            .zip(address)
+            .map(|(limit, addr)| {
+                let key = self.address_key(limit.id, addr);
+                (
+                    merge(&mut counters, key, Hits::Take(1), ChargeKind::Observe),
+                    limit,
+                )
+            });
 
         let mut verdicts: SmallVec<[Verdict; 8]> =
             SmallVec::from_elem(Verdict::default(), counters.len());
         if !counters.is_empty() {
-            // The policy of each counter: that of the first plan that created it.
             let charges: SmallVec<[Charge<'_>; 8]> = counters
                 .iter()
                 .enumerate()
-                .map(|(i, &(key, hits, blocking))| {
+                .map(|(i, &(key, hits, kind))| {
+                    // The policy of each counter: that of the first plan that created it.
                     let policy = planned
                         .iter()
                         .find(|p| p.charge == i)
-                        .map_or(&FALLBACK, |p| p.source.policy());
+                        .map(|p| p.source.policy())
+                        .or(watch.filter(|(w, _)| *w == i).map(|(_, l)| &l.policy))
+                        .unwrap_or(&FALLBACK);
                     Charge {
                         key,
                         policy,
                         hits,
-                        blocking,
+                        kind,
                     }
                 })
                 .collect();
             self.store.apply(&charges, &mut verdicts, now).await?;
         }
-        Ok(summarise(request.descriptors.len(), &planned, &verdicts))
+        let decision = summarise(n, &planned, &verdicts);
+
+        if let (Some((i, limit)), Some(addr)) = (watch, address)
+            && verdicts.get(i).is_some_and(|v| !v.allowed)
+        {
+            self.auto_block(domain, addr, limit, "requests across all endpoints", now);
+        }
+        if decision.over
+            && let (Some(limit), Some(addr)) = (
+                domain
+                    .auto_block
+                    .as_ref()
+                    .and_then(|ab| ab.max_limited.as_ref()),
+                address,
+            )
+        {
+            let charge = Charge {
+                key: self.address_key(limit.id, addr),
+                policy: &limit.policy,
+                hits: Hits::Take(1),
+                kind: ChargeKind::Observe,
+            };
+            let mut v = [Verdict::default()];
+            self.store.apply(&[charge], &mut v, now).await?;
+            if !v[0].allowed {
+                self.auto_block(domain, addr, limit, "limited requests", now);
+            }
+        }
+
+        let outcome = if decision.over {
+            Outcome::Limited
+        } else {
+            Outcome::Allowed
+        };
+        let near = decision.statuses.iter().any(|s| s.near);
+        self.record(Some(domain), client.as_ref(), outcome, near, now);
+        // Endpoint counts: once per rule per request, with its own descriptors' outcome.
+        let mut seen: SmallVec<[*const Rule; 4]> = SmallVec::new();
+        for p in &planned {
+            let Some(rule) = p.rule else { continue };
+            if seen.contains(&(rule as *const Rule)) {
+                continue;
+            }
+            seen.push(rule);
+            let (mut over, mut near) = (false, false);
+            for q in planned
+                .iter()
+                .filter(|q| q.rule.is_some_and(|r| std::ptr::eq(r, rule)))
+            {
+                if let Some(s) = decision.statuses.get(q.descriptor) {
+                    over |= s.over;
+                    near |= s.near;
+                }
+            }
+            let outcome = if over {
+                Outcome::Limited
+            } else {
+                Outcome::Allowed
+            };
+            rule.stats.record(outcome, near && !over);
+        }
+        Ok(decision)
+    }
+
+    /// Counts a request's outcome overall, for its domain and for its client.
+    fn record(
+        &self,
+        domain: Option<&Domain>,
+        client: Option<&ClientId<'_>>,
+        outcome: Outcome,
+        near: bool,
+        now: Timestamp,
+    ) {
+        self.stats.total.record(outcome, near);
+        if let Some(d) = domain {
+            d.stats.record(outcome, near);
+            if let Some(c) = client {
+                let values: SmallVec<[&str; 4]> = c.values.iter().copied().collect();
+                self.stats.record_client(
+                    ClientRef {
+                        hash: c.hash,
+                        domain: &d.name_arc,
+                        values: &values,
+                        address: c.address,
+                    },
+                    outcome,
+                    near,
+                    now.as_nanos(),
+                );
+            }
+        }
+    }
+
+    /// The client of a request: the values of the domain's client entries in the first
+    /// descriptor that has them all.
+    fn client_of<'a>(
+        &self,
+        domain: &Domain,
+        request: &Request<'a>,
+        address: Option<&'a str>,
+    ) -> Option<ClientId<'a>> {
+        if domain.client.is_empty() {
+            return None;
+        }
+        request.descriptors.iter().find_map(|d| {
+            let values: SmallVec<[&'a str; 4]> = domain
+                .client
+                .iter()
+                .map(|k| lookup(&d.entries, k))
+                .collect::<Option<_>>()?;
+            let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+            h.write(b"client");
+            h.write_usize(domain.name.len());
+            h.write(domain.name.as_bytes());
+            for v in &values {
+                h.write_usize(v.len());
+                h.write(v.as_bytes());
+            }
+            Some(ClientId {
+                hash: h.finish128().as_u128(),
+                values,
+                address,
+            })
+        })
+    }
+
+    /// Creates an automatic block for `addr` (once: later triggers find it blocked).
+    fn auto_block(&self, domain: &Domain, addr: &str, limit: &Limit, what: &str, now: Timestamp) {
+        let (Some(ab), Ok(ip)) = (&domain.auto_block, addr.parse::<std::net::IpAddr>()) else {
+            return;
+        };
+        let reason = format!("more than {} {what}", limit.rate);
+        let by = format!("auto-block {}", domain.name);
+        if let Some(block) =
+            self.access
+                .block_if_absent(ipnet::IpNet::from(ip), ab.duration, reason, by, now)
+        {
+            self.stats
+                .automatic_blocks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                address = %ip,
+                domain = %domain.name,
+                reason = %block.reason,
+                duration_secs = ab.duration.as_secs(),
+                "automatic block"
+            );
+        }
+    }
+
+    /// Every counter key of one client of `domain` (its endpoint limits and its address's
+    /// automatic-block counters), for resetting it. `values` follow `domain.client`.
+    pub fn client_keys(
+        &self,
+        domain: &Domain,
+        values: &[&str],
+        address: Option<&str>,
+    ) -> Vec<CounterKey> {
+        let entries: SmallVec<[(&str, &str); 4]> = domain
+            .client
+            .iter()
+            .map(String::as_str)
+            .zip(values.iter().copied())
+            .collect();
+        let mut keys = Vec::new();
+        for rule in domain.rules.iter().filter(|r| !r.client.is_empty()) {
+            for limit in &rule.limits {
+                keys.extend(self.limit_key(rule, limit, &entries));
+            }
+        }
+        if let (Some(ab), Some(addr)) = (&domain.auto_block, address) {
+            for limit in ab.max_requests.iter().chain(ab.max_limited.iter()) {
+                keys.push(self.address_key(limit.id, addr));
+            }
+        }
+        keys
+    }
+
+    /// Counter key of an automatic-block limit for one address.
+    fn address_key(&self, limit_id: u64, address: &str) -> CounterKey {
+        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write_u64(limit_id);
+        h.write_usize(address.len());
+        h.write(address.as_bytes());
+        CounterKey(h.finish128().as_u128())
     }
 
     /// Counter key of `limit` of `rule` for the client named by `entries`; `None` if the
@@ -337,35 +656,50 @@ static FALLBACK: Policy = Policy::FixedWindow {
     window: NonZeroU64::MIN,
 };
 
+/// The identity of a request's client in its domain.
+struct ClientId<'a> {
+    hash: u128,
+    values: SmallVec<[&'a str; 4]>,
+    address: Option<&'a str>,
+}
+
+/// Gives every rule of `rules` its counters from `stats` (the same ones across reloads).
+fn attach_stats(mut rules: RuleSet, stats: &Stats) -> RuleSet {
+    for d in &mut rules.domains {
+        d.stats = stats.counts_for(&d.name, "");
+        for r in &mut d.rules {
+            r.stats = stats.counts_for(&d.name, &r.name);
+        }
+    }
+    rules
+}
+
 /// Records that descriptor `index` is subject to `source`, counted in `key`.
 #[allow(clippy::too_many_arguments)]
 fn plan<'r>(
     planned: &mut SmallVec<[Planned<'r>; 8]>,
-    counters: &mut SmallVec<[(CounterKey, Hits, bool); 8]>,
+    counters: &mut Counters,
     index: usize,
+    rule: Option<&'r Rule>,
     hits: Hits,
     source: Source<'r>,
     key: CounterKey,
-    blocking: bool,
+    kind: ChargeKind,
 ) {
-    let charge = merge(counters, key, hits, blocking);
+    let charge = merge(counters, key, hits, kind);
     planned.push(Planned {
         descriptor: index,
+        rule,
         source,
         charge,
-        blocking,
+        blocking: kind == ChargeKind::Enforce,
     });
 }
 
 /// Adds `key` to the request's distinct counters, or merges into an existing one: a counter
 /// reached by several descriptors is charged once per request (the largest hit count), so a
 /// domain-wide limit counts requests, not descriptors.
-fn merge(
-    counters: &mut SmallVec<[(CounterKey, Hits, bool); 8]>,
-    key: CounterKey,
-    hits: Hits,
-    blocking: bool,
-) -> usize {
+fn merge(counters: &mut Counters, key: CounterKey, hits: Hits, kind: ChargeKind) -> usize {
     if let Some(i) = counters.iter().position(|(k, _, _)| *k == key) {
         let (_, h, b) = &mut counters[i];
         *h = match (*h, hits) {
@@ -379,10 +713,10 @@ fn merge(
                 }
             }
         };
-        *b |= blocking;
+        *b = (*b).max(kind);
         i
     } else {
-        counters.push((key, hits, blocking));
+        counters.push((key, hits, kind));
         counters.len() - 1
     }
 }
@@ -405,9 +739,8 @@ fn override_policy(o: LimitOverride) -> (Policy, Reported) {
 
 fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) -> Decision {
     let mut decision = Decision {
-        over: false,
         statuses: SmallVec::with_capacity(descriptors),
-        retry: None,
+        ..Decision::default()
     };
     for index in 0..descriptors {
         let mut best: Option<(&Planned<'_>, &Verdict)> = None;
@@ -434,12 +767,7 @@ fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) 
             over |= denied;
         }
         let status = match best {
-            None => Status {
-                over: false,
-                limit: None,
-                remaining: 0,
-                reset_after: 0,
-            },
+            None => Status::UNLIMITED,
             Some((p, v)) => {
                 let (name, reported) = match p.source {
                     Source::Config(l) => (l.name.clone(), l.reported),
@@ -453,11 +781,14 @@ fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) 
                 {
                     decision.retry = Some((v.reset_after, name.clone()));
                 }
+                let capacity = p.source.policy().capacity();
                 Status {
                     over,
                     limit: Some(ReportedLimit { name, reported }),
                     remaining: v.remaining,
                     reset_after: v.reset_after,
+                    // 80% or more of the limit used.
+                    near: !over && capacity > 0 && v.remaining.saturating_mul(5) <= capacity,
                 }
             }
         };

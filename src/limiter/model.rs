@@ -13,9 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
 
 use super::algorithms::Policy;
 use super::path::PathRouter;
+use crate::stats::Counts;
 
 /// Every domain's rules, as loaded; swapped whole on reload.
 #[derive(Debug, Default)]
@@ -24,6 +28,12 @@ pub struct RuleSet {
     pub enabled: bool,
     /// Domains in config order.
     pub domains: Vec<Domain>,
+    /// The descriptor entry holding the client address, for blocks and the allowlist.
+    pub address_entry: String,
+    /// Addresses and networks that skip every limit (from the config file).
+    pub allowlist: Vec<IpNet>,
+    /// Hash of the config text this was compiled from (0 if built by hand).
+    pub source_hash: u64,
     index: HashMap<Box<str>, usize>,
 }
 
@@ -38,6 +48,9 @@ impl RuleSet {
         Self {
             enabled,
             domains,
+            address_entry: "remote_address".to_string(),
+            allowlist: Vec::new(),
+            source_hash: 0,
             index,
         }
     }
@@ -53,12 +66,32 @@ impl RuleSet {
 pub struct Domain {
     /// The domain name Envoy sends.
     pub name: String,
+    /// The same, shared with per-client statistics.
+    pub name_arc: Arc<str>,
     /// The descriptor entry whose value routed rules are matched against (default `path`).
     pub endpoint_entry: String,
+    /// Entries identifying a client in this domain (for statistics and resets).
+    pub client: Vec<String>,
     /// All rules; routed ones first, in config order.
     pub rules: Vec<Rule>,
+    /// Automatic blocking of abusive clients.
+    pub auto_block: Option<AutoBlock>,
+    /// Per-request decision counts; attached by the limiter when the rules are installed.
+    pub stats: Arc<Counts>,
     routes: PathRouter<usize>,
     conditional: Vec<usize>,
+}
+
+/// Block a client address for `duration` when it sends too much or is limited too often.
+/// Both thresholds are ordinary limits counted per address in the store.
+#[derive(Debug, Clone)]
+pub struct AutoBlock {
+    /// How long an automatic block lasts.
+    pub duration: Duration,
+    /// Requests per address across all of the domain's endpoints.
+    pub max_requests: Option<Limit>,
+    /// Limited decisions per address.
+    pub max_limited: Option<Limit>,
 }
 
 impl Domain {
@@ -77,9 +110,13 @@ impl Domain {
             .map(|(i, _)| i)
             .collect();
         Self {
+            name_arc: Arc::from(name.as_str()),
             name,
             endpoint_entry,
+            client: Vec::new(),
             rules,
+            auto_block: None,
+            stats: Arc::default(),
             routes,
             conditional,
         }
@@ -141,6 +178,8 @@ pub struct Rule {
     pub client: Vec<String>,
     /// Every limit must pass.
     pub limits: Vec<Limit>,
+    /// Decision counts for descriptors this rule matched; attached by the limiter.
+    pub stats: Arc<Counts>,
 }
 
 /// One limit, compiled.

@@ -189,9 +189,11 @@ pub fn to_response(decision: &Decision) -> RateLimitResponse {
                 unit: proto_unit(l.reported.unit) as i32,
             }),
             limit_remaining: u32::try_from(s.remaining).unwrap_or(u32::MAX),
-            duration_until_reset: s.limit.as_ref().map(|_| prost_types::Duration {
-                seconds: i64::try_from(ceil_secs(s.reset_after)).unwrap_or(i64::MAX),
-                nanos: 0,
+            duration_until_reset: (s.limit.is_some() || s.reset_after > 0).then(|| {
+                prost_types::Duration {
+                    seconds: i64::try_from(ceil_secs(s.reset_after)).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }
             }),
             quota: None,
         })
@@ -205,7 +207,24 @@ pub fn to_response(decision: &Decision) -> RateLimitResponse {
         statuses,
         ..Default::default()
     };
-    if let (true, Some((nanos, name))) = (decision.over, &decision.retry) {
+    if let Some(b) = decision.blocked {
+        let mut headers = Vec::with_capacity(2);
+        if !b.permanent {
+            headers.push(header(
+                "retry-after",
+                ceil_secs(b.remaining).max(1).to_string(),
+            ));
+        }
+        headers.push(header("content-type", "application/json".to_string()));
+        response.response_headers_to_add = headers;
+        response.raw_body = if b.permanent {
+            PERMANENT_BLOCK_BODY
+        } else {
+            TEMPORARY_BLOCK_BODY
+        }
+        .as_bytes()
+        .to_vec();
+    } else if let (true, Some((nanos, name))) = (decision.over, &decision.retry) {
         let secs = ceil_secs(*nanos).max(1);
         response.response_headers_to_add = vec![
             header("retry-after", secs.to_string()),
@@ -223,6 +242,12 @@ fn header(key: &str, value: String) -> HeaderValue {
         raw_value: Vec::new(),
     }
 }
+
+/// The Talk2Me seed's body for a blocked address.
+pub const TEMPORARY_BLOCK_BODY: &str =
+    r#"{"error": "IP temporarily blocked due to excessive requests"}"#;
+/// The body for a permanently blocked address.
+pub const PERMANENT_BLOCK_BODY: &str = r#"{"error": "IP permanently blocked"}"#;
 
 /// The seeds' 429 body: `{"error": "Rate limit exceeded (per minute)", "retry_after": 60}`.
 pub fn over_limit_body(limit_name: &str, retry_after_secs: u64) -> String {

@@ -18,7 +18,7 @@ use hashbrown::HashMap;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Charge, CounterKey, Store, StoreError, Verdict};
+use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
 use crate::clock::Timestamp;
 use crate::limiter::algorithms::{CellState, Hits, evaluate};
 
@@ -176,7 +176,7 @@ impl MemoryStore {
                 remaining: out.remaining,
                 reset_after: out.reset_after,
             };
-            if !out.allowed && charge.blocking {
+            if !out.allowed && charge.kind == ChargeKind::Enforce {
                 commit = false;
             }
             // A pure check of an unknown key leaves no trace.
@@ -187,13 +187,15 @@ impl MemoryStore {
             }));
         }
 
-        if commit {
-            for (charge, cell) in charges.iter().zip(cells) {
-                if let (Some(cell), Some(map)) = (cell, shard_mut(&mut guards, charge.key)) {
-                    self.put(map, charge.key.0, cell, now);
-                }
+        for (charge, cell) in charges.iter().zip(cells.iter()) {
+            if !commit && charge.kind != ChargeKind::Observe {
+                continue;
             }
-        } else {
+            if let (Some(cell), Some(map)) = (cell, shard_mut(&mut guards, charge.key)) {
+                self.put(map, charge.key.0, *cell, now);
+            }
+        }
+        if !commit {
             // Nothing is charged: report what each admitted limit has left without this request.
             for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
                 if verdict.allowed

@@ -30,9 +30,21 @@ pub struct Charge<'a> {
     pub policy: &'a Policy,
     /// What the request adds or gives back.
     pub hits: Hits,
-    /// Whether a denial here rejects the request. Shadow limits (and a disabled server) are
-    /// evaluated and reported but never block.
-    pub blocking: bool,
+    /// What a denial here means, and when the charge is kept.
+    pub kind: ChargeKind,
+}
+
+/// How a charge takes part in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChargeKind {
+    /// Counted whatever the decision; never blocks. Automatic-block thresholds use this: they
+    /// watch all traffic, admitted or not.
+    Observe,
+    /// Evaluated and reported, charged only if the request is admitted, never blocks: shadow
+    /// limits and a disabled server.
+    Shadow,
+    /// A real limit: its denial rejects the request and nothing is charged.
+    Enforce,
 }
 
 /// What a store says about one charge.
@@ -57,10 +69,10 @@ pub enum StoreError {
 /// A counter backend. Implementations must make [`Store::apply`] atomic with respect to other
 /// calls touching the same keys, and must not block the async runtime for long.
 pub trait Store: Send + Sync + 'static {
-    /// Evaluates every charge at `now`; if every blocking charge is allowed, commits them all
-    /// (non-blocking charges that are over are skipped), otherwise commits nothing. Writes one
-    /// verdict per charge into `verdicts` (same length as `charges`) and returns whether the
-    /// batch was committed. Keys in one batch must be distinct.
+    /// Evaluates every charge at `now`. If every `Enforce` charge is allowed, commits every
+    /// allowed charge; otherwise commits only the allowed `Observe` charges. Writes one verdict
+    /// per charge into `verdicts` (same length as `charges`) and returns whether the request was
+    /// admitted. Keys in one batch must be distinct.
     fn apply(
         &self,
         charges: &[Charge<'_>],

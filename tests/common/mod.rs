@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice::blocklist::AccessList;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::Limiter;
@@ -14,7 +15,9 @@ use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use sluice::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use sluice::proto::sluice::admin::v1::admin_client::AdminClient;
 use sluice::server::{self, Listeners, Options};
+use sluice::stats::Stats;
 use sluice::store::{MemoryStore, MemoryStoreOptions};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -22,9 +25,24 @@ use tonic::transport::Channel;
 /// A window-aligned start time: 2026-01-01T00:00:00Z, a whole number of days since the epoch.
 pub const T0: u64 = 1_767_225_600;
 
+/// The admin token test servers use.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// How to start a test server beyond its config.
+#[derive(Default, Clone)]
+pub struct Setup {
+    /// State file for blocks and the allowlist (none: in memory only).
+    pub state_file: Option<PathBuf>,
+    /// Admin token; `None` runs the admin API without one (loopback).
+    pub token: Option<String>,
+    /// Start the clock here instead of [`T0`].
+    pub start: Option<Timestamp>,
+}
+
 /// A running server and a client connected to it.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub clock: Arc<ManualClock>,
     pub client: RateLimitServiceClient<Channel>,
     pub limiter: Arc<Limiter<MemoryStore>>,
@@ -47,21 +65,49 @@ impl TestServer {
     }
 
     pub async fn start_with(cfg: config::Config) -> TestServer {
-        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
+        Self::start_setup(
+            cfg,
+            Setup {
+                token: Some(ADMIN_TOKEN.into()),
+                ..Setup::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_setup(cfg: config::Config, setup: Setup) -> TestServer {
+        let clock = Arc::new(ManualClock::new(
+            setup.start.unwrap_or(Timestamp::from_secs(T0)),
+        ));
         let store = MemoryStore::new(MemoryStoreOptions {
             max_keys: cfg.store.max_keys,
         });
-        let limiter = Arc::new(Limiter::new(cfg.rules, store, clock.clone()));
+        let access = AccessList::open(setup.state_file.clone(), cfg.rules.allowlist.clone())
+            .expect("state file opens");
+        let limiter = Arc::new(Limiter::with_parts(
+            cfg.rules,
+            store,
+            clock.clone(),
+            Arc::new(access),
+            Arc::new(Stats::new(cfg.max_clients)),
+        ));
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let options = Options {
             sweep_interval: Duration::from_secs(3600),
+            admin_token: setup.token.clone(),
             ..Options::default()
         };
         let l = limiter.clone();
+        let listeners = Listeners {
+            grpc,
+            admin: Some(admin),
+        };
         let task = tokio::spawn(async move {
-            server::run(Listeners { grpc }, l, options, async {
+            server::run(listeners, l, options, async {
                 let _ = stopped.await;
             })
             .await
@@ -72,6 +118,7 @@ impl TestServer {
             .expect("connect to test server");
         TestServer {
             addr,
+            admin_addr,
             clock,
             client,
             limiter,
@@ -123,6 +170,28 @@ impl Drop for TestServer {
             let _ = s.send(());
         }
     }
+}
+
+/// An admin client for the test server.
+impl TestServer {
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(format!("http://{}", self.admin_addr))
+            .await
+            .expect("connect to admin")
+    }
+}
+
+/// Wraps an admin request with the test token.
+pub fn authed<T>(msg: T) -> tonic::Request<T> {
+    with_token(msg, ADMIN_TOKEN)
+}
+
+/// Wraps an admin request with `token`.
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("x-admin-token", token.parse().expect("ascii token"));
+    req
 }
 
 /// A descriptor from `(key, value)` pairs.

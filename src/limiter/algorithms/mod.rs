@@ -43,6 +43,14 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Hits admitted per window, or the bucket's capacity.
+    pub fn capacity(&self) -> u64 {
+        match *self {
+            Policy::SlidingWindow { limit, .. } | Policy::FixedWindow { limit, .. } => limit,
+            Policy::TokenBucket { capacity, .. } => capacity,
+        }
+    }
+
     /// The algorithm's name as written in config.
     pub fn algorithm(&self) -> Algorithm {
         match self {

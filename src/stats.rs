@@ -1,0 +1,289 @@
+//! Decision counts for operators: per request, per domain, per endpoint and per client.
+//!
+//! Counters are plain relaxed atomics handed to each compiled [`Rule`](crate::limiter::model::Rule)
+//! and [`Domain`](crate::limiter::model::Domain) when a rule set is installed, so the request path
+//! increments without looking anything up. The registry keeps one counter set per
+//! (domain, endpoint) name across reloads, so counts survive a config change.
+//!
+//! Per-client counts live in a bounded map (default 100,000 clients) keyed by a hash of the
+//! client's identity; a client seen for the first time costs one allocation for its label.
+//! Idle clients are swept, and when the map is full new clients are counted only in aggregate.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+/// What happened to a request or descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted.
+    Allowed,
+    /// Over a limit.
+    Limited,
+    /// Turned away by an IP block.
+    Blocked,
+}
+
+/// A set of decision counters. Relaxed ordering: each is an independent tally.
+#[derive(Debug, Default)]
+pub struct Counts {
+    allowed: AtomicU64,
+    limited: AtomicU64,
+    blocked: AtomicU64,
+    near_limit: AtomicU64,
+}
+
+/// A point-in-time copy of [`Counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CountsSnapshot {
+    /// Admitted.
+    pub allowed: u64,
+    /// Over a limit.
+    pub limited: u64,
+    /// Blocked by IP.
+    pub blocked: u64,
+    /// Admitted with 20% or less of a limit left.
+    pub near_limit: u64,
+}
+
+impl CountsSnapshot {
+    fn add(&mut self, other: &CountsSnapshot) {
+        self.allowed += other.allowed;
+        self.limited += other.limited;
+        self.blocked += other.blocked;
+        self.near_limit += other.near_limit;
+    }
+}
+
+impl Counts {
+    /// Counts one decision.
+    pub fn record(&self, outcome: Outcome, near_limit: bool) {
+        let c = match outcome {
+            Outcome::Allowed => &self.allowed,
+            Outcome::Limited => &self.limited,
+            Outcome::Blocked => &self.blocked,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        if near_limit {
+            self.near_limit.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Current values.
+    pub fn snapshot(&self) -> CountsSnapshot {
+        CountsSnapshot {
+            allowed: self.allowed.load(Ordering::Relaxed),
+            limited: self.limited.load(Ordering::Relaxed),
+            blocked: self.blocked.load(Ordering::Relaxed),
+            near_limit: self.near_limit.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One client's counts.
+#[derive(Debug)]
+struct ClientEntry {
+    domain: Arc<str>,
+    label: Box<str>,
+    address: Option<Box<str>>,
+    values: Box<[Box<str>]>,
+    counts: CountsSnapshot,
+    last_seen: u64,
+}
+
+/// A client as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientReport {
+    /// Domain.
+    pub domain: String,
+    /// `domain|value|value`: the client id operators pass back.
+    pub id: String,
+    /// The client's address entry, if it had one.
+    pub address: Option<String>,
+    /// The client's identifying values in the domain's `client` order.
+    pub values: Vec<String>,
+    /// Its counts.
+    pub counts: CountsSnapshot,
+    /// Last decision, nanoseconds since the epoch.
+    pub last_seen: u64,
+}
+
+/// Identity of a client for [`Stats::record_client`]: borrowed from the request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientRef<'a> {
+    /// Hash of domain and values (the map key).
+    pub hash: u128,
+    /// Domain.
+    pub domain: &'a Arc<str>,
+    /// Values of the domain's client entries.
+    pub values: &'a [&'a str],
+    /// The address entry's value.
+    pub address: Option<&'a str>,
+}
+
+/// All of sluice's decision statistics.
+#[derive(Debug)]
+pub struct Stats {
+    /// Per request.
+    pub total: Counts,
+    /// Automatic blocks created.
+    pub automatic_blocks: AtomicU64,
+    registry: Mutex<HashMap<(String, String), Arc<Counts>>>,
+    clients: DashMap<u128, ClientEntry>,
+    client_count: AtomicUsize,
+    max_clients: usize,
+}
+
+/// Default bound on clients with individual counts.
+pub const DEFAULT_MAX_CLIENTS: usize = 100_000;
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_CLIENTS)
+    }
+}
+
+impl Stats {
+    /// Empty statistics tracking at most `max_clients` clients individually.
+    pub fn new(max_clients: usize) -> Self {
+        Self {
+            total: Counts::default(),
+            automatic_blocks: AtomicU64::new(0),
+            registry: Mutex::new(HashMap::new()),
+            clients: DashMap::new(),
+            client_count: AtomicUsize::new(0),
+            max_clients,
+        }
+    }
+
+    /// The counters of `domain` (`endpoint` empty) or of one of its endpoints; the same `Arc`
+    /// every time, so counts survive reloads.
+    pub fn counts_for(&self, domain: &str, endpoint: &str) -> Arc<Counts> {
+        self.registry
+            .lock()
+            .entry((domain.to_string(), endpoint.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Every registered counter set: `(domain, endpoint, counts)`; endpoint empty for a domain.
+    pub fn all_counts(&self) -> Vec<(String, String, CountsSnapshot)> {
+        let mut out: Vec<_> = self
+            .registry
+            .lock()
+            .iter()
+            .map(|((d, e), c)| (d.clone(), e.clone(), c.snapshot()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
+    /// Counts one decision for a client.
+    pub fn record_client(&self, client: ClientRef<'_>, outcome: Outcome, near: bool, now: u64) {
+        if let Some(mut e) = self.clients.get_mut(&client.hash) {
+            bump(&mut e.counts, outcome, near);
+            e.last_seen = now;
+            return;
+        }
+        if self.client_count.load(Ordering::Relaxed) >= self.max_clients {
+            return;
+        }
+        let mut counts = CountsSnapshot::default();
+        bump(&mut counts, outcome, near);
+        let mut label = String::from(&**client.domain);
+        for v in client.values {
+            label.push('|');
+            label.push_str(v);
+        }
+        let entry = ClientEntry {
+            domain: client.domain.clone(),
+            label: label.into(),
+            address: client.address.map(Into::into),
+            values: client.values.iter().map(|v| Box::from(*v)).collect(),
+            counts,
+            last_seen: now,
+        };
+        if self.clients.insert(client.hash, entry).is_none() {
+            self.client_count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Clients tracked individually.
+    pub fn tracked_clients(&self) -> usize {
+        self.client_count.load(Ordering::Relaxed)
+    }
+
+    /// Forgets clients idle since before `cutoff` (nanoseconds); returns how many.
+    pub fn sweep_clients_idle_since(&self, cutoff: u64) -> usize {
+        let before = self.clients.len();
+        self.clients.retain(|_, e| e.last_seen >= cutoff);
+        let dropped = before.saturating_sub(self.clients.len());
+        self.client_count
+            .store(self.clients.len(), Ordering::Relaxed);
+        dropped
+    }
+
+    /// Clients whose id is `query`, or whose address is `query`.
+    pub fn find_clients(&self, query: &str) -> Vec<ClientReport> {
+        let mut out: Vec<ClientReport> = self
+            .clients
+            .iter()
+            .filter(|e| &*e.label == query || e.address.as_deref() == Some(query))
+            .map(|e| report(&e))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// The `n` clients with the most limited decisions (ties by id).
+    pub fn top_limited(&self, n: usize) -> Vec<ClientReport> {
+        let mut all: Vec<ClientReport> = self
+            .clients
+            .iter()
+            .filter(|e| e.counts.limited > 0)
+            .map(|e| report(&e))
+            .collect();
+        all.sort_by(|a, b| {
+            b.counts
+                .limited
+                .cmp(&a.counts.limited)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        all.truncate(n);
+        all
+    }
+
+    /// Sum of a set of client reports.
+    pub fn sum(reports: &[ClientReport]) -> CountsSnapshot {
+        let mut s = CountsSnapshot::default();
+        for r in reports {
+            s.add(&r.counts);
+        }
+        s
+    }
+}
+
+fn bump(c: &mut CountsSnapshot, outcome: Outcome, near: bool) {
+    match outcome {
+        Outcome::Allowed => c.allowed += 1,
+        Outcome::Limited => c.limited += 1,
+        Outcome::Blocked => c.blocked += 1,
+    }
+    if near {
+        c.near_limit += 1;
+    }
+}
+
+fn report(e: &ClientEntry) -> ClientReport {
+    ClientReport {
+        domain: e.domain.to_string(),
+        id: e.label.to_string(),
+        address: e.address.as_deref().map(str::to_string),
+        values: e.values.iter().map(|v| v.to_string()).collect(),
+        counts: e.counts,
+        last_seen: e.last_seen,
+    }
+}
