@@ -329,7 +329,7 @@ impl AccessList {
             .filter(|b| b.active_at(now.as_nanos()))
             .cloned()
             .collect();
-        out.sort_by(|a, b| (a.created_at, a.net).cmp(&(b.created_at, b.net)));
+        out.sort_by_key(|b| (b.created_at, b.net));
         out
     }
 

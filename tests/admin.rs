@@ -1,0 +1,719 @@
+//! The admin service over gRPC: auth on every RPC, blocks (temporary, permanent, CIDR) taking
+//! effect on the next decision and surviving restarts, the allowlist, automatic blocks, stats
+//! matching the decisions made, client resets and the effective config.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use sluice::config;
+use sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use sluice::proto::sluice::admin::v1 as pb;
+use tonic::Code as GrpcCode;
+
+const OK: i32 = Code::Ok as i32;
+const OVER: i32 = Code::OverLimit as i32;
+
+fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == key)
+        .map(|h| h.value.as_str())
+}
+
+fn body(r: &RateLimitResponse) -> String {
+    String::from_utf8(r.raw_body.clone()).unwrap()
+}
+
+async fn block(srv: &TestServer, ip: &str, secs: u64, permanent: bool) -> pb::Block {
+    srv.admin()
+        .await
+        .block_ip(authed(pb::BlockIpRequest {
+            ip: ip.into(),
+            duration_seconds: secs,
+            permanent,
+            reason: "test".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .block
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_rpc_needs_the_token() {
+    let srv = TestServer::start_default().await;
+    let mut admin = srv.admin().await;
+    macro_rules! check_all {
+        ($wrap:expr, $expect_ok:expr) => {{
+            let results: Vec<(&str, Result<(), tonic::Status>)> = vec![
+                (
+                    "GetConfig",
+                    admin
+                        .get_config($wrap(pb::GetConfigRequest::default()))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "GetStats",
+                    admin
+                        .get_stats($wrap(pb::GetStatsRequest::default()))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "BlockIp",
+                    admin
+                        .block_ip($wrap(pb::BlockIpRequest {
+                            ip: "192.0.2.1".into(),
+                            duration_seconds: 5,
+                            ..Default::default()
+                        }))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "UnblockIp",
+                    admin
+                        .unblock_ip($wrap(pb::UnblockIpRequest {
+                            ip: "192.0.2.1".into(),
+                        }))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "ListBlocks",
+                    admin
+                        .list_blocks($wrap(pb::ListBlocksRequest {}))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "Allow",
+                    admin
+                        .allow($wrap(pb::AllowRequest {
+                            ip: "192.0.2.2".into(),
+                            reason: String::new(),
+                        }))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "Disallow",
+                    admin
+                        .disallow($wrap(pb::DisallowRequest {
+                            ip: "192.0.2.2".into(),
+                        }))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "ListAllowed",
+                    admin
+                        .list_allowed($wrap(pb::ListAllowedRequest {}))
+                        .await
+                        .map(drop),
+                ),
+                (
+                    "ResetClient",
+                    admin
+                        .reset_client($wrap(pb::ResetClientRequest {
+                            domain: "training".into(),
+                            client: "192.0.2.3".into(),
+                        }))
+                        .await
+                        .map(drop),
+                ),
+            ];
+            for (rpc, r) in results {
+                match r {
+                    Ok(()) => assert!($expect_ok, "{rpc} succeeded without the right token"),
+                    Err(s) => {
+                        assert!(!$expect_ok, "{rpc} failed with the right token: {s:?}");
+                        assert_eq!(s.code(), GrpcCode::Unauthenticated, "{rpc}: {s:?}");
+                    }
+                }
+            }
+        }};
+    }
+    check_all!(tonic::Request::new, false);
+    check_all!(|m| with_token(m, "wrong-token"), false);
+    check_all!(authed, true);
+}
+
+#[tokio::test]
+async fn a_block_takes_effect_on_the_next_decision_and_expires_on_time() {
+    let srv = TestServer::start_default().await;
+    let ip = "198.51.100.7";
+    assert_eq!(
+        srv.call(training("/api/training/execute", ip))
+            .await
+            .overall_code,
+        OK
+    );
+
+    let b = block(&srv, ip, 120, false).await;
+    assert_eq!(b.ip, "198.51.100.7/32");
+    assert!(!b.permanent);
+    assert_eq!(b.created_at.as_ref().unwrap().seconds as u64, T0);
+    assert_eq!(b.expires_at.as_ref().unwrap().seconds as u64, T0 + 120);
+    assert!(
+        b.created_by.starts_with("admin (peer 127.0.0.1:"),
+        "{}",
+        b.created_by
+    );
+
+    let r = srv.call(training("/api/training/execute", ip)).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(r.statuses[0].code, OVER);
+    assert_eq!(
+        body(&r),
+        r#"{"error": "IP temporarily blocked due to excessive requests"}"#
+    );
+    assert_eq!(header(&r, "retry-after"), Some("120"));
+    // Blocked on every domain and path, even ones without limits.
+    let r = srv.call(training("/no/limit/here", ip)).await;
+    assert_eq!(r.overall_code, OVER);
+    // Other clients are not affected.
+    assert_eq!(
+        srv.call(training("/api/training/execute", "198.51.100.8"))
+            .await
+            .overall_code,
+        OK
+    );
+
+    srv.advance(100);
+    let r = srv.call(training("/api/training/execute", ip)).await;
+    assert_eq!(header(&r, "retry-after"), Some("20"));
+    srv.advance(20);
+    let r = srv.call(training("/api/training/execute", ip)).await;
+    assert_eq!(r.overall_code, OK, "the block expired");
+    // The request at T0 has aged out; the blocked one at T0+100 (previous window, still fully
+    // weighted) consumed nothing, so only this one counts.
+    assert_eq!(r.statuses[0].limit_remaining, 9);
+    let blocks = srv
+        .admin()
+        .await
+        .list_blocks(authed(pb::ListBlocksRequest {}))
+        .await
+        .unwrap();
+    assert!(blocks.into_inner().blocks.is_empty());
+}
+
+#[tokio::test]
+async fn unblock_lets_the_client_back_and_permanent_blocks_say_so() {
+    let srv = TestServer::start_default().await;
+    let ip = "2001:db8::42";
+    let b = block(&srv, ip, 0, true).await;
+    assert!(b.permanent && b.expires_at.is_none());
+    let r = srv.call(training("/api/training/execute", ip)).await;
+    assert_eq!(body(&r), r#"{"error": "IP permanently blocked"}"#);
+    assert_eq!(header(&r, "retry-after"), None);
+    assert_eq!(header(&r, "content-type"), Some("application/json"));
+    srv.advance(365 * 86_400);
+    assert_eq!(
+        srv.call(training("/api/training/execute", ip))
+            .await
+            .overall_code,
+        OVER
+    );
+
+    let mut admin = srv.admin().await;
+    let removed = admin
+        .unblock_ip(authed(pb::UnblockIpRequest { ip: ip.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert!(removed);
+    assert_eq!(
+        srv.call(training("/api/training/execute", ip))
+            .await
+            .overall_code,
+        OK
+    );
+    let again = admin
+        .unblock_ip(authed(pb::UnblockIpRequest { ip: ip.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert!(!again);
+}
+
+#[tokio::test]
+async fn cidr_blocks_and_allows_compose_with_the_allowlist_winning() {
+    let yaml = "allowlist: [203.0.113.0/28]\ndomains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [1/minute]\n";
+    let srv = TestServer::start(yaml).await;
+    let req = |ip: &str| {
+        request(
+            "d",
+            vec![descriptor(&[("path", "/a"), ("remote_address", ip)])],
+        )
+    };
+    block(&srv, "10.0.0.0/8", 600, false).await;
+    assert_eq!(srv.call(req("10.200.1.1")).await.overall_code, OVER);
+
+    let mut admin = srv.admin().await;
+    let entry = admin
+        .allow(authed(pb::AllowRequest {
+            ip: "10.1.0.0/16".into(),
+            reason: "office".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    assert_eq!(
+        (entry.ip.as_str(), entry.source.as_str()),
+        ("10.1.0.0/16", "runtime")
+    );
+    // Allowlisted: inside the blocked /8, and no limit applies at all.
+    for _ in 0..5 {
+        let r = srv.call(req("10.1.2.3")).await;
+        assert_eq!(r.overall_code, OK);
+        assert!(r.statuses[0].current_limit.is_none());
+    }
+    assert_eq!(srv.call(req("10.2.0.1")).await.overall_code, OVER);
+    // From the config file too.
+    for _ in 0..3 {
+        assert_eq!(srv.call(req("203.0.113.9")).await.overall_code, OK);
+    }
+    let listed: Vec<(String, String)> = admin
+        .list_allowed(authed(pb::ListAllowedRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| (e.ip, e.source))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("203.0.113.0/28".to_string(), "config".to_string()),
+            ("10.1.0.0/16".to_string(), "runtime".to_string())
+        ]
+    );
+    assert!(
+        admin
+            .disallow(authed(pb::DisallowRequest {
+                ip: "10.1.0.0/16".into()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .removed
+    );
+    assert_eq!(srv.call(req("10.1.2.3")).await.overall_code, OVER);
+}
+
+#[tokio::test]
+async fn blocks_and_allows_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let setup = Setup {
+        state_file: Some(state.clone()),
+        token: Some(ADMIN_TOKEN.into()),
+        start: None,
+    };
+    let cfg = || {
+        let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
+        config::parse(&text, "sluice.yaml", |_| None).unwrap()
+    };
+    let srv = TestServer::start_setup(cfg(), setup.clone()).await;
+    block(&srv, "192.0.2.50", 3600, false).await;
+    srv.admin()
+        .await
+        .allow(authed(pb::AllowRequest {
+            ip: "192.0.2.60".into(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap();
+    srv.stop().await;
+
+    let srv = TestServer::start_setup(
+        cfg(),
+        Setup {
+            start: Some(sluice::clock::Timestamp::from_secs(T0 + 60)),
+            ..setup.clone()
+        },
+    )
+    .await;
+    let r = srv
+        .call(training("/api/training/execute", "192.0.2.50"))
+        .await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(header(&r, "retry-after"), Some("3540"));
+    let r = srv
+        .call(training("/api/training/execute", "192.0.2.60"))
+        .await;
+    assert!(r.statuses[0].current_limit.is_none(), "still allowlisted");
+    srv.stop().await;
+
+    // A damaged state file stops start-up and is left alone.
+    std::fs::write(&state, "{broken").unwrap();
+    let err = sluice::blocklist::AccessList::open(Some(state.clone()), vec![]).unwrap_err();
+    assert!(err.to_string().contains("is damaged"), "{err}");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "{broken");
+}
+
+const AUTO: &str = "\
+domains:
+  - name: d
+    auto_block:
+      duration_seconds: 3600
+      max_requests: 5/minute
+    endpoints:
+      - path: /a
+        limits: [100/minute]
+  - name: e
+    auto_block:
+      max_limited: 2/10 minutes
+    endpoints:
+      - path: /a
+        limits: [1/minute]
+";
+
+#[tokio::test]
+async fn too_many_requests_across_endpoints_blocks_the_address() {
+    let srv = TestServer::start(AUTO).await;
+    let req = |path: &str| {
+        request(
+            "d",
+            vec![descriptor(&[
+                ("path", path),
+                ("remote_address", "192.0.2.9"),
+            ])],
+        )
+    };
+    // Five requests within the minute, on any paths, are fine; the sixth exceeds 5/minute.
+    for path in ["/a", "/b", "/a", "/c", "/a"] {
+        assert_eq!(srv.call(req(path)).await.overall_code, OK);
+    }
+    assert_eq!(
+        srv.call(req("/a")).await.overall_code,
+        OK,
+        "the triggering request was decided already"
+    );
+    let r = srv.call(req("/a")).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(header(&r, "retry-after"), Some("3600"));
+
+    let blocks = srv
+        .admin()
+        .await
+        .list_blocks(authed(pb::ListBlocksRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .blocks;
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].ip, "192.0.2.9/32");
+    assert_eq!(blocks[0].created_by, "auto-block d");
+    assert_eq!(
+        blocks[0].reason,
+        "more than 5/minute requests across all endpoints"
+    );
+    assert_eq!(
+        blocks[0].expires_at.as_ref().unwrap().seconds as u64,
+        T0 + 3600
+    );
+    // Another address is unaffected.
+    let other = request(
+        "d",
+        vec![descriptor(&[
+            ("path", "/a"),
+            ("remote_address", "192.0.2.10"),
+        ])],
+    );
+    assert_eq!(srv.call(other).await.overall_code, OK);
+
+    let stats = srv
+        .admin()
+        .await
+        .get_stats(authed(pb::GetStatsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.automatic_blocks, 1);
+    assert_eq!(stats.active_blocks, 1);
+}
+
+#[tokio::test]
+async fn being_limited_too_often_blocks_the_address() {
+    let srv = TestServer::start(AUTO).await;
+    let req = || {
+        request(
+            "e",
+            vec![descriptor(&[
+                ("path", "/a"),
+                ("remote_address", "192.0.2.20"),
+            ])],
+        )
+    };
+    assert_eq!(srv.call(req()).await.overall_code, OK);
+    // Limited twice: within "2/10 minutes".
+    for _ in 0..2 {
+        let r = srv.call(req()).await;
+        assert_eq!(r.overall_code, OVER);
+        assert!(body(&r).contains("Rate limit exceeded"));
+    }
+    // The third limited decision exceeds it: the address is blocked for the default hour.
+    srv.call(req()).await;
+    let r = srv.call(req()).await;
+    assert_eq!(
+        body(&r),
+        r#"{"error": "IP temporarily blocked due to excessive requests"}"#
+    );
+    assert_eq!(header(&r, "retry-after"), Some("3600"));
+    let blocks = srv
+        .admin()
+        .await
+        .list_blocks(authed(pb::ListBlocksRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .blocks;
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].reason, "more than 2/10 minutes limited requests");
+}
+
+#[tokio::test]
+async fn stats_count_the_decisions_made() {
+    let srv = TestServer::start_default().await;
+    for _ in 0..12 {
+        srv.call(training("/api/training/execute", "192.0.2.1"))
+            .await;
+    }
+    for _ in 0..3 {
+        srv.call(training("/api/filesystem/read", "192.0.2.2"))
+            .await;
+    }
+    srv.call(training("/unlimited", "192.0.2.3")).await;
+    block(&srv, "192.0.2.4", 60, false).await;
+    srv.call(training("/api/training/execute", "192.0.2.4"))
+        .await;
+    srv.call(talk2me("/transcribe", "192.0.2.5", "ua")).await;
+
+    let mut admin = srv.admin().await;
+    let s = admin
+        .get_stats(authed(pb::GetStatsRequest {
+            client: "192.0.2.1".into(),
+            top: 5,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = |c: &Option<pb::Counts>| {
+        let c = c.unwrap();
+        (c.allowed, c.limited, c.blocked, c.near_limit)
+    };
+    // Requests: 10 + 3 + 1 + 1 allowed, 2 limited, 1 blocked. Near limit: executes 8, 9, 10.
+    assert_eq!(c(&s.total), (15, 2, 1, 3));
+    let domain = |name: &str| {
+        s.domains
+            .iter()
+            .find(|d| d.domain == name)
+            .unwrap()
+            .counts
+    };
+    assert_eq!(c(&domain("training")), (14, 2, 1, 3));
+    assert_eq!(c(&domain("talk2me")), (1, 0, 0, 0));
+    let endpoint = |d: &str, e: &str| {
+        s.endpoints
+            .iter()
+            .find(|x| x.domain == d && x.endpoint == e)
+            .unwrap()
+            .counts
+    };
+    assert_eq!(
+        c(&endpoint("training", "/api/training/execute")),
+        (10, 2, 0, 3)
+    );
+    assert_eq!(
+        c(&endpoint("training", "/api/filesystem/read")),
+        (3, 0, 0, 0)
+    );
+    assert_eq!(c(&endpoint("talk2me", "/transcribe")), (1, 0, 0, 0));
+    assert_eq!(c(&endpoint("talk2me", "global")), (1, 0, 0, 0));
+    assert_eq!(s.clients.len(), 1);
+    assert_eq!(s.clients[0].client, "training|192.0.2.1");
+    assert_eq!(c(&s.clients[0].counts), (10, 2, 0, 3));
+    assert_eq!(s.top_limited.len(), 1);
+    assert_eq!(s.top_limited[0].client, "training|192.0.2.1");
+    assert_eq!(s.tracked_clients, 5);
+    assert!(s.tracked_keys >= 4);
+    assert_eq!(s.active_blocks, 1);
+}
+
+#[tokio::test]
+async fn reset_client_forgets_its_counters() {
+    let srv = TestServer::start_default().await;
+    for _ in 0..10 {
+        srv.call(training("/api/training/execute", "192.0.2.77"))
+            .await;
+    }
+    assert_eq!(
+        srv.call(training("/api/training/execute", "192.0.2.77"))
+            .await
+            .overall_code,
+        OVER
+    );
+    let r = srv
+        .admin()
+        .await
+        .reset_client(authed(pb::ResetClientRequest {
+            domain: "training".into(),
+            client: "192.0.2.77".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.clients, 1);
+    assert_eq!(r.counters, 9, "one per endpoint limit of the domain");
+    let after = srv
+        .call(training("/api/training/execute", "192.0.2.77"))
+        .await;
+    assert_eq!(after.overall_code, OK);
+    assert_eq!(after.statuses[0].limit_remaining, 9);
+
+    // Talk2Me clients are address + user agent: reset by address resets each of them.
+    for ua in ["a", "b"] {
+        for _ in 0..3 {
+            srv.call(talk2me("/transcribe", "192.0.2.78", ua)).await;
+        }
+    }
+    let r = srv
+        .admin()
+        .await
+        .reset_client(authed(pb::ResetClientRequest {
+            domain: "talk2me".into(),
+            client: "192.0.2.78".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.clients, 2);
+    assert_eq!(
+        srv.call(talk2me("/transcribe", "192.0.2.78", "a"))
+            .await
+            .overall_code,
+        OK
+    );
+
+    let err = srv
+        .admin()
+        .await
+        .reset_client(authed(pb::ResetClientRequest {
+            domain: "nope".into(),
+            client: "x".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), GrpcCode::NotFound);
+}
+
+#[tokio::test]
+async fn get_config_reports_the_effective_limits() {
+    let srv = TestServer::start_default().await;
+    let cfg = srv
+        .admin()
+        .await
+        .get_config(authed(pb::GetConfigRequest {
+            domain: "talk2me".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cfg.enabled);
+    assert_eq!(cfg.config_hash.len(), 16);
+    assert_eq!(cfg.domains.len(), 1);
+    let d = &cfg.domains[0];
+    assert_eq!(d.client_entries, ["remote_address", "user_agent"]);
+    let transcribe = &d.endpoints[0];
+    assert_eq!(transcribe.path, "/transcribe");
+    let names: Vec<(&str, &str, &str)> = transcribe
+        .limits
+        .iter()
+        .map(|l| {
+            (
+                l.name.as_str(),
+                l.algorithm.as_str(),
+                l.reported_as.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("per minute", "sliding_window", "10/minute"),
+            ("per hour", "sliding_window", "100/hour"),
+            ("burst", "token_bucket", "10/minute"),
+        ]
+    );
+    let burst = &transcribe.limits[2];
+    assert_eq!(burst.burst, 3);
+    assert!((burst.refill_per_second - 1.0 / 6.0).abs() < 1e-9);
+    assert_eq!(transcribe.limits[0].window_seconds, 60.0);
+    let global = d.endpoints.iter().find(|e| e.global).unwrap();
+    assert_eq!(global.limits.len(), 2);
+}
+
+#[tokio::test]
+async fn bad_admin_input_is_invalid_argument_naming_the_field() {
+    let srv = TestServer::start_default().await;
+    let mut admin = srv.admin().await;
+    let err = admin
+        .block_ip(authed(pb::BlockIpRequest {
+            ip: "999.1.1.1".into(),
+            duration_seconds: 5,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), GrpcCode::InvalidArgument);
+    assert!(err.message().starts_with("ip: "), "{}", err.message());
+    let err = admin
+        .block_ip(authed(pb::BlockIpRequest {
+            ip: "192.0.2.1".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), GrpcCode::InvalidArgument);
+    assert!(
+        err.message().starts_with("duration_seconds: "),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn admin_without_a_token_refuses_a_non_loopback_listener() {
+    let cfg = config::parse("domains:\n  - name: d\n", "t.yaml", |_| None).unwrap();
+    let limiter = std::sync::Arc::new(sluice::limiter::Limiter::new(
+        cfg.rules,
+        sluice::store::MemoryStore::new(Default::default()),
+        std::sync::Arc::new(sluice::clock::SystemClock),
+    ));
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = sluice::server::run(
+        sluice::server::Listeners {
+            grpc,
+            admin: Some(admin),
+        },
+        limiter,
+        sluice::server::Options::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("SLUICE_ADMIN_TOKEN"), "{err}");
+}
