@@ -141,3 +141,56 @@ async fn reflection_v1_lists_the_services() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_admin_commands_work_through_grpcurl() {
+    let srv = TestServer::start_default().await;
+    let Some(bin) = tool("grpcurl") else { return };
+    let admin = srv.admin_addr.to_string();
+    let run = |header: Option<&str>, body: Option<&str>, method: &str| {
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-plaintext");
+        if let Some(h) = header {
+            cmd.args(["-H", h]);
+        }
+        if let Some(b) = body {
+            cmd.args(["-d", b]);
+        }
+        cmd.arg(&admin).arg(method).output().unwrap()
+    };
+    let token = format!("x-admin-token: {ADMIN_TOKEN}");
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let list = run(None, None, "list");
+    assert!(String::from_utf8_lossy(&list.stdout).contains("sluice.admin.v1.Admin"));
+    let block = ok(run(
+        Some(&token),
+        Some(r#"{"ip": "192.0.2.7", "duration_seconds": 3600, "reason": "scraping"}"#),
+        "sluice.admin.v1.Admin/BlockIp",
+    ));
+    assert_eq!(block["block"]["ip"], "192.0.2.7/32");
+    assert_eq!(block["block"]["reason"], "scraping");
+    let blocks = ok(run(Some(&token), None, "sluice.admin.v1.Admin/ListBlocks"));
+    assert_eq!(blocks["blocks"].as_array().unwrap().len(), 1);
+    let stats = ok(run(
+        Some(&token),
+        Some(r#"{"top": 5}"#),
+        "sluice.admin.v1.Admin/GetStats",
+    ));
+    assert_eq!(stats["activeBlocks"], "1");
+    let cfg = ok(run(
+        Some(&token),
+        Some(r#"{"domain": "training"}"#),
+        "sluice.admin.v1.Admin/GetConfig",
+    ));
+    assert_eq!(cfg["domains"][0]["name"], "training");
+    let unauth = run(None, None, "sluice.admin.v1.Admin/ListBlocks");
+    assert!(!unauth.status.success());
+    assert!(String::from_utf8_lossy(&unauth.stderr).contains("Code: Unauthenticated"));
+}
