@@ -516,13 +516,7 @@ async fn stats_count_the_decisions_made() {
     };
     // Requests: 10 + 3 + 1 + 1 allowed, 2 limited, 1 blocked. Near limit: executes 8, 9, 10.
     assert_eq!(c(&s.total), (15, 2, 1, 3));
-    let domain = |name: &str| {
-        s.domains
-            .iter()
-            .find(|d| d.domain == name)
-            .unwrap()
-            .counts
-    };
+    let domain = |name: &str| s.domains.iter().find(|d| d.domain == name).unwrap().counts;
     assert_eq!(c(&domain("training")), (14, 2, 1, 3));
     assert_eq!(c(&domain("talk2me")), (1, 0, 0, 0));
     let endpoint = |d: &str, e: &str| {
