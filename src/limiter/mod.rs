@@ -14,6 +14,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use siphasher::sip::SipHasher13 as SipHasher13_64;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use smallvec::SmallVec;
 
@@ -222,6 +223,15 @@ impl<S: Store> Limiter<S> {
             access,
             stats,
         }
+    }
+
+    /// Derives the counter-key hashing keys from `secret` instead of at random. Replicas that
+    /// share a store (Redis) must use the same secret to compute the same keys; keep it secret
+    /// so clients cannot craft colliding keys.
+    pub fn with_key_secret(mut self, secret: &[u8]) -> Self {
+        let h = xxhash_rust::xxh3::xxh3_128(secret);
+        self.keys = ((h >> 64) as u64, h as u64);
+        self
     }
 
     /// The rule set in force.
@@ -584,13 +594,32 @@ impl<S: Store> Limiter<S> {
         keys
     }
 
-    /// Counter key of an automatic-block limit for one address.
-    fn address_key(&self, limit_id: u64, address: &str) -> CounterKey {
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        h.write_u64(limit_id);
-        h.write_usize(address.len());
-        h.write(address.as_bytes());
-        CounterKey(h.finish128().as_u128())
+    /// A 64-bit keyed hash.
+    fn h64(&self) -> SipHasher13_64 {
+        SipHasher13_64::new_with_keys(self.keys.0, self.keys.1)
+    }
+
+    /// Builds a counter key from its group (the client's identity, or the limit itself when all
+    /// clients share it) and the limit's identity. The group is the high half, so one client's
+    /// counters share a memory shard (fewer locks per request) and, with Redis Cluster, a hash
+    /// slot (one atomic script per request).
+    fn key(&self, group: u64, member: impl FnOnce(&mut SipHasher13_64)) -> CounterKey {
+        let mut h = self.h64();
+        h.write_u64(group);
+        member(&mut h);
+        CounterKey((u128::from(group) << 64) | u128::from(h.finish()))
+    }
+
+    /// Hash of the values of `names` in `entries`, `None` if one is missing.
+    fn client_group(&self, names: &[String], entries: &[(&str, &str)]) -> Option<u64> {
+        let mut h = self.h64();
+        h.write(b"client");
+        for k in names {
+            let v = lookup(entries, k)?;
+            h.write_usize(v.len());
+            h.write(v.as_bytes());
+        }
+        Some(h.finish())
     }
 
     /// Counter key of `limit` of `rule` for the client named by `entries`; `None` if the
@@ -601,14 +630,15 @@ impl<S: Store> Limiter<S> {
         limit: &Limit,
         entries: &[(&str, &str)],
     ) -> Option<CounterKey> {
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        h.write_u64(limit.id);
-        for k in &rule.client {
-            let v = lookup(entries, k)?;
-            h.write_usize(v.len());
-            h.write(v.as_bytes());
-        }
-        Some(CounterKey(h.finish128().as_u128()))
+        let group = if rule.client.is_empty() {
+            let mut h = self.h64();
+            h.write(b"shared");
+            h.write_u64(limit.id);
+            h.finish()
+        } else {
+            self.client_group(&rule.client, entries)?
+        };
+        Some(self.key(group, |h| h.write_u64(limit.id)))
     }
 
     /// Counter key for an override on a routed rule: the rule's client, the override's rate.
@@ -618,35 +648,43 @@ impl<S: Store> Limiter<S> {
         entries: &[(&str, &str)],
         o: LimitOverride,
     ) -> Option<CounterKey> {
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        h.write(b"override");
-        h.write_usize(rule.name.len());
-        h.write(rule.name.as_bytes());
-        h.write_u32(o.requests_per_unit);
-        h.write_u64(o.unit.seconds());
-        for k in &rule.client {
-            let v = lookup(entries, k)?;
-            h.write_usize(v.len());
-            h.write(v.as_bytes());
-        }
-        Some(CounterKey(h.finish128().as_u128()))
+        let group = self.client_group(&rule.client, entries)?;
+        Some(self.key(group, |h| {
+            h.write(b"override");
+            h.write_usize(rule.name.len());
+            h.write(rule.name.as_bytes());
+            h.write_u32(o.requests_per_unit);
+            h.write_u64(o.unit.seconds());
+        }))
     }
 
     /// Counter key for an override no rule claims: every entry, as envoyproxy/ratelimit keys.
     fn entries_key(&self, domain: &str, entries: &[(&str, &str)], o: LimitOverride) -> CounterKey {
-        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        let mut h = self.h64();
         h.write(b"override-entries");
         h.write_usize(domain.len());
         h.write(domain.as_bytes());
-        h.write_u32(o.requests_per_unit);
-        h.write_u64(o.unit.seconds());
         for (k, v) in entries {
             h.write_usize(k.len());
             h.write(k.as_bytes());
             h.write_usize(v.len());
             h.write(v.as_bytes());
         }
-        CounterKey(h.finish128().as_u128())
+        let group = h.finish();
+        self.key(group, |h| {
+            h.write_u32(o.requests_per_unit);
+            h.write_u64(o.unit.seconds());
+        })
+    }
+
+    /// Counter key of an automatic-block limit for one address.
+    fn address_key(&self, limit_id: u64, address: &str) -> CounterKey {
+        let mut h = self.h64();
+        h.write(b"address");
+        h.write_usize(address.len());
+        h.write(address.as_bytes());
+        let group = h.finish();
+        self.key(group, |h| h.write_u64(limit_id))
     }
 }
 
