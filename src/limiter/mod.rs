@@ -12,6 +12,7 @@ pub mod path;
 use std::hash::Hasher;
 use std::num::NonZeroU64;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13 as SipHasher13_64;
@@ -21,7 +22,7 @@ use smallvec::SmallVec;
 use crate::blocklist::{Access, AccessList};
 use crate::clock::{Clock, Timestamp};
 use crate::stats::{ClientRef, Outcome, Stats};
-use crate::store::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
+use crate::store::{Charge, ChargeKind, CounterKey, FailurePolicy, Store, StoreError, Verdict};
 use algorithms::{Hits, Policy};
 use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, lookup};
 
@@ -110,6 +111,8 @@ pub struct Decision {
     pub retry: Option<(u64, Arc<str>)>,
     /// Set when the client address is blocked: every descriptor is over, nothing was counted.
     pub blocked: Option<Blocked>,
+    /// Set when the store failed and the failure policy denies: every descriptor is over.
+    pub unavailable: bool,
 }
 
 impl Decision {
@@ -129,8 +132,21 @@ impl Decision {
         Decision {
             over: true,
             statuses: (0..descriptors).map(|_| status.clone()).collect(),
-            retry: None,
             blocked: Some(b),
+            ..Decision::default()
+        }
+    }
+
+    fn unavailable(descriptors: usize) -> Self {
+        let status = Status {
+            over: true,
+            ..Status::UNLIMITED
+        };
+        Decision {
+            over: true,
+            statuses: (0..descriptors).map(|_| status.clone()).collect(),
+            unavailable: true,
+            ..Decision::default()
         }
     }
 }
@@ -151,6 +167,37 @@ pub struct Limiter<S> {
     keys: (u64, u64),
     access: Arc<AccessList>,
     stats: Arc<Stats>,
+    on_store_error: FailurePolicy,
+    store_errors: StoreErrorLog,
+}
+
+/// Counts store errors and logs them at most once per [`StoreErrorLog::EVERY`], with the
+/// number since the last line, so an outage does not flood the log at request rate.
+#[derive(Debug, Default)]
+struct StoreErrorLog {
+    total: AtomicU64,
+    unlogged: AtomicU64,
+    last_logged_secs: AtomicU64,
+}
+
+impl StoreErrorLog {
+    const EVERY: u64 = 10;
+
+    fn record(&self, error: &DecideError, policy: FailurePolicy, now: Timestamp) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let pending = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
+        let secs = now.as_secs();
+        let last = self.last_logged_secs.load(Ordering::Relaxed);
+        if secs >= last.saturating_add(Self::EVERY)
+            && self
+                .last_logged_secs
+                .compare_exchange(last, secs, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.unlogged.fetch_sub(pending, Ordering::Relaxed);
+            tracing::error!(%error, errors = pending, ?policy, "counter store failing; applying the failure policy");
+        }
+    }
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
@@ -222,7 +269,20 @@ impl<S: Store> Limiter<S> {
             keys: (rand::random(), rand::random()),
             access,
             stats,
+            on_store_error: FailurePolicy::Allow,
+            store_errors: StoreErrorLog::default(),
         }
+    }
+
+    /// What to answer when the store fails (default: allow).
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.on_store_error = policy;
+        self
+    }
+
+    /// Store failures since start.
+    pub fn store_errors(&self) -> u64 {
+        self.store_errors.total.load(Ordering::Relaxed)
     }
 
     /// Derives the counter-key hashing keys from `secret` instead of at random. Replicas that
@@ -267,12 +327,33 @@ impl<S: Store> Limiter<S> {
     }
 
     /// Decides `request` at the clock's current time.
-    pub async fn decide(&self, request: &Request<'_>) -> Result<Decision, DecideError> {
+    pub async fn decide(&self, request: &Request<'_>) -> Decision {
         self.decide_at(request, self.clock.now()).await
     }
 
-    /// Decides `request` at `now`.
-    pub async fn decide_at(
+    /// Decides `request` at `now`. A store failure is answered by the failure policy (and
+    /// counted and logged, rate-limited); it is never an error to the caller.
+    pub async fn decide_at(&self, request: &Request<'_>, now: Timestamp) -> Decision {
+        match self.decide_or_fail(request, now).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.store_errors.record(&e, self.on_store_error, now);
+                let n = request.descriptors.len();
+                match self.on_store_error {
+                    FailurePolicy::Allow => {
+                        self.stats.total.record(Outcome::Allowed, false);
+                        Decision::unlimited(n)
+                    }
+                    FailurePolicy::Deny => {
+                        self.stats.total.record(Outcome::Limited, false);
+                        Decision::unavailable(n)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn decide_or_fail(
         &self,
         request: &Request<'_>,
         now: Timestamp,
@@ -553,9 +634,7 @@ impl<S: Store> Limiter<S> {
             self.access
                 .block_if_absent(ipnet::IpNet::from(ip), ab.duration, reason, by, now)
         {
-            self.stats
-                .automatic_blocks
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.automatic_blocks.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 address = %ip,
                 domain = %domain.name,

@@ -1,7 +1,9 @@
 //! gRPC services: translation between protos and the limiter's types, request validation, and
 //! the one place where errors become gRPC statuses:
 //! - malformed request -> `INVALID_ARGUMENT`, the message naming the field;
-//! - counter store failure -> `UNAVAILABLE` (Envoy then applies its `failure_mode_deny`).
+//! - admin call without the right token -> `UNAUTHENTICATED`;
+//! - counter store failure -> never a gRPC error: the limiter answers by its failure policy
+//!   (allow, or OVER_LIMIT with a 503-style body), within the store's deadline.
 //!
 //! An over-limit answer is a decision, not an error: it is an OK gRPC reply with `OVER_LIMIT`.
 

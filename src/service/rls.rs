@@ -207,7 +207,13 @@ pub fn to_response(decision: &Decision) -> RateLimitResponse {
         statuses,
         ..Default::default()
     };
-    if let Some(b) = decision.blocked {
+    if decision.unavailable {
+        response.response_headers_to_add = vec![
+            header("retry-after", "1".to_string()),
+            header("content-type", "application/json".to_string()),
+        ];
+        response.raw_body = UNAVAILABLE_BODY.as_bytes().to_vec();
+    } else if let Some(b) = decision.blocked {
         let mut headers = Vec::with_capacity(2);
         if !b.permanent {
             headers.push(header(
@@ -246,6 +252,8 @@ fn header(key: &str, value: String) -> HeaderValue {
 /// The Talk2Me seed's body for a blocked address.
 pub const TEMPORARY_BLOCK_BODY: &str =
     r#"{"error": "IP temporarily blocked due to excessive requests"}"#;
+/// The body when the counter store is down and the failure policy denies.
+pub const UNAVAILABLE_BODY: &str = r#"{"error": "Rate limiting temporarily unavailable"}"#;
 /// The body for a permanently blocked address.
 pub const PERMANENT_BLOCK_BODY: &str = r#"{"error": "IP permanently blocked"}"#;
 
@@ -292,13 +300,8 @@ impl<S: Store> RateLimitService for RlsService<S> {
     ) -> Result<Response<RateLimitResponse>, Status> {
         let req = request.into_inner();
         let view = to_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        match self.limiter.decide(&view).await {
-            Ok(decision) => Ok(Response::new(to_response(&decision))),
-            Err(e) => {
-                tracing::debug!(error = %e, "decision failed");
-                Err(Status::unavailable(e.to_string()))
-            }
-        }
+        let decision = self.limiter.decide(&view).await;
+        Ok(Response::new(to_response(&decision)))
     }
 }
 

@@ -64,6 +64,22 @@ pub enum StoreError {
     /// The batch was larger than a store accepts in one atomic step.
     #[error("batch of {0} charges exceeds the store's limit")]
     BatchTooLarge(usize),
+    /// The backend did not answer within its deadline.
+    #[error("counter store timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The backend is unreachable or answered with an error.
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What to answer when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Let the request through (and count it): availability over strictness.
+    #[default]
+    Allow,
+    /// Reject the request with OVER_LIMIT.
+    Deny,
 }
 
 /// A counter backend. Implementations must make [`Store::apply`] atomic with respect to other
