@@ -1,0 +1,351 @@
+//! Cost of one decision, in process (issue 5). `cargo bench --bench decide`; scripts/bench runs it
+//! and copies the medians into BENCHMARKS.md.
+//!
+//! Every limiter is built from config text with `sluice::config::parse`, over a `MemoryStore`,
+//! and decides at a fixed `Timestamp` (except where a case says otherwise). `MemoryStore`'s
+//! `apply` never waits, so each `decide_at` future is polled exactly once with a no-op waker: no
+//! executor is measured.
+//!
+//! Groups:
+//! - `decide/*`: `Limiter::decide_at` alone (a) hot key allowed and denied, also from two threads
+//!   at once; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
+//! - `path/*`: (d) `PathRouter::lookup` on the default config's training templates.
+//! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
+//!   `decide` + `to_response`, and the same plus protobuf decode of the request and encode of
+//!   the response (what tonic's codec adds).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::cell::Cell;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message;
+use smallvec::smallvec;
+
+use sluice::clock::{ManualClock, Timestamp};
+use sluice::config;
+use sluice::limiter::algorithms::Hits;
+use sluice::limiter::path::{PathRouter, PathTemplate};
+use sluice::limiter::{Decision, Descriptor, Limiter, Request};
+use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluice::service::rls::{to_request, to_response};
+use sluice::store::{MemoryStore, MemoryStoreOptions};
+
+/// 2026-01-01T00:00:00Z plus 30 s: mid-window, so sliding windows weigh a previous window.
+const NOW_SECS: u64 = 1_767_225_600 + 30;
+
+/// The load config of scripts/bench: domain `load`, endpoint `/bench`, 4e9/minute per client.
+const LOAD_YAML: &str = include_str!("load.yaml");
+/// The repository's default config (training and Talk2Me).
+const DEFAULT_YAML: &str = include_str!("../config/sluice.yaml");
+
+/// Same domain as `load.yaml` with a limit a hot key exhausts at once: every decision denies.
+const DENY_YAML: &str = "
+domains:
+  - name: load
+    client: [remote_address]
+    endpoints:
+      - path: /bench
+        limits: [10/minute]
+";
+
+/// Resolves a future that must be ready at once (every `MemoryStore` call is).
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("a MemoryStore decision waited"),
+    }
+}
+
+fn limiter(yaml: &str, max_keys: Option<usize>) -> Limiter<MemoryStore> {
+    let cfg = config::parse(yaml, "bench.yaml", |_| None).expect("bench config is valid");
+    let store = MemoryStore::new(MemoryStoreOptions {
+        max_keys: max_keys.unwrap_or(cfg.store.max_keys),
+    });
+    Limiter::new(
+        cfg.rules,
+        store,
+        Arc::new(ManualClock::new(Timestamp::from_secs(NOW_SECS))),
+    )
+}
+
+/// The request Envoy's filter sends: one descriptor of `(key, value)` entries, hits 1.
+fn request<'a>(domain: &'a str, entries: &[(&'a str, &'a str)]) -> Request<'a> {
+    Request {
+        domain,
+        descriptors: smallvec![Descriptor {
+            entries: entries.iter().copied().collect(),
+            hits: Hits::Take(1),
+            limit_override: None,
+        }],
+    }
+}
+
+fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> Decision {
+    ready(l.decide_at(r, now))
+}
+
+fn ip(i: u32) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+}
+
+fn bench_decide(c: &mut Criterion) {
+    let now = Timestamp::from_secs(NOW_SECS);
+    let mut g = c.benchmark_group("decide");
+    g.throughput(Throughput::Elements(1));
+
+    // (a) One client, every iteration; 4e9/minute never denies.
+    let l = limiter(LOAD_YAML, None);
+    g.bench_function("hot_allowed", |b| {
+        b.iter(|| {
+            let r = request(
+                "load",
+                &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+            );
+            let d = decide(&l, black_box(&r), now);
+            debug_assert!(!d.over);
+            black_box(d)
+        });
+    });
+
+    // (a') The same client over its 10/minute: every decision is OVER_LIMIT (nothing stored).
+    let l = limiter(DENY_YAML, None);
+    let r = request(
+        "load",
+        &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+    );
+    for _ in 0..10 {
+        decide(&l, &r, now);
+    }
+    assert!(decide(&l, &r, now).over, "the hot key is over its limit");
+    g.bench_function("hot_denied", |b| {
+        b.iter(|| {
+            let r = request(
+                "load",
+                &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+            );
+            black_box(decide(&l, black_box(&r), now))
+        });
+    });
+
+    // (a'') The hot key from two threads at once (one per core): the shard mutex and its cache
+    // line bounce between cores. Reported per decision, i.e. wall time / total decisions.
+    let l = limiter(LOAD_YAML, None);
+    g.bench_function("hot_allowed_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(2);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..per_thread {
+                            let r = request(
+                                "load",
+                                &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+                            );
+                            black_box(decide(&l, black_box(&r), now));
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        });
+    });
+
+    // (b) 1M distinct clients, pre-populated, visited in turn: every decision misses the caches.
+    const KEYS: u32 = 1_000_000;
+    let l = limiter(LOAD_YAML, Some(2 * KEYS as usize));
+    let clients: Vec<String> = (0..KEYS).map(ip).collect();
+    for client in &clients {
+        decide(
+            &l,
+            &request("load", &[("path", "/bench"), ("remote_address", client)]),
+            now,
+        );
+    }
+    assert_eq!(sluice::store::Store::tracked_keys(l.store()), KEYS as usize);
+    let next = Cell::new(0usize);
+    g.bench_function("1m_keys_allowed", |b| {
+        b.iter(|| {
+            let i = next.get();
+            next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
+            let r = request(
+                "load",
+                &[("path", "/bench"), ("remote_address", &clients[i])],
+            );
+            black_box(decide(&l, black_box(&r), now))
+        });
+    });
+    drop(clients);
+    drop(l);
+
+    // (c) Talk2Me /transcribe from the default config: 10/minute, 100/hour, burst 3 refilled 1
+    // per 6 s, plus the domain's global 1000/minute and 10000/hour: five counters per decision.
+    let l = limiter(DEFAULT_YAML, None);
+    let entries = [
+        ("path", "/transcribe"),
+        ("remote_address", "203.0.113.7"),
+        (
+            "user_agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
+        ),
+    ];
+    // At a fixed time the burst of 3 is spent after 3 calls: the steady state is OVER_LIMIT.
+    let r = request("talk2me", &entries);
+    for _ in 0..3 {
+        assert!(!decide(&l, &r, now).over);
+    }
+    assert!(decide(&l, &r, now).over);
+    g.bench_function("transcribe_5_counters_denied", |b| {
+        b.iter(|| {
+            let r = request("talk2me", &entries);
+            black_box(decide(&l, black_box(&r), now))
+        });
+    });
+    // Time moving 60 s per call: every limit admits, every counter is written.
+    let l = limiter(DEFAULT_YAML, None);
+    let t = Cell::new(NOW_SECS);
+    g.bench_function("transcribe_5_counters_allowed", |b| {
+        b.iter(|| {
+            let secs = t.get() + 60;
+            t.set(secs);
+            let r = request("talk2me", &entries);
+            let d = decide(&l, black_box(&r), Timestamp::from_secs(secs));
+            debug_assert!(!d.over);
+            black_box(d)
+        });
+    });
+    assert!(
+        !decide(&l, &r, Timestamp::from_secs(t.get() + 60)).over,
+        "one call a minute is always admitted"
+    );
+    g.finish();
+}
+
+fn bench_path(c: &mut Criterion) {
+    let cfg = config::parse(DEFAULT_YAML, "config/sluice.yaml", |_| None).unwrap();
+    let training = cfg.rules.domain("training").unwrap();
+    let mut router = PathRouter::new();
+    for (i, rule) in training.rules.iter().enumerate() {
+        if rule.conditions.is_empty() {
+            router
+                .insert(PathTemplate::parse(&rule.name).unwrap(), i)
+                .unwrap();
+        }
+    }
+    assert_eq!(router.len(), 9, "the training domain's nine endpoints");
+    let cases = [
+        ("literal", "/api/training/execute", true),
+        ("templated", "/api/training/cancel/8f14e45fceea167a", true),
+        ("miss", "/api/unknown/resource", false),
+        ("normalised", "/api//training/./validate?dry_run=1", true),
+    ];
+    let mut g = c.benchmark_group("path");
+    g.throughput(Throughput::Elements(1));
+    for (name, path, hit) in cases {
+        assert_eq!(router.lookup(path).is_some(), hit, "{path}");
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(router.lookup(black_box(path))))
+        });
+    }
+    g.finish();
+}
+
+fn proto_request(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+fn bench_service(c: &mut Criterion) {
+    let mut g = c.benchmark_group("service");
+    g.throughput(Throughput::Elements(1));
+
+    // (e) What RlsService::should_rate_limit does with a decoded request (clock: ManualClock).
+    let l = limiter(LOAD_YAML, None);
+    let req = proto_request(
+        "load",
+        &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+    );
+    g.bench_function("hot_allowed", |b| {
+        b.iter(|| {
+            let view = to_request(black_box(&req)).unwrap();
+            let d = ready(l.decide(&view));
+            black_box(to_response(&d))
+        });
+    });
+
+    // The same from the request's bytes to the response's bytes (tonic's prost codec work).
+    let bytes = req.encode_to_vec();
+    let mut out = Vec::with_capacity(256);
+    g.bench_function("hot_allowed_with_protobuf", |b| {
+        b.iter(|| {
+            let req = RateLimitRequest::decode(black_box(bytes.as_slice())).unwrap();
+            let view = to_request(&req).unwrap();
+            let d = ready(l.decide(&view));
+            out.clear();
+            to_response(&d).encode(&mut out).unwrap();
+            black_box(out.len())
+        });
+    });
+
+    // Over the limit: the response carries retry-after, content-type and the JSON body.
+    let l = limiter(DENY_YAML, None);
+    for _ in 0..10 {
+        ready(l.decide(&to_request(&req).unwrap()));
+    }
+    g.bench_function("hot_denied", |b| {
+        b.iter(|| {
+            let view = to_request(black_box(&req)).unwrap();
+            let d = ready(l.decide(&view));
+            debug_assert!(d.over);
+            black_box(to_response(&d))
+        });
+    });
+    g.bench_function("hot_denied_with_protobuf", |b| {
+        b.iter(|| {
+            let req = RateLimitRequest::decode(black_box(bytes.as_slice())).unwrap();
+            let view = to_request(&req).unwrap();
+            let d = ready(l.decide(&view));
+            out.clear();
+            to_response(&d).encode(&mut out).unwrap();
+            black_box(out.len())
+        });
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    // 2 cores, shared: short but repeated samples; scripts/bench takes the medians.
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(50)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_decide, bench_path, bench_service
+}
+criterion_main!(benches);

@@ -1,0 +1,502 @@
+//! `sluice-load`: drives `ShouldRateLimit` on a sluice server over loopback and reports decisions
+//! per second and latency percentiles (issue 5; scripts/bench runs it).
+//!
+//! It opens `--connections` HTTP/2 connections (one tonic `Channel` each) and keeps
+//! `--concurrency` calls in flight on each, for `--warmup` seconds unrecorded and then
+//! `--duration` seconds recorded. Every reply is checked: gRPC OK, one status per descriptor,
+//! `overall_code` OK or OVER_LIMIT and consistent with the statuses; anything else is a failure
+//! (counted, the first one printed, exit status 2).
+//!
+//! Shapes (`--shape`), all in `--domain` (default `load`) with descriptor
+//! `[path=<--path>, remote_address=<client>]`, as Envoy sends:
+//! - `hot`: one client on every call;
+//! - `clients`: `--clients` (10,000) clients in turn;
+//! - `unique`: a client never seen before on every call (names carry a per-process prefix, so
+//!   repeated runs against one server also send new clients).
+//!
+//! Use a config where the hot key is not simply denied, such as `benches/load.yaml`
+//! (4e9/minute). Only loopback addresses are accepted.
+//!
+//! `--write-request FILE` writes the hot request as one gRPC message (5-byte prefix: flag 0 and
+//! big-endian length, then the protobuf) for `h2load -d FILE` and exits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+
+use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use sluice::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-load",
+    about = "Load generator for sluice's ShouldRateLimit (loopback only)"
+)]
+struct Args {
+    /// Server address; must be a loopback address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    addr: String,
+    /// HTTP/2 connections (1..=64).
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Calls in flight on each connection (1..=4096).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds recorded, after the warm-up (at most 600).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of unrecorded warm-up (at most 60).
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Which clients the calls come from.
+    #[arg(long, value_enum, default_value_t = Shape::Hot)]
+    shape: Shape,
+    /// Clients of the `clients` shape.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Rate limit domain.
+    #[arg(long, default_value = "load")]
+    domain: String,
+    /// Value of the descriptor's `path` entry.
+    #[arg(long, default_value = "/bench")]
+    path: String,
+    /// Tokio worker threads of the generator (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also print one JSON object with every figure (last line).
+    #[arg(long)]
+    json: bool,
+    /// Free text copied into the JSON (run labels for scripts/bench).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Write the hot request as a gRPC-framed message to FILE (for h2load -d) and exit.
+    #[arg(long, value_name = "FILE")]
+    write_request: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    /// One client on every call.
+    Hot,
+    /// `--clients` clients in turn.
+    Clients,
+    /// A new client on every call.
+    Unique,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Hot => "hot",
+            Shape::Clients => "clients",
+            Shape::Unique => "unique",
+        }
+    }
+}
+
+const HOT_CLIENT: &str = "10.0.0.1";
+
+/// Builds requests for a shape; shared by every task.
+struct Requests {
+    shape: Shape,
+    domain: String,
+    path: String,
+    clients: Vec<String>,
+    next: AtomicU64,
+    prefix: String,
+}
+
+impl Requests {
+    fn new(args: &Args) -> Self {
+        let clients = match args.shape {
+            Shape::Clients => (0..args.clients)
+                .map(|i| format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Self {
+            shape: args.shape,
+            domain: args.domain.clone(),
+            path: args.path.clone(),
+            clients,
+            next: AtomicU64::new(0),
+            prefix: format!("u{:x}-{}-", nanos & 0xffff_ffff_ffff, std::process::id()),
+        }
+    }
+
+    fn client(&self) -> String {
+        match self.shape {
+            Shape::Hot => HOT_CLIENT.to_string(),
+            Shape::Clients => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                self.clients[(n % self.clients.len() as u64) as usize].clone()
+            }
+            Shape::Unique => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let mut s = String::with_capacity(self.prefix.len() + 20);
+                s.push_str(&self.prefix);
+                let _ = write!(s, "{n}");
+                s
+            }
+        }
+    }
+
+    fn next(&self) -> RateLimitRequest {
+        request(&self.domain, &self.path, self.client())
+    }
+}
+
+fn request(domain: &str, path: &str, client: String) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![
+                Entry {
+                    key: "path".to_string(),
+                    value: path.to_string(),
+                },
+                Entry {
+                    key: "remote_address".to_string(),
+                    value: client,
+                },
+            ],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+/// Checks a reply to a one-descriptor request; `Ok(over_limit)` or what is wrong.
+fn check(reply: &RateLimitResponse) -> Result<bool, String> {
+    if reply.statuses.len() != 1 {
+        return Err(format!(
+            "{} statuses for 1 descriptor",
+            reply.statuses.len()
+        ));
+    }
+    let ok = Code::Ok as i32;
+    let over = Code::OverLimit as i32;
+    let any_over = reply.statuses.iter().any(|s| s.code == over);
+    if let Some(s) = reply
+        .statuses
+        .iter()
+        .find(|s| s.code != ok && s.code != over)
+    {
+        return Err(format!("descriptor status code {}", s.code));
+    }
+    match reply.overall_code {
+        c if c == ok && !any_over => Ok(false),
+        c if c == over && any_over => Ok(true),
+        c => Err(format!(
+            "overall_code {c} inconsistent with statuses {:?}",
+            reply.statuses.iter().map(|s| s.code).collect::<Vec<_>>()
+        )),
+    }
+}
+
+/// Totals of one run, merged over tasks.
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    over_limit: AtomicU64,
+    failures: AtomicU64,
+    warmup_calls: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+}
+
+impl Counts {
+    fn fail(&self, what: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_failure.lock().unwrap();
+        if first.is_none() {
+            *first = Some(what);
+        }
+    }
+}
+
+fn resolve_loopback(addr: &str) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .with_context(|| format!("--addr {addr}: not host:port"))?
+        .collect();
+    if addrs.is_empty() {
+        bail!("--addr {addr}: resolves to nothing");
+    }
+    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        bail!(
+            "--addr {addr}: {a} is not a loopback address; sluice-load only targets this machine"
+        );
+    }
+    Ok(addrs[0])
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2));
+    // The server may still be starting: retry for up to 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
+        }
+    }
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+    // Recorded in microseconds; reported in milliseconds.
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let addr = resolve_loopback(&args.addr)?;
+    let requests = Arc::new(Requests::new(&args));
+
+    let mut channels = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        channels.push(connect(addr).await?);
+    }
+    // One call first: the domain and path must reach a limit, or nothing is being measured.
+    let probe = RateLimitServiceClient::new(channels[0].clone())
+        .should_rate_limit(request(&args.domain, &args.path, "probe".to_string()))
+        .await
+        .context("first ShouldRateLimit call")?
+        .into_inner();
+    check(&probe).map_err(|e| anyhow::anyhow!("first reply: {e}"))?;
+    if probe.statuses[0].current_limit.is_none() {
+        bail!(
+            "domain {:?} path {:?} matches no limit on this server: use a config such as benches/load.yaml",
+            args.domain,
+            args.path
+        );
+    }
+
+    let counts = Arc::new(Counts::default());
+    let hists: Vec<Arc<Mutex<Histogram<u64>>>> = (0..args.connections)
+        .map(|_| {
+            // 1 µs .. 60 s, 3 significant digits; one per connection (the lock is held only to
+            // record one value, so contention costs nothing next to a call).
+            Arc::new(Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            ))
+        })
+        .collect();
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let end = measure_from + Duration::from_secs_f64(args.duration);
+
+    let mut tasks = Vec::with_capacity(args.connections * args.concurrency);
+    for (channel, hist) in channels.iter().zip(&hists) {
+        for _ in 0..args.concurrency {
+            let mut client = RateLimitServiceClient::new(channel.clone());
+            let requests = requests.clone();
+            let counts = counts.clone();
+            let hist = hist.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let req = requests.next();
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break;
+                    }
+                    let result = client.should_rate_limit(req).await;
+                    let done = Instant::now();
+                    let recorded = sent >= measure_from && done <= end;
+                    match result {
+                        Ok(reply) => match check(reply.get_ref()) {
+                            Ok(over) => {
+                                if !recorded {
+                                    counts.warmup_calls.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                let us = u64::try_from((done - sent).as_micros())
+                                    .unwrap_or(u64::MAX)
+                                    .clamp(1, 60_000_000);
+                                hist.lock().unwrap().record(us).unwrap();
+                                if over {
+                                    counts.over_limit.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    counts.ok.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => counts.fail(format!("bad reply: {e}")),
+                        },
+                        Err(status) => {
+                            counts.fail(format!("gRPC {:?}: {}", status.code(), status.message()))
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.context("load task panicked")?;
+    }
+
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for h in &hists {
+        all.add(&*h.lock().unwrap()).unwrap();
+    }
+    let ok = counts.ok.load(Ordering::Relaxed);
+    let over = counts.over_limit.load(Ordering::Relaxed);
+    let failures = counts.failures.load(Ordering::Relaxed);
+    let calls = ok + over;
+    let rate = calls as f64 / args.duration;
+    let in_flight = args.connections * args.concurrency;
+    let first_failure = counts.first_failure.lock().unwrap().clone();
+
+    println!(
+        "sluice-load: shape={} connections={} concurrency={} ({} in flight) warmup={}s duration={}s addr={}",
+        args.shape.name(),
+        args.connections,
+        args.concurrency,
+        in_flight,
+        args.warmup,
+        args.duration,
+        addr
+    );
+    println!(
+        "  {calls} decisions in {:.1} s: {rate:.0} decisions/s; ok {ok}, over_limit {over}, failures {failures}",
+        args.duration
+    );
+    println!(
+        "  latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+        pct(&all, 0.50),
+        pct(&all, 0.90),
+        pct(&all, 0.99),
+        pct(&all, 0.999),
+        all.max() as f64 / 1000.0,
+        all.mean() / 1000.0
+    );
+    if let Some(f) = &first_failure {
+        println!("  first failure: {f}");
+    }
+    if args.json {
+        println!(
+            "{{\"label\":{},\"shape\":\"{}\",\"connections\":{},\"concurrency\":{},\"in_flight\":{},\"warmup_s\":{},\"duration_s\":{},\"decisions\":{},\"ok\":{},\"over_limit\":{},\"failures\":{},\"decisions_per_s\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"mean_ms\":{:.3},\"warmup_calls\":{},\"cpu_s\":{},\"first_failure\":{}}}",
+            json_str(&args.label),
+            args.shape.name(),
+            args.connections,
+            args.concurrency,
+            in_flight,
+            args.warmup,
+            args.duration,
+            calls,
+            ok,
+            over,
+            failures,
+            rate,
+            pct(&all, 0.50),
+            pct(&all, 0.90),
+            pct(&all, 0.99),
+            pct(&all, 0.999),
+            all.max() as f64 / 1000.0,
+            all.mean() / 1000.0,
+            counts.warmup_calls.load(Ordering::Relaxed),
+            cpu_seconds().map_or("null".to_string(), |c| format!("{c:.2}")),
+            first_failure
+                .as_deref()
+                .map_or("null".to_string(), json_str),
+        );
+    }
+    Ok(failures == 0)
+}
+
+/// CPU time (user + system) this process has used, from `/proc/self/stat` (Linux; ticks of
+/// 1/100 s, the kernel's USER_HZ everywhere in practice).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is parenthesised and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn write_request(args: &Args, file: &PathBuf) -> anyhow::Result<()> {
+    let body = request(&args.domain, &args.path, HOT_CLIENT.to_string()).encode_to_vec();
+    let mut framed = Vec::with_capacity(body.len() + 5);
+    framed.push(0); // not compressed
+    framed.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
+    framed.extend_from_slice(&body);
+    std::fs::write(file, framed).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = (|| -> anyhow::Result<bool> {
+        if let Some(file) = &args.write_request {
+            write_request(&args, file)?;
+            return Ok(true);
+        }
+        if !(1..=64).contains(&args.connections) {
+            bail!("--connections must be 1..=64");
+        }
+        if !(1..=4096).contains(&args.concurrency) {
+            bail!("--concurrency must be 1..=4096");
+        }
+        if !(args.duration > 0.0 && args.duration <= 600.0) {
+            bail!("--duration must be in (0, 600] seconds");
+        }
+        if !(0.0..=60.0).contains(&args.warmup) {
+            bail!("--warmup must be in [0, 60] seconds");
+        }
+        if args.shape == Shape::Clients && args.clients == 0 {
+            bail!("--clients must be at least 1");
+        }
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = args.threads {
+            rt.worker_threads(n.max(1));
+        }
+        rt.enable_all().build()?.block_on(run(args))
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("sluice-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
