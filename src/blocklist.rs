@@ -11,6 +11,12 @@
 //!
 //! Expiry is checked against the caller's clock at read time, so a temporary block ends exactly
 //! when it should even between sweeps (and tests step a manual clock).
+//!
+//! With a shared store, replicas share blocks and runtime allowlist entries too: once
+//! [`AccessList::replicate`] is on, every local change is also journaled as an
+//! [`AccessChange`] for [`crate::store::redis_sync`] to push, and that task replaces the local
+//! state with the shared one ([`AccessList::replace_state`]) when another replica changed it.
+//! The request path still reads only the snapshot.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
@@ -143,6 +149,69 @@ struct State {
     blocks: BTreeMap<String, Block>,
     #[serde(default)]
     allowed: BTreeMap<String, AllowEntry>,
+    /// Local changes not yet replicated; kept under the same lock as the state so a replaced
+    /// state can have them re-applied.
+    #[serde(skip)]
+    journal: Journal,
+}
+
+/// A local change to blocks or the runtime allowlist, to be replicated to other replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessChange {
+    /// A block was made or replaced.
+    Block(Block),
+    /// The block of exactly this net was removed.
+    Unblock(IpNet),
+    /// A runtime allowlist entry was added or replaced.
+    Allow(AllowEntry),
+    /// The runtime allowlist entry of exactly this net was removed.
+    Disallow(IpNet),
+}
+
+/// Changes waiting to be replicated. Bounded: if replication stalls (Redis down) past
+/// [`Journal::MAX`] changes, the journal is dropped and the whole state is pushed instead
+/// (removals made meanwhile are then not replicated).
+#[derive(Debug, Default)]
+struct Journal {
+    enabled: bool,
+    changes: Vec<AccessChange>,
+    overflowed: bool,
+}
+
+impl Journal {
+    const MAX: usize = 100_000;
+
+    fn record(&mut self, change: AccessChange) {
+        if !self.enabled {
+            return;
+        }
+        if self.changes.len() >= Self::MAX {
+            self.changes.clear();
+            self.overflowed = true;
+        }
+        if !self.overflowed {
+            self.changes.push(change);
+        }
+    }
+}
+
+impl State {
+    fn apply(&mut self, change: &AccessChange) {
+        match change {
+            AccessChange::Block(b) => {
+                self.blocks.insert(b.net.to_string(), b.clone());
+            }
+            AccessChange::Unblock(net) => {
+                self.blocks.remove(&net.to_string());
+            }
+            AccessChange::Allow(a) => {
+                self.allowed.insert(a.net.to_string(), a.clone());
+            }
+            AccessChange::Disallow(net) => {
+                self.allowed.remove(&net.to_string());
+            }
+        }
+    }
 }
 
 /// The state file's shape.
@@ -165,6 +234,7 @@ pub struct AccessList {
     file: Option<PathBuf>,
     write_lock: Mutex<()>,
     changed: Notify,
+    to_replicate: Notify,
 }
 
 impl AccessList {
@@ -209,6 +279,7 @@ impl AccessList {
             file,
             write_lock: Mutex::new(()),
             changed: Notify::new(),
+            to_replicate: Notify::new(),
         };
         list.publish(&list.state.lock());
         Ok(list)
@@ -226,6 +297,7 @@ impl AccessList {
             file: None,
             write_lock: Mutex::new(()),
             changed: Notify::new(),
+            to_replicate: Notify::new(),
         }
     }
 
@@ -277,9 +349,7 @@ impl AccessList {
         now: Timestamp,
     ) -> Block {
         let block = new_block(net, duration, reason, created_by, now);
-        let mut state = self.state.lock();
-        state.blocks.insert(net.to_string(), block.clone());
-        self.publish(&state);
+        self.change(AccessChange::Block(block.clone()));
         block
     }
 
@@ -302,19 +372,21 @@ impl AccessList {
             return None;
         }
         let block = new_block(net, Some(duration), reason, created_by, now);
-        state.blocks.insert(net.to_string(), block.clone());
+        let change = AccessChange::Block(block.clone());
+        state.apply(&change);
+        state.journal.record(change);
         self.publish(&state);
         drop(state);
         self.changed.notify_one();
+        self.to_replicate.notify_one();
         Some(block)
     }
 
     /// Removes the block of exactly `net`; `true` if there was one.
     pub fn unblock(&self, net: IpNet) -> bool {
-        let mut state = self.state.lock();
-        let removed = state.blocks.remove(&net.to_string()).is_some();
+        let removed = self.state.lock().blocks.contains_key(&net.to_string());
         if removed {
-            self.publish(&state);
+            self.change(AccessChange::Unblock(net));
         }
         removed
     }
@@ -341,20 +413,102 @@ impl AccessList {
             created_at: now.as_nanos(),
             reason,
         };
-        let mut state = self.state.lock();
-        state.allowed.insert(net.to_string(), entry.clone());
-        self.publish(&state);
+        self.change(AccessChange::Allow(entry.clone()));
         entry
     }
 
     /// Removes a runtime allowlist entry; `true` if there was one.
     pub fn disallow(&self, net: IpNet) -> bool {
-        let mut state = self.state.lock();
-        let removed = state.allowed.remove(&net.to_string()).is_some();
+        let removed = self.state.lock().allowed.contains_key(&net.to_string());
         if removed {
-            self.publish(&state);
+            self.change(AccessChange::Disallow(net));
         }
         removed
+    }
+
+    /// Applies a local change: state, journal (when replicating), snapshot.
+    fn change(&self, change: AccessChange) {
+        let mut state = self.state.lock();
+        state.apply(&change);
+        state.journal.record(change);
+        self.publish(&state);
+        drop(state);
+        self.to_replicate.notify_one();
+    }
+
+    /// Starts journaling local changes for replication (see the module docs).
+    pub fn replicate(&self) {
+        self.state.lock().journal.enabled = true;
+    }
+
+    /// Takes the changes made since the last call, oldest first. After a journal overflow, the
+    /// whole state instead (as blocks and allow entries).
+    pub fn take_changes(&self) -> Vec<AccessChange> {
+        let mut state = self.state.lock();
+        if std::mem::take(&mut state.journal.overflowed) {
+            state.journal.changes.clear();
+            let mut all: Vec<AccessChange> = state
+                .blocks
+                .values()
+                .cloned()
+                .map(AccessChange::Block)
+                .collect();
+            all.extend(state.allowed.values().cloned().map(AccessChange::Allow));
+            return all;
+        }
+        std::mem::take(&mut state.journal.changes)
+    }
+
+    /// Puts back changes that could not be replicated, ahead of newer ones.
+    pub fn restore_changes(&self, mut changes: Vec<AccessChange>) {
+        let mut state = self.state.lock();
+        changes.append(&mut state.journal.changes);
+        state.journal.changes = changes;
+        if state.journal.changes.len() > Journal::MAX {
+            state.journal.changes.clear();
+            state.journal.overflowed = true;
+        }
+    }
+
+    /// Completes when a local change is waiting to be replicated.
+    pub async fn changes_waiting(&self) {
+        self.to_replicate.notified().await;
+    }
+
+    /// Blocks and runtime allowlist entries (not the config's), for replication.
+    pub fn export_state(&self) -> (Vec<Block>, Vec<AllowEntry>) {
+        let state = self.state.lock();
+        (
+            state.blocks.values().cloned().collect(),
+            state.allowed.values().cloned().collect(),
+        )
+    }
+
+    /// Replaces blocks and runtime allowlist entries with the shared state, keeping local
+    /// changes not yet replicated on top. Saves the state file (through the writer that
+    /// [`AccessList::changed`] wakes) when anything changed.
+    pub fn replace_state(&self, blocks: Vec<Block>, allowed: Vec<AllowEntry>) {
+        let mut state = self.state.lock();
+        let blocks: BTreeMap<String, Block> =
+            blocks.into_iter().map(|b| (b.net.to_string(), b)).collect();
+        let allowed: BTreeMap<String, AllowEntry> = allowed
+            .into_iter()
+            .map(|a| (a.net.to_string(), a))
+            .collect();
+        let before = (
+            std::mem::replace(&mut state.blocks, blocks),
+            std::mem::replace(&mut state.allowed, allowed),
+        );
+        let pending = state.journal.changes.clone();
+        for c in &pending {
+            state.apply(c);
+        }
+        if before.0 == state.blocks && before.1 == state.allowed {
+            return;
+        }
+        self.publish(&state);
+        drop(state);
+        self.changed.notify_one();
     }
 
     /// Config and runtime allowlist entries.
@@ -392,7 +546,8 @@ impl AccessList {
         dropped
     }
 
-    /// Completes when an automatic block changed the state (for the background writer).
+    /// Completes when an automatic block or another replica (through [`AccessList::replace_state`])
+    /// changed the state: the background writer then saves the state file.
     pub async fn changed(&self) {
         self.changed.notified().await;
     }

@@ -4,15 +4,22 @@
 //! over, nothing is charged, because Envoy rejects the whole request and charging the other
 //! limits would punish the client twice.
 //!
-//! The counting itself is [`crate::limiter::algorithms::evaluate`], shared by every backend.
+//! The counting itself is [`crate::limiter::algorithms::evaluate`], shared by every backend
+//! (the Redis backend runs a Lua transcription of it, tested for equivalence).
+//!
+//! Backends: [`MemoryStore`] (one process) and [`RedisStore`] (shared by replicas). The binary
+//! picks one at start-up through [`AnyStore`], so the limiter stays generic and monomorphic.
 
 pub mod memory;
+pub mod redis;
+pub mod redis_sync;
 
 use std::future::Future;
 
 use crate::clock::Timestamp;
 use crate::limiter::algorithms::{Hits, Policy};
 
+pub use self::redis::{RedisNodes, RedisOptions, RedisStore, TimeSource};
 pub use memory::{MemoryStore, MemoryStoreOptions};
 
 /// Identifies one counter: a keyed 128-bit hash of the limit's identity and the client's
@@ -105,4 +112,113 @@ pub trait Store: Send + Sync + 'static {
     /// Drops counters whose state no longer matters at `now`; returns how many. Called from a
     /// background task, never on the request path. Stores that expire keys themselves return 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize;
+}
+
+/// Which counter store to run, from the config's `store:` section or `--store`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// In-process counters ([`MemoryStore`]).
+    #[default]
+    Memory,
+    /// Counters in Redis, shared by replicas ([`RedisStore`]).
+    Redis(RedisOptions),
+}
+
+impl Backend {
+    /// Applies a `--store` value: `memory`, a `redis://` or `rediss://` URL, or several URLs
+    /// separated by commas (Redis Cluster seed nodes). Other Redis settings (timeout, time source,
+    /// CA file) are kept from `self` when it already is Redis.
+    pub fn overridden_by(&self, spec: &str) -> Result<Backend, String> {
+        let spec = spec.trim();
+        if spec == "memory" {
+            return Ok(Backend::Memory);
+        }
+        let mut urls: Vec<String> = spec
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err("expected `memory` or a redis:// URL".to_string());
+        }
+        if let Some(bad) = urls
+            .iter()
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+        {
+            return Err(format!(
+                "{bad:?}: expected `memory`, a redis:// or rediss:// URL, or several URLs separated by commas (a cluster)"
+            ));
+        }
+        let nodes = if urls.len() == 1 {
+            RedisNodes::Single(urls.swap_remove(0))
+        } else {
+            RedisNodes::Cluster(urls)
+        };
+        Ok(Backend::Redis(match self {
+            Backend::Redis(o) => RedisOptions { nodes, ..o.clone() },
+            Backend::Memory => RedisOptions::new(nodes),
+        }))
+    }
+}
+
+/// The store chosen at start-up: one concrete type for the limiter whichever backend runs.
+#[derive(Debug)]
+pub enum AnyStore {
+    /// In-process counters.
+    Memory(MemoryStore),
+    /// Counters in Redis.
+    Redis(RedisStore),
+}
+
+impl AnyStore {
+    /// Opens the store `backend` names (Redis connects lazily, so this never waits on it).
+    pub fn open(backend: &Backend, memory: MemoryStoreOptions) -> Result<Self, StoreError> {
+        Ok(match backend {
+            Backend::Memory => AnyStore::Memory(MemoryStore::new(memory)),
+            Backend::Redis(options) => AnyStore::Redis(RedisStore::connect(options)?),
+        })
+    }
+
+    /// The Redis store, when that is the backend.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        match self {
+            AnyStore::Redis(r) => Some(r),
+            AnyStore::Memory(_) => None,
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn apply(
+        &self,
+        charges: &[Charge<'_>],
+        verdicts: &mut [Verdict],
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.apply(charges, verdicts, now).await,
+            AnyStore::Redis(s) => s.apply(charges, verdicts, now).await,
+        }
+    }
+
+    async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.forget(keys).await,
+            AnyStore::Redis(s) => s.forget(keys).await,
+        }
+    }
+
+    fn tracked_keys(&self) -> usize {
+        match self {
+            AnyStore::Memory(s) => s.tracked_keys(),
+            AnyStore::Redis(s) => s.tracked_keys(),
+        }
+    }
+
+    fn sweep_expired_at(&self, now: Timestamp) -> usize {
+        match self {
+            AnyStore::Memory(s) => s.sweep_expired_at(now),
+            AnyStore::Redis(s) => s.sweep_expired_at(now),
+        }
+    }
 }
