@@ -2,6 +2,8 @@
 //! it over gRPC with the generated Envoy client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
