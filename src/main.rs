@@ -16,7 +16,7 @@ use sluice::clock::SystemClock;
 use sluice::limiter::Limiter;
 use sluice::server::{self, Listeners, Options};
 use sluice::stats::Stats;
-use sluice::store::{MemoryStore, MemoryStoreOptions};
+use sluice::store::{AnyStore, Backend, MemoryStoreOptions, redis_sync};
 use sluice::{config, shutdown};
 
 #[derive(Parser)]
@@ -52,6 +52,10 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
         log_format: LogFormat,
+        /// Counter store, overriding the config's `store:`: `memory`, `redis://host:6379`
+        /// (`rediss://` for TLS), or several URLs separated by commas (Redis Cluster seeds).
+        #[arg(long, env = "SLUICE_STORE")]
+        store: Option<String>,
     },
     /// Validate a config file and print the effective limits.
     Check {
@@ -100,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin_token_file,
             state_file,
             log_format,
+            store,
         } => {
             init_logging(log_format);
             let admin_token = admin_token(admin_token_file.as_deref())?;
@@ -110,7 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(config, addrs, state_file, admin_token))
+                .block_on(serve(config, addrs, state_file, admin_token, store))
         }
     }
 }
@@ -140,20 +145,54 @@ async fn serve(
     addrs: Addrs,
     state_file: PathBuf,
     admin_token: Option<String>,
+    store_override: Option<String>,
 ) -> anyhow::Result<()> {
     let cfg = config::load(&config_path)?;
     log_loaded(&config_path, &cfg);
+    let backend = match &store_override {
+        Some(spec) => cfg
+            .backend
+            .overridden_by(spec)
+            .map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+        None => cfg.backend.clone(),
+    };
+    // Replicas sharing a store must hash counter keys alike: the secret is shared, not random.
+    let key_secret = std::env::var("SLUICE_KEY_SECRET").ok().filter(|s| !s.is_empty());
+    if matches!(backend, Backend::Redis(_)) && key_secret.is_none() {
+        anyhow::bail!(
+            "the Redis store needs SLUICE_KEY_SECRET (the same secret on every replica) so replicas count in the same keys"
+        );
+    }
     let access = AccessList::open(Some(state_file), cfg.rules.allowlist.clone())?;
-    let store = MemoryStore::new(MemoryStoreOptions {
-        max_keys: cfg.store.max_keys,
-    });
-    let limiter = Arc::new(Limiter::with_parts(
+    let store = AnyStore::open(
+        &backend,
+        MemoryStoreOptions {
+            max_keys: cfg.store.max_keys,
+        },
+    )?;
+    tracing::info!(store = %backend.describe(), on_error = ?cfg.store.on_error, "counter store");
+    let mut limiter = Limiter::with_parts(
         cfg.rules,
         store,
         Arc::new(SystemClock),
         Arc::new(access),
         Arc::new(Stats::new(cfg.max_clients)),
-    ));
+    )
+    .with_failure_policy(cfg.store.on_error);
+    if let Some(secret) = &key_secret {
+        limiter = limiter.with_key_secret(secret.as_bytes());
+    }
+    let limiter = Arc::new(limiter);
+    // Blocks and the runtime allowlist follow the counters into Redis.
+    // (Ends with the runtime, after the server stops.)
+    if let Some(r) = limiter.store().redis() {
+        tokio::spawn(redis_sync::run(
+            r.handle().clone(),
+            limiter.access().clone(),
+            Arc::new(SystemClock),
+            redis_sync::DEFAULT_POLL,
+        ));
+    }
     let shutdown = shutdown::install().context("installing signal handlers")?;
     let grpc = TcpListener::bind(addrs.grpc)
         .await

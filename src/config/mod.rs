@@ -24,9 +24,13 @@ use crate::blocklist::parse_net;
 use crate::limiter::algorithms::Policy;
 use crate::limiter::model::{AutoBlock, Condition, Domain, Limit, Reported, Rule, RuleSet};
 use crate::limiter::path::{PathRouter, PathTemplate};
+use crate::store::{Backend, FailurePolicy, RedisNodes, RedisOptions, TimeSource};
 use locate::Seg;
 use rate::Rate;
-use raw::{AlgorithmName, RawAutoBlock, RawConfig, RawDomain, RawEndpoint, RawLimit};
+use raw::{
+    AlgorithmName, BackendName, ClockName, OnErrorName, RawAutoBlock, RawConfig, RawDomain,
+    RawEndpoint, RawLimit, RawStore,
+};
 
 /// Default client identity: the address Envoy's `remote_address` action sends.
 pub const DEFAULT_CLIENT_ENTRY: &str = "remote_address";
@@ -44,6 +48,8 @@ pub struct Config {
     pub rules: RuleSet,
     /// Store settings.
     pub store: StoreSettings,
+    /// Which counter store (`store.backend`, `store.url`, ...); `--store` overrides it.
+    pub backend: Backend,
     /// Clients with individual statistics.
     pub max_clients: usize,
     /// Hash of the file's text after expansion: tells operators which config is live.
@@ -57,6 +63,8 @@ pub struct StoreSettings {
     pub max_keys: usize,
     /// Time between sweeps of expired counters.
     pub sweep_interval: Duration,
+    /// What to answer when the store fails.
+    pub on_error: FailurePolicy,
 }
 
 /// Why a config was rejected.
@@ -183,6 +191,11 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
             "must be at least 1",
         ));
     }
+    let backend = compile_backend(&raw.store)?;
+    let on_error = match raw.store.on_error {
+        Some(OnErrorName::Deny) => FailurePolicy::Deny,
+        Some(OnErrorName::Allow) | None => FailurePolicy::Allow,
+    };
     if raw.domains.is_empty() {
         return Err(at(
             &[field("domains")],
@@ -234,10 +247,99 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
         store: StoreSettings {
             max_keys,
             sweep_interval: Duration::from_secs(sweep),
+            on_error,
         },
+        backend,
         max_clients,
         hash,
     })
+}
+
+/// The `store:` backend: memory unless `backend: redis` or a `url`/`cluster` says Redis.
+fn compile_backend(store: &RawStore) -> Result<Backend, Invalid> {
+    let path = [field("store")];
+    let redis = match (store.backend, &store.url, &store.cluster) {
+        (Some(BackendName::Memory), None, None) | (None, None, None) => false,
+        (Some(BackendName::Memory), _, _) => {
+            return Err(at(
+                &path,
+                &[field("backend")],
+                "memory keeps counters in this process: remove url/cluster, or use `backend: redis`",
+            ));
+        }
+        (Some(BackendName::Redis), None, None) => {
+            return Err(at(
+                &path,
+                &[field("backend")],
+                "redis needs `url: redis://host:6379` or `cluster: [redis://host:7000, ...]`",
+            ));
+        }
+        (_, Some(_), Some(_)) => {
+            return Err(at(
+                &path,
+                &[field("cluster")],
+                "give either url (one server) or cluster (seed nodes), not both",
+            ));
+        }
+        _ => true,
+    };
+    if !redis {
+        for (name, set) in [
+            ("timeout_ms", store.timeout_ms.is_some()),
+            ("clock", store.clock.is_some()),
+            ("tls_ca_file", store.tls_ca_file.is_some()),
+            ("over_limit_cache", store.over_limit_cache.is_some()),
+        ] {
+            if set {
+                return Err(at(
+                    &path,
+                    &[field(name)],
+                    "only applies to `backend: redis`",
+                ));
+            }
+        }
+        return Ok(Backend::Memory);
+    }
+    let check_url = |u: &str, more: &[Seg]| {
+        if u.starts_with("redis://") || u.starts_with("rediss://") {
+            Ok(u.to_string())
+        } else {
+            Err(at(
+                &path,
+                more,
+                format!("{u:?}: expected a redis:// or rediss:// URL"),
+            ))
+        }
+    };
+    let nodes = match (&store.url, &store.cluster) {
+        (Some(u), _) => RedisNodes::Single(check_url(u, &[field("url")])?),
+        (None, Some(nodes)) if nodes.is_empty() => {
+            return Err(at(&path, &[field("cluster")], "list at least one seed node"));
+        }
+        (None, Some(nodes)) => RedisNodes::Cluster(
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, u)| check_url(u, &[field("cluster"), Seg::Index(i)]))
+                .collect::<Result<_, _>>()?,
+        ),
+        (None, None) => return Ok(Backend::Memory),
+    };
+    let timeout = match store.timeout_ms {
+        Some(0) => return Err(at(&path, &[field("timeout_ms")], "must be at least 1")),
+        Some(ms) => Duration::from_millis(ms),
+        None => RedisOptions::DEFAULT_TIMEOUT,
+    };
+    Ok(Backend::Redis(RedisOptions {
+        nodes,
+        timeout,
+        time: match store.clock {
+            Some(ClockName::Local) => TimeSource::Caller,
+            Some(ClockName::Redis) | None => TimeSource::Redis,
+        },
+        tls_ca_file: store.tls_ca_file.as_ref().map(std::path::PathBuf::from),
+        over_limit_cache: store.over_limit_cache.unwrap_or(true),
+    }))
 }
 
 fn compile_domain(d: RawDomain, path: &[Seg]) -> Result<Domain, Invalid> {

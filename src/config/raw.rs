@@ -65,6 +65,52 @@ pub struct RawStore {
     pub max_keys: Option<usize>,
     /// Seconds between sweeps of expired counters.
     pub sweep_interval_seconds: Option<u64>,
+    /// `memory` (default) or `redis` (implied by `url` or `cluster`).
+    pub backend: Option<BackendName>,
+    /// Redis URL: `redis://[:password@]host:port[/db]`, `rediss://` for TLS.
+    pub url: Option<String>,
+    /// Redis Cluster seed node URLs.
+    pub cluster: Option<Vec<String>>,
+    /// Deadline of each Redis call in milliseconds (default 50).
+    pub timeout_ms: Option<u64>,
+    /// What to answer when the store fails: `allow` (default) or `deny`.
+    pub on_error: Option<OnErrorName>,
+    /// Where Redis reads time: `redis` (its `TIME`, default) or `local` (this process's clock).
+    pub clock: Option<ClockName>,
+    /// PEM file of CA certificates trusted for `rediss://` (default: the system's).
+    pub tls_ca_file: Option<String>,
+    /// Answer keys known to be over their limit without asking Redis (default true).
+    pub over_limit_cache: Option<bool>,
+}
+
+/// `store.backend` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendName {
+    /// Counters in this process.
+    Memory,
+    /// Counters in Redis, shared by replicas.
+    Redis,
+}
+
+/// `store.on_error` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnErrorName {
+    /// Let requests through.
+    Allow,
+    /// Reject requests.
+    Deny,
+}
+
+/// `store.clock` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockName {
+    /// Redis's `TIME`.
+    Redis,
+    /// The sluice process's clock.
+    Local,
 }
 
 /// One domain.

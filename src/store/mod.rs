@@ -125,6 +125,26 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// A description for logs, with passwords in URLs replaced by `***`.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Memory => "memory".to_string(),
+            Backend::Redis(o) => {
+                let nodes = match &o.nodes {
+                    RedisNodes::Single(u) => redact(u),
+                    RedisNodes::Cluster(us) => format!(
+                        "cluster [{}]",
+                        us.iter().map(|u| redact(u)).collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                format!(
+                    "redis {nodes} (timeout {:?}, clock {:?})",
+                    o.timeout, o.time
+                )
+            }
+        }
+    }
+
     /// Applies a `--store` value: `memory`, a `redis://` or `rediss://` URL, or several URLs
     /// separated by commas (Redis Cluster seed nodes). Other Redis settings (timeout, time source,
     /// CA file) are kept from `self` when it already is Redis.
@@ -158,6 +178,16 @@ impl Backend {
             Backend::Redis(o) => RedisOptions { nodes, ..o.clone() },
             Backend::Memory => RedisOptions::new(nodes),
         }))
+    }
+}
+
+/// `redis://user:secret@host` -> `redis://***@host`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -220,5 +250,45 @@ impl Store for AnyStore {
             AnyStore::Memory(s) => s.sweep_expired_at(now),
             AnyStore::Redis(s) => s.sweep_expired_at(now),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_flag_picks_memory_one_server_or_a_cluster_and_keeps_redis_settings() {
+        assert_eq!(Backend::Memory.overridden_by("memory"), Ok(Backend::Memory));
+        let one = Backend::Memory.overridden_by("redis://127.0.0.1:6379").unwrap();
+        assert_eq!(
+            one,
+            Backend::Redis(RedisOptions::new(RedisNodes::Single(
+                "redis://127.0.0.1:6379".into()
+            )))
+        );
+        let tuned = Backend::Redis(RedisOptions {
+            timeout: std::time::Duration::from_millis(7),
+            ..RedisOptions::new(RedisNodes::Single("redis://a:1".into()))
+        });
+        let Ok(Backend::Redis(o)) = tuned.overridden_by("rediss://a:1, rediss://b:2") else {
+            panic!("expected redis")
+        };
+        assert_eq!(o.timeout, std::time::Duration::from_millis(7));
+        assert_eq!(
+            o.nodes,
+            RedisNodes::Cluster(vec!["rediss://a:1".into(), "rediss://b:2".into()])
+        );
+        assert!(Backend::Memory.overridden_by("mysql://x").is_err());
+    }
+
+    #[test]
+    fn logged_urls_hide_passwords() {
+        let b = Backend::Memory
+            .overridden_by("redis://:hunter2@10.0.0.1:6379/1")
+            .unwrap();
+        let text = b.describe();
+        assert!(text.contains("redis://***@10.0.0.1:6379/1"), "{text}");
+        assert!(!text.contains("hunter2"));
     }
 }

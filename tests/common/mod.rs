@@ -20,7 +20,7 @@ use sluice::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitRe
 use sluice::proto::sluice::admin::v1::admin_client::AdminClient;
 use sluice::server::{self, Listeners, Options};
 use sluice::stats::Stats;
-use sluice::store::{MemoryStore, MemoryStoreOptions};
+use sluice::store::{MemoryStore, MemoryStoreOptions, Store};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -41,13 +41,14 @@ pub struct Setup {
     pub start: Option<Timestamp>,
 }
 
-/// A running server and a client connected to it.
-pub struct TestServer {
+/// A running server and a client connected to it; over the memory store unless started with
+/// [`TestServer::start_store`].
+pub struct TestServer<S: Store = MemoryStore> {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub clock: Arc<ManualClock>,
     pub client: RateLimitServiceClient<Channel>,
-    pub limiter: Arc<Limiter<MemoryStore>>,
+    pub limiter: Arc<Limiter<S>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -78,12 +79,19 @@ impl TestServer {
     }
 
     pub async fn start_setup(cfg: config::Config, setup: Setup) -> TestServer {
-        let clock = Arc::new(ManualClock::new(
-            setup.start.unwrap_or(Timestamp::from_secs(T0)),
-        ));
         let store = MemoryStore::new(MemoryStoreOptions {
             max_keys: cfg.store.max_keys,
         });
+        TestServer::start_store(cfg, setup, store).await
+    }
+}
+
+impl<S: Store> TestServer<S> {
+    /// Starts a server over `store` (the Redis store, in the Redis tests).
+    pub async fn start_store(cfg: config::Config, setup: Setup, store: S) -> TestServer<S> {
+        let clock = Arc::new(ManualClock::new(
+            setup.start.unwrap_or(Timestamp::from_secs(T0)),
+        ));
         let access = AccessList::open(setup.state_file.clone(), cfg.rules.allowlist.clone())
             .expect("state file opens");
         let limiter = Arc::new(Limiter::with_parts(
@@ -166,7 +174,7 @@ impl TestServer {
     }
 }
 
-impl Drop for TestServer {
+impl<S: Store> Drop for TestServer<S> {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -175,7 +183,7 @@ impl Drop for TestServer {
 }
 
 /// An admin client for the test server.
-impl TestServer {
+impl<S: Store> TestServer<S> {
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::connect(format!("http://{}", self.admin_addr))
             .await
