@@ -366,6 +366,9 @@ fn window_ms(nanos: u64) -> u64 {
     nanos.div_ceil(1_000_000).clamp(1, MAX_WINDOW_MS)
 }
 
+/// Charges of one slot to give back: their indexes in the batch, and the `Return` charges.
+type GiveBack<'a> = (SmallVec<[usize; 8]>, SmallVec<[Charge<'a>; 8]>);
+
 /// What one script call answered.
 struct Answer {
     committed: bool,
@@ -480,8 +483,7 @@ impl RedisStore {
         }
         // Give back what the slots that committed charged, except observations (which count
         // whatever the decision). The answer is what each limit has left without this request.
-        let mut backs: SmallVec<[(SmallVec<[usize; 8]>, SmallVec<[Charge<'_>; 8]>); 4]> =
-            SmallVec::new();
+        let mut backs: SmallVec<[GiveBack<'_>; 4]> = SmallVec::new();
         for ((_, members), ok) in groups.iter().zip(local) {
             if !ok {
                 continue;

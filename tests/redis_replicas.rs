@@ -1,0 +1,222 @@
+//! Two real `sluice serve` processes sharing one Redis (and a three-master Redis Cluster):
+//! together they admit exactly the limit, and a block made through one replica's admin service
+//! is enforced by the other within a second.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisCluster, RedisServer};
+use common::*;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use sluice::proto::sluice::admin::v1 as pb;
+use sluice::proto::sluice::admin::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+const OK: i32 = Code::Ok as i32;
+const OVER: i32 = Code::OverLimit as i32;
+
+/// A token bucket of 20 refilled one per 72 minutes: no window boundary or refill can fall
+/// inside the test, so "exactly 20" is exact.
+const CONFIG: &str = "\
+domains:
+  - name: training
+    endpoints:
+      - path: /api/training/execute
+        limits: [{rate: 20/day, algorithm: token_bucket}]
+";
+
+/// One `sluice serve` child, killed on drop.
+struct Replica {
+    child: Child,
+    rls: RateLimitServiceClient<Channel>,
+    admin: AdminClient<Channel>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn replica(dir: &std::path::Path, name: &str, store: &str) -> Replica {
+    let config = dir.join("sluice.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--store", store])
+        .arg("--state-file")
+        .arg(dir.join(format!("{name}-state.json")))
+        .env("SLUICE_KEY_SECRET", "shared-test-secret")
+        .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut grpc, mut admin) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while grpc.is_none() || admin.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("{name}: no start-up lines"));
+        let addr = || {
+            let at = line.find("addr=").unwrap() + 5;
+            line[at..].split_whitespace().next().unwrap().to_string()
+        };
+        if line.contains("serving RateLimitService") {
+            grpc = Some(addr());
+        } else if line.contains("serving Admin") {
+            admin = Some(addr());
+        }
+    }
+    Replica {
+        rls: RateLimitServiceClient::connect(format!("http://{}", grpc.unwrap()))
+            .await
+            .unwrap(),
+        admin: AdminClient::connect(format!("http://{}", admin.unwrap()))
+            .await
+            .unwrap(),
+        child,
+    }
+}
+
+async fn code(r: &Replica, ip: &str) -> i32 {
+    r.rls
+        .clone()
+        .should_rate_limit(training("/api/training/execute", ip))
+        .await
+        .unwrap()
+        .into_inner()
+        .overall_code
+}
+
+/// Both replicas hammer one client concurrently: exactly the limit gets through.
+async fn two_replicas_admit_exactly_the_limit(store: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        replica(dir.path(), "a", store).await,
+        replica(dir.path(), "b", store).await,
+    );
+    let burst = |r: &Replica| {
+        let rls = r.rls.clone();
+        async move {
+            let mut ok = 0;
+            for _ in 0..20 {
+                let code = rls
+                    .clone()
+                    .should_rate_limit(training("/api/training/execute", "198.51.100.1"))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .overall_code;
+                ok += u32::from(code == OK);
+            }
+            ok
+        }
+    };
+    let (x, y) = tokio::join!(burst(&a), burst(&b));
+    assert_eq!(x + y, 20, "replica a admitted {x}, b {y}");
+    assert_eq!(code(&a, "198.51.100.1").await, OVER);
+    assert_eq!(code(&b, "198.51.100.1").await, OVER);
+
+    // A block made through a's admin service is enforced by b within a second.
+    let ip = "198.51.100.77";
+    assert_eq!(code(&b, ip).await, OK);
+    a.admin
+        .clone()
+        .block_ip(authed(pb::BlockIpRequest {
+            ip: ip.into(),
+            duration_seconds: 3600,
+            permanent: false,
+            reason: "replication test".into(),
+        }))
+        .await
+        .unwrap();
+    let blocked_at = Instant::now();
+    while code(&b, ip).await != OVER {
+        assert!(
+            blocked_at.elapsed() < Duration::from_secs(1),
+            "b does not enforce a's block after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listed = b
+        .admin
+        .clone()
+        .list_blocks(authed(pb::ListBlocksRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.blocks.iter().any(|bl| bl.ip.starts_with(ip)),
+        "{listed:?}"
+    );
+    // And lifting it through b frees it on a.
+    b.admin
+        .clone()
+        .unblock_ip(authed(pb::UnblockIpRequest { ip: ip.into() }))
+        .await
+        .unwrap();
+    let unblocked_at = Instant::now();
+    while code(&a, ip).await != OK {
+        assert!(
+            unblocked_at.elapsed() < Duration::from_secs(1),
+            "a still blocks after b's unblock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_redis_admit_exactly_the_limit_and_share_blocks() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    two_replicas_admit_exactly_the_limit(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_a_redis_cluster_admit_exactly_the_limit_and_share_blocks() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    two_replicas_admit_exactly_the_limit(&cluster.urls().join(",")).await;
+}
+
+#[test]
+fn the_redis_store_refuses_to_start_without_a_shared_key_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--store", "redis://127.0.0.1:1"])
+        .env_remove("SLUICE_KEY_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SLUICE_KEY_SECRET"), "{stderr}");
+}
