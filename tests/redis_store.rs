@@ -436,3 +436,35 @@ async fn a_clock_step_back_is_counted_like_the_memory_store() {
         assert_eq!(got, want, "at {at}");
     }
 }
+
+#[tokio::test]
+async fn rediss_with_a_password_from_the_url_and_a_private_ca() {
+    let Some((server, ca)) = RedisServer::start_tls("s3cret") else {
+        return;
+    };
+    let url = format!("rediss://:s3cret@127.0.0.1:{}", server.port);
+    let store_ca = ca.clone();
+    let store = RedisStore::connect(&RedisOptions {
+        tls_ca_file: Some(ca),
+        ..options(RedisNodes::Single(url))
+    })
+    .unwrap();
+    let p = Policy::FixedWindow {
+        limit: 1,
+        window: nz(60 * S),
+    };
+    assert!(apply(&store, &[take(1, &p, 1)], T0).await.unwrap().0);
+    assert!(!apply(&store, &[take(1, &p, 1)], T0).await.unwrap().0);
+
+    // A wrong password is an error, not a decision.
+    let ca = store_ca;
+    let wrong = RedisStore::connect(&RedisOptions {
+        tls_ca_file: Some(ca),
+        ..options(RedisNodes::Single(format!(
+            "rediss://:nope@127.0.0.1:{}",
+            server.port
+        )))
+    })
+    .unwrap();
+    assert!(apply(&wrong, &[take(2, &p, 1)], T0).await.is_err());
+}

@@ -32,6 +32,8 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     pub port: u16,
     bus_port: Option<u16>,
+    /// TLS only (certificates in `dir`) and a password.
+    tls_password: Option<String>,
     binary: PathBuf,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -49,6 +51,7 @@ impl RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             bus_port,
+            tls_password: None,
             binary,
             dir: tempfile::tempdir().unwrap(),
             child: None,
@@ -77,6 +80,17 @@ impl RedisServer {
                 .args(["--cluster-node-timeout", "5000"])
                 .args(["--cluster-port", &bus.to_string()]);
         }
+        if let Some(password) = &self.tls_password {
+            cmd.args(["--tls-port", &self.port.to_string(), "--port", "0"])
+                .args([
+                    "--tls-cert-file",
+                    "server.crt",
+                    "--tls-key-file",
+                    "server.key",
+                ])
+                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+                .args(["--requirepass", password]);
+        }
         self.child = Some(cmd.spawn().expect("redis-server starts"));
         self.wait_ready();
     }
@@ -84,7 +98,12 @@ impl RedisServer {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY;
         loop {
-            if ping(self.port) {
+            let up = if self.tls_password.is_some() {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                ping(self.port)
+            };
+            if up {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -102,6 +121,87 @@ impl RedisServer {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// A server that speaks only TLS (a certificate for 127.0.0.1 signed by a test CA made
+    /// with `openssl`) and requires `password`. Returns the server and the CA file.
+    pub fn start_tls(password: &str) -> Option<(RedisServer, PathBuf)> {
+        let binary = tool("redis-server")?;
+        let openssl = tool("openssl")?;
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new(&openssl)
+                .current_dir(dir.path())
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            dir.path().join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let ca = dir.path().join("ca.crt");
+        let mut server = RedisServer {
+            port: free_port(),
+            bus_port: None,
+            tls_password: Some(password.to_string()),
+            binary,
+            dir,
+            child: None,
+        };
+        server.launch();
+        Some((server, ca))
     }
 
     /// `redis://127.0.0.1:<port>`.
