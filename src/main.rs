@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use sluice::blocklist::AccessList;
 use sluice::clock::SystemClock;
 use sluice::limiter::Limiter;
+use sluice::reload::{self, Reloader};
 use sluice::server::{self, Listeners, Options};
 use sluice::stats::Stats;
 use sluice::store::{AnyStore, Backend, MemoryStoreOptions, redis_sync};
@@ -43,6 +44,12 @@ enum Command {
         /// Address for the admin API (configuration, statistics, blocks).
         #[arg(long, default_value = "127.0.0.1:8082", env = "SLUICE_ADMIN_ADDR")]
         admin_addr: SocketAddr,
+        /// Address for /metrics, /healthz and /readyz (plain HTTP).
+        #[arg(long, default_value = "127.0.0.1:8080", env = "SLUICE_HTTP_ADDR")]
+        http_addr: SocketAddr,
+        /// How often the config file is checked for changes (SIGHUP reloads at once).
+        #[arg(long, default_value = "1s", value_parser = parse_secs, env = "SLUICE_RELOAD_INTERVAL")]
+        reload_interval: std::time::Duration,
         /// File holding the admin token (instead of SLUICE_ADMIN_TOKEN).
         #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,
@@ -101,6 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             grpc_addr,
             admin_addr,
+            http_addr,
+            reload_interval,
             admin_token_file,
             state_file,
             log_format,
@@ -111,6 +120,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let addrs = Addrs {
                 grpc: grpc_addr,
                 admin: admin_addr,
+                http: http_addr,
+                reload_interval,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -123,6 +134,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 struct Addrs {
     grpc: SocketAddr,
     admin: SocketAddr,
+    http: SocketAddr,
+    reload_interval: std::time::Duration,
+}
+
+/// `1s`, `500ms` or a bare number of seconds.
+fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 1s or 500ms");
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .parse()
+            .map(std::time::Duration::from_millis)
+            .map_err(|_| bad());
+    }
+    let secs = s.strip_suffix('s').unwrap_or(s);
+    let d = secs.parse::<f64>().map_err(|_| bad())?;
+    std::time::Duration::try_from_secs_f64(d).map_err(|_| bad())
 }
 
 /// The admin token: the file's first line, else `SLUICE_ADMIN_TOKEN`; empty means none.
@@ -157,12 +184,15 @@ async fn serve(
         None => cfg.backend.clone(),
     };
     // Replicas sharing a store must hash counter keys alike: the secret is shared, not random.
-    let key_secret = std::env::var("SLUICE_KEY_SECRET").ok().filter(|s| !s.is_empty());
+    let key_secret = std::env::var("SLUICE_KEY_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
     if matches!(backend, Backend::Redis(_)) && key_secret.is_none() {
         anyhow::bail!(
             "the Redis store needs SLUICE_KEY_SECRET (the same secret on every replica) so replicas count in the same keys"
         );
     }
+    let cfg_store = cfg.store;
     let access = AccessList::open(Some(state_file), cfg.rules.allowlist.clone())?;
     let store = AnyStore::open(
         &backend,
@@ -184,15 +214,14 @@ async fn serve(
     }
     let limiter = Arc::new(limiter);
     // Blocks and the runtime allowlist follow the counters into Redis.
-    // (Ends with the runtime, after the server stops.)
-    if let Some(r) = limiter.store().redis() {
-        tokio::spawn(redis_sync::run(
+    let _access_sync = limiter.store().redis().map(|r| {
+        AbortOnDrop(tokio::spawn(redis_sync::run(
             r.handle().clone(),
             limiter.access().clone(),
             Arc::new(SystemClock),
             redis_sync::DEFAULT_POLL,
-        ));
-    }
+        )))
+    });
     let shutdown = shutdown::install().context("installing signal handlers")?;
     let grpc = TcpListener::bind(addrs.grpc)
         .await
@@ -200,6 +229,20 @@ async fn serve(
     let admin = TcpListener::bind(addrs.admin)
         .await
         .with_context(|| format!("binding --admin-addr {}", addrs.admin))?;
+    let http = TcpListener::bind(addrs.http)
+        .await
+        .with_context(|| format!("binding --http-addr {}", addrs.http))?;
+    tracing::info!(addr = %http.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let reloader = Arc::new(Reloader::new(
+        config_path.clone(),
+        limiter.clone(),
+        cfg_store,
+    ));
+    let sighup = reload::on_sighup(reloader.clone()).context("installing the SIGHUP handler")?;
+    let _reload_tasks = (
+        AbortOnDrop(tokio::spawn(sighup)),
+        AbortOnDrop(tokio::spawn(reload::watch(reloader, addrs.reload_interval))),
+    );
     tracing::info!(addr = %grpc.local_addr()?, "serving RateLimitService");
     let options = Options {
         sweep_interval: cfg.store.sweep_interval,
@@ -209,10 +252,20 @@ async fn serve(
     let listeners = Listeners {
         grpc,
         admin: Some(admin),
+        http: Some(http),
     };
     server::run(listeners, limiter, options, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Aborts a background task when dropped (at the end of `serve`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn log_loaded(path: &std::path::Path, cfg: &config::Config) {

@@ -20,6 +20,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::admin::AdminService;
 use crate::admin::auth::TokenCheck;
+use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -34,6 +35,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The admin service, if it should run.
     pub admin: Option<TcpListener>,
+    /// `/metrics`, `/healthz`, `/readyz`, if they should be served.
+    pub http: Option<TcpListener>,
 }
 
 /// Settings of the running server.
@@ -158,6 +161,25 @@ pub async fn run<S: Store>(
         None => None,
     };
 
+    let ready = Arc::new(Readiness::default());
+    let http = listeners.http.map(|listener| {
+        let app = crate::http::router(limiter.clone(), ready.clone());
+        let stop = stopped(stop_rx.clone());
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    });
+    let http = tokio::spawn(async move {
+        if let Some(serve) = http
+            && let Err(e) = serve.await
+        {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    });
+    ready.set(true);
+
     let upkeep = tokio::spawn(upkeep(limiter.clone(), options.clone()));
     let saver = tokio::spawn(save_automatic_blocks(limiter.clone()));
 
@@ -172,6 +194,7 @@ pub async fn run<S: Store>(
     };
     let signal = async {
         shutdown.await;
+        ready.set(false);
         let _ = stop_tx.send(true);
         tokio::time::sleep(options.shutdown_grace).await;
     };
@@ -184,6 +207,7 @@ pub async fn run<S: Store>(
     };
     upkeep.abort();
     saver.abort();
+    http.abort();
     // Whatever automatic blocks happened last are saved before we go.
     let access = limiter.access().clone();
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || access.persist()).await {
@@ -198,8 +222,10 @@ async fn upkeep<S: Store>(limiter: Arc<Limiter<S>>, options: Options) {
     let mut tick = tokio::time::interval(options.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idle = crate::clock::duration_nanos(options.client_idle);
+    let mut summary = Summary::default();
     loop {
         tick.tick().await;
+        summary.maybe_log(&limiter, std::time::Instant::now());
         let now = limiter.clock().now();
         let counters = limiter.store().sweep_expired_at(now);
         let blocks = limiter.access().sweep_at(now);
@@ -207,6 +233,45 @@ async fn upkeep<S: Store>(limiter: Arc<Limiter<S>>, options: Options) {
             .stats()
             .sweep_clients_idle_since(now.as_nanos().saturating_sub(idle));
         tracing::trace!(counters, blocks, clients, "swept");
+    }
+}
+
+/// Over-limit events are summarised, never logged one by one: at most one info line a minute
+/// with what was rejected since the last one.
+#[derive(Default)]
+struct Summary {
+    last: Option<std::time::Instant>,
+    limited: u64,
+    blocked: u64,
+}
+
+impl Summary {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn maybe_log<S: Store>(&mut self, limiter: &Limiter<S>, now: std::time::Instant) {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < Self::EVERY)
+        {
+            return;
+        }
+        let total = limiter.stats().total.snapshot();
+        let (limited, blocked) = (total.limited - self.limited, total.blocked - self.blocked);
+        if self.last.is_some() && (limited > 0 || blocked > 0) {
+            let mut top: Vec<(String, u64)> = limiter
+                .stats()
+                .all_limit_counts()
+                .into_iter()
+                .filter(|(_, _, _, over, _)| *over > 0)
+                .map(|(d, e, l, over, _)| (format!("{d} {e} {l}"), over))
+                .collect();
+            top.sort_by_key(|t| std::cmp::Reverse(t.1));
+            top.truncate(3);
+            tracing::info!(limited, blocked, top_limits_since_start = ?top, "requests rejected in the last minute");
+        }
+        self.last = Some(now);
+        self.limited = total.limited;
+        self.blocked = total.blocked;
     }
 }
 

@@ -16,6 +16,60 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+/// Counts of one limit: how often it decided a rejection, and how often it would have as a
+/// shadow limit (or in shadow mode / with rate limiting disabled).
+#[derive(Debug, Default)]
+pub struct LimitCounts {
+    /// Descriptors rejected by this limit.
+    pub over: AtomicU64,
+    /// Descriptors this limit would have rejected, had it been enforced.
+    pub shadow_over: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the decision latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.1,
+];
+
+/// A lock-free latency histogram with fixed buckets (Prometheus semantics: cumulative on render).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Cumulative bucket counts, total count and sum in seconds.
+    pub fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len()], u64, f64) {
+        let mut cum = [0u64; LATENCY_BUCKETS.len()];
+        let mut acc = 0;
+        for (c, b) in cum.iter_mut().zip(&self.buckets) {
+            acc += b.load(Ordering::Relaxed);
+            *c = acc;
+        }
+        (
+            cum,
+            self.count.load(Ordering::Relaxed),
+            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
+}
+
 /// What happened to a request or descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -131,7 +185,16 @@ pub struct Stats {
     pub total: Counts,
     /// Automatic blocks created.
     pub automatic_blocks: AtomicU64,
+    /// Time to decide, from request received to response built.
+    pub latency: Histogram,
+    /// Config reloads that took effect (or found nothing to change).
+    pub reloads_ok: AtomicU64,
+    /// Config reloads refused (the old config kept serving).
+    pub reloads_failed: AtomicU64,
+    /// Generation of the config in force: 1 at start, +1 per reload that changed it.
+    pub config_generation: AtomicU64,
     registry: Mutex<HashMap<(String, String), Arc<Counts>>>,
+    limits: Mutex<HashMap<(String, String, String), Arc<LimitCounts>>>,
     clients: DashMap<u128, ClientEntry>,
     client_count: AtomicUsize,
     max_clients: usize,
@@ -152,7 +215,12 @@ impl Stats {
         Self {
             total: Counts::default(),
             automatic_blocks: AtomicU64::new(0),
+            latency: Histogram::default(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            config_generation: AtomicU64::new(1),
             registry: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
             clients: DashMap::new(),
             client_count: AtomicUsize::new(0),
             max_clients,
@@ -167,6 +235,35 @@ impl Stats {
             .entry((domain.to_string(), endpoint.to_string()))
             .or_default()
             .clone()
+    }
+
+    /// The counters of one limit, the same `Arc` across reloads.
+    pub fn limit_counts_for(&self, domain: &str, endpoint: &str, limit: &str) -> Arc<LimitCounts> {
+        self.limits
+            .lock()
+            .entry((domain.to_string(), endpoint.to_string(), limit.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Every limit's counters: `(domain, endpoint, limit, over, shadow_over)`.
+    pub fn all_limit_counts(&self) -> Vec<(String, String, String, u64, u64)> {
+        let mut out: Vec<_> = self
+            .limits
+            .lock()
+            .iter()
+            .map(|((d, e, l), c)| {
+                (
+                    d.clone(),
+                    e.clone(),
+                    l.clone(),
+                    c.over.load(Ordering::Relaxed),
+                    c.shadow_over.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Every registered counter set: `(domain, endpoint, counts)`; endpoint empty for a domain.

@@ -702,6 +702,7 @@ async fn admin_without_a_token_refuses_a_non_loopback_listener() {
         sluice::server::Listeners {
             grpc,
             admin: Some(admin),
+            http: None,
         },
         limiter,
         sluice::server::Options::default(),

@@ -108,6 +108,8 @@ fn serve(
         "127.0.0.1:0",
         "--admin-addr",
         "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
     ])
     .arg("--state-file")
     .arg(state)
@@ -219,6 +221,8 @@ fn serve_logs_disabled_and_stops_on_sigint() {
         "127.0.0.1:0",
         "--admin-addr",
         "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
     ])
     .arg("--state-file")
     .arg(dir.path().join("state.json"))
@@ -248,7 +252,14 @@ fn serve_refuses_a_bad_config_and_exits_non_zero() {
         .arg("serve")
         .arg("--config")
         .arg(&path)
-        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -257,4 +268,123 @@ fn serve_refuses_a_bad_config_and_exits_non_zero() {
         stderr.contains("bad.yaml:1: domains: invalid type"),
         "{stderr}"
     );
+}
+
+/// Reads start-up lines until every marker was seen, returning each one's `addr=` value.
+fn addrs_from_log<const N: usize>(rx: &mpsc::Receiver<String>, markers: [&str; N]) -> [String; N] {
+    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+    while found.iter().any(Option::is_none) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("start-up lines missing: {markers:?} / {found:?}"));
+        for (m, f) in markers.iter().zip(found.iter_mut()) {
+            if line.contains(m) {
+                let at = line.find("addr=").unwrap() + 5;
+                *f = Some(line[at..].split_whitespace().next().unwrap().to_string());
+            }
+        }
+    }
+    found.map(Option::unwrap)
+}
+
+/// Kills the child if the test fails before stopping it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    let yaml = |n: u32| {
+        format!(
+            "domains:\n  - name: training\n    endpoints:\n      - path: /api/training/execute\n        limits: [{n}/minute]\n"
+        )
+    };
+    std::fs::write(&config, yaml(10)).unwrap();
+    let child = sluice()
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--reload-interval", "3600s"])
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let [grpc, http] = addrs_from_log(&rx, ["serving RateLimitService", "serving /metrics"]);
+    let http: std::net::SocketAddr = http.parse().unwrap();
+    let mut client = RateLimitServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let rpu = |r: sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse| {
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit
+    };
+    let req = || training("/api/training/execute", "192.0.2.1");
+    assert_eq!(
+        rpu(client.should_rate_limit(req()).await.unwrap().into_inner()),
+        10
+    );
+
+    std::fs::write(&config, yaml(25)).unwrap();
+    signal(&child.0, "HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http_get(http, "/metrics").await;
+        if metric(&body, r#"sluice_config_reloads_total{result="ok"}"#) == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        rpu(client.should_rate_limit(req()).await.unwrap().into_inner()),
+        25
+    );
+
+    // A broken file on SIGHUP: refused, logged with file, line and field; the old limits stay.
+    std::fs::write(&config, yaml(25).replace("minute", "minuet")).unwrap();
+    signal(&child.0, "HUP");
+    let line = loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a reload error line");
+        if l.contains("config reload refused") {
+            break l;
+        }
+    };
+    assert!(
+        line.contains("sluice.yaml:5: domains[0].endpoints[0].limits[0]: unknown unit"),
+        "{line}"
+    );
+    assert_eq!(
+        rpu(client.should_rate_limit(req()).await.unwrap().into_inner()),
+        25
+    );
+
+    signal(&child.0, "TERM");
+    assert!(wait_exit(&mut child.0).success());
 }

@@ -242,6 +242,7 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
     rules.address_entry = address_entry;
     rules.allowlist = allowlist;
     rules.source_hash = hash;
+    rules.shadow = raw.shadow;
     Ok(Config {
         rules,
         store: StoreSettings {
@@ -314,7 +315,11 @@ fn compile_backend(store: &RawStore) -> Result<Backend, Invalid> {
     let nodes = match (&store.url, &store.cluster) {
         (Some(u), _) => RedisNodes::Single(check_url(u, &[field("url")])?),
         (None, Some(nodes)) if nodes.is_empty() => {
-            return Err(at(&path, &[field("cluster")], "list at least one seed node"));
+            return Err(at(
+                &path,
+                &[field("cluster")],
+                "list at least one seed node",
+            ));
         }
         (None, Some(nodes)) => RedisNodes::Cluster(
             nodes
@@ -467,6 +472,7 @@ fn compile_endpoint(
                 },
                 reported: Reported::for_bucket(interval.get()),
                 shadow: e.shadow,
+                counts: Arc::default(),
             });
         }
         (Some(_), None) => {
@@ -593,6 +599,7 @@ fn compile_limit(
         policy,
         reported,
         shadow,
+        counts: Arc::default(),
     })
 }
 

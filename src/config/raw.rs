@@ -16,6 +16,9 @@ pub struct RawConfig {
     /// `false`: answer OK to everything, still counting.
     #[serde(default = "yes", deserialize_with = "flexible_bool")]
     pub enabled: bool,
+    /// Shadow mode: evaluate and count every limit, enforce none.
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub shadow: bool,
     /// Store settings.
     #[serde(default)]
     pub store: RawStore,

@@ -395,7 +395,7 @@ impl<S: Store> Limiter<S> {
         let mut planned: SmallVec<[Planned<'_>; 8]> = SmallVec::new();
         let mut counters = Counters::new();
         let enforce = |shadow: bool| {
-            if rules.enabled && !shadow {
+            if rules.enabled && !rules.shadow && !shadow {
                 ChargeKind::Enforce
             } else {
                 ChargeKind::Shadow
@@ -498,6 +498,7 @@ impl<S: Store> Limiter<S> {
             self.store.apply(&charges, &mut verdicts, now).await?;
         }
         let decision = summarise(n, &planned, &verdicts);
+        count_limits(&planned, &verdicts, &decision);
 
         if let (Some((i, limit)), Some(addr)) = (watch, address)
             && verdicts.get(i).is_some_and(|v| !v.allowed)
@@ -786,6 +787,14 @@ fn attach_stats(mut rules: RuleSet, stats: &Stats) -> RuleSet {
         d.stats = stats.counts_for(&d.name, "");
         for r in &mut d.rules {
             r.stats = stats.counts_for(&d.name, &r.name);
+            for l in &mut r.limits {
+                l.counts = stats.limit_counts_for(&d.name, &r.name, &l.name);
+            }
+        }
+        if let Some(ab) = &mut d.auto_block {
+            for l in ab.max_requests.iter_mut().chain(ab.max_limited.iter_mut()) {
+                l.counts = stats.limit_counts_for(&d.name, "auto-block", &l.name);
+            }
         }
     }
     rules
@@ -835,6 +844,32 @@ fn merge(counters: &mut Counters, key: CounterKey, hits: Hits, kind: ChargeKind)
     } else {
         counters.push((key, hits, kind));
         counters.len() - 1
+    }
+}
+
+/// Per-limit counts: a rejection is counted against the limit each over descriptor reports;
+/// a would-be rejection against every non-enforced limit that was over.
+fn count_limits(planned: &[Planned<'_>], verdicts: &[Verdict], decision: &Decision) {
+    for p in planned {
+        let Source::Config(limit) = p.source else {
+            continue;
+        };
+        let Some(v) = verdicts.get(p.charge) else {
+            continue;
+        };
+        if v.allowed {
+            continue;
+        }
+        if !p.blocking {
+            limit.counts.shadow_over.fetch_add(1, Ordering::Relaxed);
+        } else if decision
+            .statuses
+            .get(p.descriptor)
+            .and_then(|s| s.limit.as_ref())
+            .is_some_and(|r| Arc::ptr_eq(&r.name, &limit.name))
+        {
+            limit.counts.over.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

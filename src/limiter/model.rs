@@ -19,13 +19,15 @@ use ipnet::IpNet;
 
 use super::algorithms::Policy;
 use super::path::PathRouter;
-use crate::stats::Counts;
+use crate::stats::{Counts, LimitCounts};
 
 /// Every domain's rules, as loaded; swapped whole on reload.
 #[derive(Debug, Default)]
 pub struct RuleSet {
     /// `false` answers OK to everything while still counting (seed: `RATE_LIMIT_ENABLED`).
     pub enabled: bool,
+    /// Shadow mode for the whole server: every limit is evaluated and counted, none enforced.
+    pub shadow: bool,
     /// Domains in config order.
     pub domains: Vec<Domain>,
     /// The descriptor entry holding the client address, for blocks and the allowlist.
@@ -47,6 +49,7 @@ impl RuleSet {
             .collect();
         Self {
             enabled,
+            shadow: false,
             domains,
             address_entry: "remote_address".to_string(),
             allowlist: Vec::new(),
@@ -198,6 +201,8 @@ pub struct Limit {
     pub reported: Reported,
     /// Evaluated and reported, never enforced.
     pub shadow: bool,
+    /// How often it rejected (or would have); attached by the limiter.
+    pub counts: Arc<LimitCounts>,
 }
 
 /// What Envoy is told a limit is (`current_limit`): `requests_per_unit` per `unit`.

@@ -298,10 +298,13 @@ impl<S: Store> RateLimitService for RlsService<S> {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let start = std::time::Instant::now();
         let req = request.into_inner();
         let view = to_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let decision = self.limiter.decide(&view).await;
-        Ok(Response::new(to_response(&decision)))
+        let response = to_response(&decision);
+        self.limiter.stats().latency.observe(start.elapsed());
+        Ok(Response::new(response))
     }
 }
 

@@ -46,6 +46,7 @@ pub struct Setup {
 pub struct TestServer<S: Store = MemoryStore> {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub clock: Arc<ManualClock>,
     pub client: RateLimitServiceClient<Channel>,
     pub limiter: Arc<Limiter<S>>,
@@ -112,9 +113,12 @@ impl<S: Store> TestServer<S> {
             ..Options::default()
         };
         let l = limiter.clone();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_addr = http.local_addr().unwrap();
         let listeners = Listeners {
             grpc,
             admin: Some(admin),
+            http: Some(http),
         };
         let task = tokio::spawn(async move {
             server::run(listeners, l, options, async {
@@ -129,6 +133,7 @@ impl<S: Store> TestServer<S> {
         TestServer {
             addr,
             admin_addr,
+            http_addr,
             clock,
             client,
             limiter,
@@ -272,4 +277,36 @@ pub fn tool(name: &str) -> Option<PathBuf> {
         eprintln!("SKIPPING: {name} not found; run scripts/setup-test-env to install it");
     }
     found
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The value of the metric line `name{labels}` (exact match of everything before the value).
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

@@ -1,0 +1,135 @@
+//! Hot reload of the config file. The file is polled (every second by default): its bytes are
+//! hashed and compared with the last attempt, which catches every way a file changes: an
+//! in-place write, an editor's or `mv`'s atomic replace, and a Kubernetes ConfigMap's `..data`
+//! symlink swap (the path is resolved afresh on every read). SIGHUP reloads at once.
+//!
+//! A reload parses and validates off the request path, then swaps the rule set in one atomic
+//! store. A config that fails validation is refused: the old one keeps serving, the error is
+//! logged with file, line and field, and `sluice_config_reloads_total{result="failed"}` goes up.
+//! Counters of limits whose identity did not change (same domain, endpoint, name, algorithm and
+//! window) survive, because their keys do not change.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::{self, ConfigError, StoreSettings};
+use crate::limiter::Limiter;
+use crate::store::Store;
+
+/// Reloads one config file into one limiter.
+#[derive(Debug)]
+pub struct Reloader<S> {
+    path: PathBuf,
+    limiter: Arc<Limiter<S>>,
+    store: StoreSettings,
+    last_attempt: Mutex<u64>,
+}
+
+impl<S: Store> Reloader<S> {
+    /// A reloader for `path`, whose current contents were loaded with `store` settings.
+    pub fn new(path: PathBuf, limiter: Arc<Limiter<S>>, store: StoreSettings) -> Self {
+        let last = std::fs::read(&path).map(|b| xxh3_64(&b)).unwrap_or(0);
+        Self {
+            path,
+            limiter,
+            store,
+            last_attempt: Mutex::new(last),
+        }
+    }
+
+    /// Reloads now; `Ok(true)` if the rules changed.
+    pub fn reload(&self, why: &str) -> Result<bool, ConfigError> {
+        let stats = self.limiter.stats();
+        let loaded = std::fs::read(&self.path)
+            .map_err(|source| ConfigError::Read {
+                file: self.path.display().to_string(),
+                source,
+            })
+            .and_then(|bytes| {
+                *self.last_attempt.lock() = xxh3_64(&bytes);
+                let text = String::from_utf8_lossy(&bytes);
+                config::parse(&text, &self.path.display().to_string(), |n| {
+                    std::env::var(n).ok()
+                })
+            });
+        let cfg = match loaded {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, trigger = why, "config reload refused; the previous config keeps serving");
+                return Err(e);
+            }
+        };
+        stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        if cfg.rules.source_hash == self.limiter.rules().source_hash {
+            tracing::info!(trigger = why, "config reloaded: unchanged");
+            return Ok(false);
+        }
+        if cfg.store != self.store {
+            tracing::warn!(
+                "store settings changed in the config; they take effect at the next restart"
+            );
+        }
+        let hash = cfg.rules.source_hash;
+        let state = if cfg.rules.enabled {
+            "ENABLED"
+        } else {
+            "DISABLED"
+        };
+        self.limiter.swap_rules(cfg.rules);
+        let generation = stats.config_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(
+            trigger = why,
+            generation,
+            hash = format!("{hash:016x}"),
+            "config reloaded: rate limiting {state}"
+        );
+        Ok(true)
+    }
+
+    /// Reloads if the file's bytes differ from the last attempt. A file that is briefly missing
+    /// (mid-replace) is skipped until the next poll.
+    pub fn poll(&self) {
+        let Ok(bytes) = std::fs::read(&self.path) else {
+            return;
+        };
+        if xxh3_64(&bytes) != *self.last_attempt.lock() {
+            let _ = self.reload("file changed");
+        }
+    }
+}
+
+/// Polls `reloader`'s file every `every`, forever.
+pub async fn watch<S: Store>(reloader: Arc<Reloader<S>>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        reloader.poll();
+    }
+}
+
+/// Reloads on every SIGHUP, forever. The handler is installed before this returns its future.
+pub fn on_sighup<S: Store>(
+    reloader: Arc<Reloader<S>>,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        Ok(async move {
+            while hup.recv().await.is_some() {
+                let _ = reloader.reload("SIGHUP");
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        Ok(std::future::pending::<()>())
+    }
+}
