@@ -1,0 +1,1215 @@
+//! End to end through the real Envoy: `envoy/envoy.yaml` in front of the stand-in upstreams
+//! (`envoy/upstreams/*.py`), asking the real `sluice` binary, every request over loopback HTTP.
+//!
+//! Each test starts its own stack on ports the OS picks: sluice and the stand-ins are started
+//! with port 0 and report the port they got (sluice's `serving RateLimitService addr=` log line,
+//! the stand-ins' `listening on` line); Envoy runs a copy of `envoy/envoy.yaml` whose listener
+//! and admin ports are 0, and reports them through `--admin-address-path` and its admin
+//! `/listeners`. Readiness is polled with deadlines, never slept for. Every child is killed
+//! when its test ends, and a failing test prints the tail of every log.
+//!
+//! The copy differs from `envoy/envoy.yaml` only where [`envoy_config`] says: addresses, the
+//! rate limit call's timeout (2 s instead of 50 ms, so that a stall on a loaded CI machine
+//! cannot turn a decision into "sluice failed, let it through"), and `xff_num_trusted_hops`
+//! where a test sets it.
+//!
+//! Without Envoy (see `scripts/setup-test-env`) the tests skip loudly; with `CI=true` they fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::{repo_path, tool};
+
+/// How long any one process may take to start.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long any one HTTP exchange may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process, killed (and reaped) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends `sig` (`TERM`, `INT`) with kill(1), as an operator would.
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {}", self.name);
+    }
+
+    /// Waits for the process to exit on its own, at most `within`.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Copies `reader`'s lines to `log` and to the returned channel, until end of file.
+fn tee_lines(reader: impl Read + Send + 'static, log: &Path) -> Receiver<String> {
+    let mut file = File::create(log).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            let _ = writeln!(file, "{line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits for the first line containing `needle` and returns it.
+fn wait_for_line(proc: &mut Proc, lines: &Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                assert!(
+                    proc.is_running(),
+                    "{} exited during start-up:\n{}",
+                    proc.name,
+                    tail(&proc.log)
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "{} printed no {needle:?} within {START_DEADLINE:?}:\n{}",
+                    proc.name,
+                    tail(&proc.log)
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{} closed its output:\n{}", proc.name, tail(&proc.log))
+            }
+        }
+    }
+}
+
+/// The last 40 lines of a log file.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stack
+
+/// What a test changes about the stack.
+#[derive(Default)]
+struct Options {
+    /// sluice config text; `None` runs `config/sluice.yaml`.
+    sluice_config: Option<&'static str>,
+    /// `xff_num_trusted_hops` (0 in `envoy/envoy.yaml`).
+    trusted_hops: u32,
+}
+
+/// The stand-in upstreams.
+#[derive(Clone, Copy)]
+enum Upstream {
+    Training,
+    Talk2me,
+}
+
+/// Envoy, the two stand-ins and sluice, each on its own loopback port. Fields drop in order:
+/// processes first, the directory holding their logs last.
+struct Stack {
+    envoy: Proc,
+    training: Proc,
+    talk2me: Proc,
+    /// `None` once a test has stopped it.
+    sluice: Option<Proc>,
+    /// Envoy's HTTP listener.
+    listener: SocketAddr,
+    /// Envoy's admin interface.
+    admin: SocketAddr,
+    training_addr: SocketAddr,
+    talk2me_addr: SocketAddr,
+    logs: Vec<PathBuf>,
+    dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts a stack, or returns `None` (after saying so) when Envoy or Python is missing.
+    fn start(options: Options) -> Option<Stack> {
+        let envoy_bin = tool("envoy")?;
+        let python = tool("python3")?;
+        let dir = tempfile::tempdir().unwrap();
+
+        // sluice, on a port of its choosing.
+        let config = match options.sluice_config {
+            Some(text) => {
+                let path = dir.path().join("sluice.yaml");
+                std::fs::write(&path, text).unwrap();
+                path
+            }
+            None => repo_path("config/sluice.yaml"),
+        };
+        let log = dir.path().join("sluice.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // sluice's other listeners on ports of their own too, and its state file in the test's
+        // directory. Environment variables rather than flags: a flag a given version lacks
+        // would stop it, an unknown variable does not.
+        cmd.env("SLUICE_ADMIN_ADDR", "127.0.0.1:0")
+            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+            .env("SLUICE_STATE_FILE", dir.path().join("sluice-state.json"));
+        // The default config reads these; the tests want its defaults.
+        for var in [
+            "RATE_LIMIT_ENABLED",
+            "RATE_LIMIT_TRAINING_EXECUTE",
+            "RATE_LIMIT_TRAINING_GENERAL",
+            "RATE_LIMIT_FILESYSTEM",
+        ] {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let lines = tee_lines(child.stderr.take().unwrap(), &log);
+        let mut sluice = Proc {
+            name: "sluice",
+            child,
+            log: log.clone(),
+        };
+        let line = wait_for_line(&mut sluice, &lines, "serving RateLimitService");
+        let sluice_addr = parse_after(&line, "addr=");
+        let mut logs = vec![log];
+
+        // The stand-ins, on ports of their choosing.
+        let mut standin = |name: &'static str, script: &str| {
+            let log = dir.path().join(format!("{name}.log"));
+            let mut child = Command::new(&python)
+                .arg(repo_path(script))
+                .args(["--host", "127.0.0.1", "--port", "0"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let lines = tee_lines(
+                child.stdout.take().unwrap(),
+                &dir.path().join(format!("{name}.stdout")),
+            );
+            let mut proc = Proc {
+                name,
+                child,
+                log: log.clone(),
+            };
+            let line = wait_for_line(&mut proc, &lines, "listening on");
+            logs.push(log);
+            let addr = parse_after(&line, "http://");
+            (proc, addr)
+        };
+        let (training, training_addr) = standin("training", "envoy/upstreams/training_server.py");
+        let (talk2me, talk2me_addr) = standin("talk2me", "envoy/upstreams/talk2me_server.py");
+
+        // Envoy, on a copy of envoy/envoy.yaml.
+        let yaml = envoy_config(
+            &std::fs::read_to_string(repo_path("envoy/envoy.yaml")).unwrap(),
+            training_addr.port(),
+            talk2me_addr.port(),
+            sluice_addr.port(),
+            options.trusted_hops,
+        );
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let admin_file = dir.path().join("envoy-admin-address");
+        let log = dir.path().join("envoy.log");
+        let log_file = File::create(&log).unwrap();
+        let child = Command::new(envoy_bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            // No hot restart, so no shared memory to clash over between parallel tests.
+            .args(["--disable-hot-restart", "--concurrency", "2"])
+            .args(["--log-level", "warning"])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let mut envoy = Proc {
+            name: "envoy",
+            child,
+            log: log.clone(),
+        };
+        logs.push(log);
+        let admin: SocketAddr = poll(&mut envoy, "its admin address", || {
+            let text = std::fs::read_to_string(&admin_file).ok()?;
+            text.trim().parse().ok()
+        });
+        poll(&mut envoy, "admin /ready = LIVE", || {
+            let r = try_send(admin, &Req::get("/ready")).ok()?;
+            (r.status == 200).then_some(())
+        });
+        let listeners = send(admin, &Req::get("/listeners?format=json")).json();
+        let port =
+            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .expect("listener port in /listeners");
+        let listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()));
+
+        Some(Stack {
+            envoy,
+            training,
+            talk2me,
+            sluice: Some(sluice),
+            listener,
+            admin,
+            training_addr,
+            talk2me_addr,
+            logs,
+            dir,
+        })
+    }
+
+    /// Sends `req` through Envoy.
+    fn send(&self, req: &Req) -> Resp {
+        send(self.listener, req)
+    }
+
+    /// An Envoy counter from admin `/stats`; 0 when Envoy has not created it yet.
+    fn envoy_counter(&self, name: &str) -> u64 {
+        let stats = send(self.admin, &Req::get("/stats")).text();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    /// A stand-in's `/__stats`: `requests`, `in_flight`, `max_in_flight`.
+    fn upstream_stat(&self, upstream: Upstream, key: &str) -> u64 {
+        let addr = match upstream {
+            Upstream::Training => self.training_addr,
+            Upstream::Talk2me => self.talk2me_addr,
+        };
+        send(addr, &Req::get("/__stats")).json()[key]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Stops sluice with SIGTERM and waits for it to exit.
+    fn stop_sluice(&mut self) {
+        let mut sluice = self.sluice.take().expect("sluice is running");
+        sluice.signal("TERM");
+        let status = sluice.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "sluice exited with {status:?}");
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("stack files in {}", self.dir.path().display());
+            for log in &self.logs {
+                eprintln!("---- {} ----\n{}", log.display(), tail(log));
+            }
+        }
+        if std::thread::panicking() {
+            for proc in [&mut self.envoy, &mut self.training, &mut self.talk2me] {
+                if !proc.is_running() {
+                    eprintln!("{} had exited", proc.name);
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f` every 50 ms until it returns `Some`, while `proc` runs, for [`START_DEADLINE`].
+fn poll<T>(proc: &mut Proc, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            proc.is_running(),
+            "{} exited while waiting for {what}:\n{}",
+            proc.name,
+            tail(&proc.log)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} gave no {what} within {START_DEADLINE:?}:\n{}",
+            proc.name,
+            tail(&proc.log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The socket address following `marker` in a log line.
+fn parse_after(line: &str, marker: &str) -> SocketAddr {
+    let at = line
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} in {line:?}"))
+        + marker.len();
+    line[at..]
+        .split(|c: char| c.is_whitespace() || c == '/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("address after {marker} in {line:?}: {e}"))
+}
+
+/// `envoy/envoy.yaml` with the test's addresses: the listener and admin on ports the OS picks.
+fn envoy_config(yaml: &str, training: u16, talk2me: u16, sluice: u16, trusted_hops: u32) -> String {
+    replace_each_once(
+        yaml,
+        &[
+            ("port_value: 9901 }", "port_value: 0 }".to_string()),
+            ("port_value: 10000 }", "port_value: 0 }".to_string()),
+            ("port_value: 8000 }", format!("port_value: {training} }}")),
+            ("port_value: 5005 }", format!("port_value: {talk2me} }}")),
+            ("port_value: 8081 }", format!("port_value: {sluice} }}")),
+            ("timeout: 0.05s", "timeout: 2s".to_string()),
+            (
+                "xff_num_trusted_hops: 0",
+                format!("xff_num_trusted_hops: {trusted_hops}"),
+            ),
+        ],
+    )
+}
+
+/// `envoy/envoy.yaml` as the Kubernetes pod runs it (`envoy/kubernetes/sidecar.yaml`): the
+/// listener on every address of the pod, the services by their Kubernetes Service names.
+fn kubernetes_envoy_config(yaml: &str) -> String {
+    let cluster = |name: &str, kind: &str| format!("    - name: {name}\n      type: {kind}\n");
+    replace_each_once(
+        yaml,
+        &[
+            (
+                "{ address: 127.0.0.1, port_value: 10000 }",
+                "{ address: 0.0.0.0, port_value: 10000 }".to_string(),
+            ),
+            (
+                &cluster("training", "STATIC"),
+                cluster("training", "STRICT_DNS"),
+            ),
+            (
+                "{ address: 127.0.0.1, port_value: 8000 }",
+                "{ address: training, port_value: 8000 }".to_string(),
+            ),
+            (
+                &cluster("talk2me", "STATIC"),
+                cluster("talk2me", "STRICT_DNS"),
+            ),
+            (
+                "{ address: 127.0.0.1, port_value: 5005 }",
+                "{ address: talk2me, port_value: 5005 }".to_string(),
+            ),
+        ],
+    )
+}
+
+/// Replaces each `from` with its `to`. Each must occur exactly once, so that a change to
+/// `envoy/envoy.yaml` which these replacements would silently stop covering fails loudly.
+fn replace_each_once(yaml: &str, pairs: &[(&str, String)]) -> String {
+    let mut yaml = yaml.to_string();
+    for (from, to) in pairs {
+        let n = yaml.matches(from).count();
+        assert_eq!(n, 1, "{from:?} occurs {n} times in envoy/envoy.yaml");
+        yaml = yaml.replace(from, to);
+    }
+    yaml
+}
+
+/// `manifest` with the literal block under `  {key}: |` replaced by `content`.
+fn embed(manifest: &str, key: &str, content: &str) -> String {
+    let header = format!("  {key}: |\n");
+    let start = manifest
+        .find(&header)
+        .unwrap_or_else(|| panic!("no {header:?}"))
+        + header.len();
+    let mut end = start;
+    for line in manifest[start..].split_inclusive('\n') {
+        if !(line.trim().is_empty() || line.starts_with("    ")) {
+            break;
+        }
+        end += line.len();
+    }
+    let mut block = String::new();
+    for line in content.lines() {
+        if !line.is_empty() {
+            block.push_str("    ");
+            block.push_str(line);
+        }
+        block.push('\n');
+    }
+    format!("{}{block}{}", &manifest[..start], &manifest[end..])
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client: one request per connection (`Connection: close`), read to EOF.
+
+/// A request.
+#[derive(Clone)]
+struct Req {
+    method: &'static str,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// Send the body chunked instead of with Content-Length.
+    chunked: bool,
+    /// Local address to connect from (another client), instead of 127.0.0.1.
+    from: Option<IpAddr>,
+}
+
+impl Req {
+    fn new(method: &'static str, path: &str) -> Req {
+        Req {
+            method,
+            path: path.to_string(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            chunked: false,
+            from: None,
+        }
+    }
+
+    fn get(path: &str) -> Req {
+        Req::new("GET", path)
+    }
+
+    fn post(path: &str) -> Req {
+        Req::new("POST", path)
+    }
+
+    fn header(mut self, name: &str, value: &str) -> Req {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    fn user_agent(self, ua: &str) -> Req {
+        self.header("user-agent", ua)
+    }
+
+    fn body(mut self, body: Vec<u8>) -> Req {
+        self.body = body;
+        self
+    }
+
+    fn chunked(mut self) -> Req {
+        self.chunked = true;
+        self
+    }
+
+    fn from(mut self, ip: &str) -> Req {
+        self.from = Some(ip.parse().unwrap());
+        self
+    }
+
+    /// The whole request, written with one `write_all`.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nhost: sluice-e2e\r\nconnection: close\r\n",
+            self.method, self.path
+        );
+        for (k, v) in &self.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let mut out;
+        if self.chunked {
+            head.push_str("transfer-encoding: chunked\r\n\r\n");
+            out = head.into_bytes();
+            for chunk in self.body.chunks(16 * 1024) {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(chunk);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+        } else {
+            if self.method != "GET" || !self.body.is_empty() {
+                head.push_str(&format!("content-length: {}\r\n", self.body.len()));
+            }
+            head.push_str("\r\n");
+            out = head.into_bytes();
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+/// A response.
+struct Resp {
+    status: u16,
+    /// Names in lower case, in the order received.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Resp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = self.text();
+        let body: String = body.chars().take(300).collect();
+        f.debug_struct("Resp")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &body)
+            .finish()
+    }
+}
+
+impl Resp {
+    /// The first value of header `name`.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name`.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// Header `name` as a number.
+    fn num(&self, name: &str) -> u64 {
+        let v = self
+            .header(name)
+            .unwrap_or_else(|| panic!("no {name} in {self:?}"));
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}: {v:?} is not a number"))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
+    }
+}
+
+fn connect(to: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = from else {
+        return TcpStream::connect_timeout(&to, IO_TIMEOUT);
+    };
+    // std cannot bind before connecting; tokio's TcpSocket can.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(ip, 0))?;
+        let stream = tokio::time::timeout(IO_TIMEOUT, socket.connect(to))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
+        stream.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Opens a connection, ready to send `req` on.
+fn open(to: SocketAddr, req: &Req) -> std::io::Result<TcpStream> {
+    let stream = connect(to, req.from)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Sends `req` on `stream` and reads the response.
+fn exchange(mut stream: TcpStream, req: &Req) -> std::io::Result<Resp> {
+    // A server may answer (413) and stop reading before the body is all written: carry on
+    // and read the answer.
+    let _ = stream.write_all(&req.to_bytes());
+    // Read until the response is complete rather than until EOF: after a 413 Envoy keeps the
+    // connection open for a second (delayed close) to read what the client still sends.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    while !response_complete(&raw) {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    Ok(parse_response(&raw))
+}
+
+/// Whether `raw` holds a whole response: headers, then the body its headers announce.
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    if head.contains("\r\ntransfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    match head
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length:"))
+    {
+        Some(n) => body.len() >= n.trim().parse::<usize>().unwrap_or(usize::MAX),
+        // Neither: the body ends with the connection.
+        None => false,
+    }
+}
+
+fn try_send(to: SocketAddr, req: &Req) -> std::io::Result<Resp> {
+    exchange(open(to, req)?, req)
+}
+
+fn send(to: SocketAddr, req: &Req) -> Resp {
+    try_send(to, req).unwrap_or_else(|e| panic!("{} {} to {to}: {e}", req.method, req.path))
+}
+
+fn parse_response(raw: &[u8]) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = std::str::from_utf8(&raw[..split]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size_text = std::str::from_utf8(&data[..eol]).unwrap();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        data = &data[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertions
+
+/// The seeds' 429 from sluice, passed through by Envoy: JSON body naming `limit`, exactly one
+/// `retry-after` equal to the body's `retry_after`, and Envoy's X-RateLimit headers.
+fn assert_over_limit(r: &Resp, limit: &str) {
+    assert_eq!(r.status, 429, "{r:?}");
+    let retry_after = r.all("retry-after");
+    assert_eq!(retry_after.len(), 1, "one retry-after: {r:?}");
+    let secs: u64 = retry_after[0].parse().unwrap();
+    assert!((1..=3600).contains(&secs), "retry-after {secs}");
+    assert_eq!(r.all("content-type"), ["application/json"], "{r:?}");
+    assert_eq!(
+        r.text(),
+        format!(r#"{{"error": "Rate limit exceeded ({limit})", "retry_after": {secs}}}"#)
+    );
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"), "{r:?}");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
+    assert!(r.header("x-ratelimit-limit").is_some(), "{r:?}");
+    assert!(r.num("x-ratelimit-reset") >= 1, "{r:?}");
+}
+
+fn assert_passed(r: &Resp, service: &str) {
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["service"], service, "{r:?}");
+}
+
+/// 1100 bytes: over sluice's 1 KiB limit on a descriptor value.
+fn overlong() -> String {
+    "x".repeat(1100)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn eleventh_execute_in_a_minute_is_429_with_sluices_body_and_ratelimit_headers() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    let execute = Req::post("/api/training/execute").body(b"{}".to_vec());
+    for i in 1..=10u64 {
+        let r = stack.send(&execute);
+        assert_passed(&r, "training");
+        assert_eq!(r.num("x-ratelimit-remaining"), 10 - i, "request {i}: {r:?}");
+        assert_eq!(
+            r.header("x-ratelimit-limit"),
+            Some(r#"10, 10;w=60;name="per minute""#)
+        );
+        assert!((1..=60).contains(&r.num("x-ratelimit-reset")), "{r:?}");
+        assert!(r.header("retry-after").is_none(), "{r:?}");
+    }
+    let r = stack.send(&execute);
+    assert_over_limit(&r, "per minute");
+    assert_eq!(
+        r.header("x-ratelimit-limit"),
+        Some(r#"10, 10;w=60;name="per minute""#)
+    );
+
+    // Another client, from another address, has its own counter.
+    let r = stack.send(&execute.clone().from("127.0.0.2"));
+    assert_passed(&r, "training");
+    assert_eq!(r.num("x-ratelimit-remaining"), 9, "{r:?}");
+
+    // The 429 never reached the training server.
+    assert_eq!(stack.upstream_stat(Upstream::Training, "requests"), 11);
+}
+
+#[test]
+fn templated_paths_share_one_counter_per_client() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    for job in 1..=30u64 {
+        let r = stack.send(&Req::post(&format!("/api/training/cancel/{job}")));
+        assert_passed(&r, "training");
+        assert_eq!(
+            r.num("x-ratelimit-remaining"),
+            30 - job,
+            "cancel/{job}: {r:?}"
+        );
+    }
+    assert_over_limit(
+        &stack.send(&Req::post("/api/training/cancel/31")),
+        "per minute",
+    );
+    // A different template has a counter of its own.
+    assert_passed(&stack.send(&Req::post("/api/training/pause/1")), "training");
+}
+
+#[test]
+fn talk2me_allows_a_burst_of_three_transcriptions_then_429_naming_the_burst() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    let transcribe = Req::post("/transcribe")
+        .user_agent("burst-test/1.0")
+        .body(vec![7; 1000]);
+    for i in 1..=3u64 {
+        let r = stack.send(&transcribe);
+        assert_passed(&r, "talk2me");
+        assert_eq!(r.num("x-ratelimit-remaining"), 3 - i, "request {i}: {r:?}");
+    }
+    let r = stack.send(&transcribe);
+    assert_over_limit(&r, "burst");
+    // One token every 6 seconds.
+    assert!(r.num("retry-after") <= 6, "{r:?}");
+}
+
+#[test]
+fn talk2me_clients_are_address_plus_user_agent_and_a_missing_user_agent_is_still_limited() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    // No User-Agent at all: limited as the client (address, "-"), not waved through.
+    let anonymous = Req::post("/transcribe");
+    for _ in 0..3 {
+        assert_passed(&stack.send(&anonymous), "talk2me");
+    }
+    assert_over_limit(&stack.send(&anonymous), "burst");
+    // An empty User-Agent is the same client as a missing one.
+    assert_over_limit(&stack.send(&anonymous.clone().user_agent("")), "burst");
+    // Same address, another User-Agent: another client.
+    assert_passed(
+        &stack.send(&anonymous.clone().user_agent("curl/8.0")),
+        "talk2me",
+    );
+    // Same (missing) User-Agent, another address: another client.
+    assert_passed(&stack.send(&anonymous.from("127.0.0.2")), "talk2me");
+}
+
+#[test]
+fn over_long_paths_queries_and_user_agents_do_not_dodge_limits() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    // sluice refuses a descriptor value over 1 KiB, and Envoy lets a request through when
+    // sluice fails: the query string must not reach sluice, nor a huge User-Agent.
+    let long_query = Req::post(&format!("/transcribe?pad={}", overlong())).user_agent("q");
+    for _ in 0..3 {
+        assert_passed(&stack.send(&long_query), "talk2me");
+    }
+    assert_over_limit(&stack.send(&long_query), "burst");
+
+    let long_agent = Req::post("/transcribe").user_agent(&overlong());
+    for _ in 0..3 {
+        assert_passed(&stack.send(&long_agent), "talk2me");
+    }
+    assert_over_limit(&stack.send(&long_agent), "burst");
+
+    // A path over 1 KiB is still decided (by the domain-wide limits), not failed.
+    let r = stack.send(&Req::post(&format!("/api/{}", overlong())).user_agent("p"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.header("x-ratelimit-limit").is_some(), "{r:?}");
+    assert_eq!(
+        stack.envoy_counter("cluster.talk2me.ratelimit.error"),
+        0,
+        "no call failed"
+    );
+}
+
+#[test]
+fn talk2me_domain_wide_limit_counts_every_client() {
+    const CONFIG: &str = "
+domains:
+  - name: talk2me
+    client: [remote_address, user_agent]
+    global: [5/minute]
+    endpoints:
+      - path: /translate
+        limits: [20/minute]
+";
+    let Some(stack) = Stack::start(Options {
+        sluice_config: Some(CONFIG),
+        ..Options::default()
+    }) else {
+        return;
+    };
+    // Five different clients, one request each: each is far from its own limit.
+    for i in 1..=5 {
+        let r = stack.send(&Req::post("/translate").user_agent(&format!("client-{i}")));
+        assert_passed(&r, "talk2me");
+    }
+    let r = stack.send(&Req::post("/translate").user_agent("client-6"));
+    assert_over_limit(&r, "per minute");
+    assert!(
+        r.header("x-ratelimit-limit").unwrap().starts_with("5, "),
+        "the domain-wide limit decides: {r:?}"
+    );
+}
+
+#[test]
+fn bodies_over_the_endpoint_maximum_get_413_json_and_never_reach_talk2me() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    let speak = Req::post("/speak").user_agent("size-test");
+    let cases = [
+        ("/speak", 50 * 1024 + 1, false),
+        ("/speak", 60_000, true),
+        ("/translate", 100 * 1024 + 1, false),
+        ("/translate/stream", 100 * 1024 + 1, true),
+        ("/transcribe", 10 * 1024 * 1024 + 1, false),
+    ];
+    for (path, size, chunked) in cases {
+        let mut req = Req::post(path)
+            .user_agent("size-test")
+            .body(vec![b'a'; size]);
+        if chunked {
+            req = req.chunked();
+        }
+        let r = stack.send(&req);
+        assert_eq!(r.status, 413, "{path} with {size} bytes: {r:?}");
+        assert_eq!(r.all("content-type"), ["application/json"], "{r:?}");
+        assert_eq!(r.text(), r#"{"error": "Request too large"}"#);
+    }
+    assert_eq!(stack.upstream_stat(Upstream::Talk2me, "requests"), 0);
+
+    // At the limit, it passes; and the refused bodies cost no quota: the whole burst of 3
+    // is still there.
+    for _ in 0..3 {
+        let r = stack.send(&speak.clone().body(vec![b'a'; 50 * 1024]));
+        assert_passed(&r, "talk2me");
+        assert_eq!(r.json()["body_bytes"], 50 * 1024);
+    }
+    let r = stack.send(
+        &Req::post("/translate")
+            .user_agent("size-test")
+            .body(vec![b'a'; 100 * 1024])
+            .chunked(),
+    );
+    assert_passed(&r, "talk2me");
+    assert_eq!(r.json()["body_bytes"], 100 * 1024);
+}
+
+#[test]
+fn more_than_50_requests_in_flight_to_talk2me_get_503_overloaded() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    const CLIENTS: usize = 60;
+    let stack = Arc::new(stack);
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (stack, barrier) = (stack.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let req = Req::get("/api/slow?delay_ms=2500").user_agent(&format!("c{i}"));
+                let conn = open(stack.listener, &req);
+                // All connected: send the requests together. (Unwrap only past the barrier,
+                // or one failed connection would leave the others waiting for ever.)
+                barrier.wait();
+                exchange(conn.unwrap(), &req).unwrap()
+            })
+        })
+        .collect();
+    let responses: Vec<Resp> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+
+    let passed = responses.iter().filter(|r| r.status == 200).count();
+    let overloaded: Vec<&Resp> = responses.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(
+        passed + overloaded.len(),
+        CLIENTS,
+        "only 200s and 503s: {responses:?}"
+    );
+    assert!(!overloaded.is_empty(), "some requests over the cap get 503");
+    for r in &overloaded {
+        assert_eq!(r.header("x-envoy-overloaded"), Some("true"), "{r:?}");
+        assert_eq!(r.text(), r#"{"error": "Too many concurrent requests"}"#);
+    }
+    let peak = stack.upstream_stat(Upstream::Talk2me, "max_in_flight");
+    assert!(
+        (1..=50).contains(&peak),
+        "at most 50 in flight at Talk2Me, saw {peak} ({passed} passed)"
+    );
+}
+
+#[test]
+fn x_forwarded_for_is_ignored_by_default() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    // Every request claims another client address; all are counted as the TCP peer's.
+    for i in 1..=10u64 {
+        let r = stack.send(
+            &Req::post("/api/training/execute")
+                .header("x-forwarded-for", &format!("198.51.100.{i}")),
+        );
+        assert_passed(&r, "training");
+        assert_eq!(r.num("x-ratelimit-remaining"), 10 - i, "{r:?}");
+    }
+    let r =
+        stack.send(&Req::post("/api/training/execute").header("x-forwarded-for", "198.51.100.99"));
+    assert_over_limit(&r, "per minute");
+}
+
+#[test]
+fn x_forwarded_for_names_the_client_with_one_trusted_hop() {
+    let Some(stack) = Stack::start(Options {
+        trusted_hops: 1,
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let from = |xff: &str| Req::post("/api/training/execute").header("x-forwarded-for", xff);
+    for _ in 0..10 {
+        assert_passed(&stack.send(&from("198.51.100.7")), "training");
+    }
+    assert_over_limit(&stack.send(&from("198.51.100.7")), "per minute");
+    // The address the trusted proxy appended (the last one) is the client; whatever the
+    // client itself put before it is not.
+    assert_over_limit(
+        &stack.send(&from("203.0.113.1, 198.51.100.7")),
+        "per minute",
+    );
+    let r = stack.send(&from("198.51.100.7, 198.51.100.8"));
+    assert_passed(&r, "training");
+    assert_eq!(r.num("x-ratelimit-remaining"), 9, "{r:?}");
+}
+
+#[test]
+fn requests_pass_when_sluice_is_down_and_envoy_counts_failure_mode_allowed() {
+    let Some(mut stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    const ALLOWED: &str = "cluster.training.ratelimit.failure_mode_allowed";
+    let execute = Req::post("/api/training/execute");
+    for _ in 0..10 {
+        assert_passed(&stack.send(&execute), "training");
+    }
+    assert_over_limit(&stack.send(&execute), "per minute");
+    let before = stack.envoy_counter(ALLOWED);
+
+    stack.stop_sluice();
+
+    // The same client, over its limit, now passes: Envoy fails open.
+    for _ in 0..3 {
+        let r = stack.send(&execute);
+        assert_passed(&r, "training");
+        assert!(
+            r.header("x-ratelimit-limit").is_none(),
+            "no decision: {r:?}"
+        );
+    }
+    let after = stack.envoy_counter(ALLOWED);
+    assert_eq!(after, before + 3, "{ALLOWED}: {before} -> {after}");
+}
+
+#[test]
+fn routes_reach_their_service_in_their_domain() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    let r = stack.send(&Req::post("/api/filesystem/list"));
+    assert_passed(&r, "training");
+    assert_eq!(
+        r.header("x-ratelimit-limit"),
+        Some(r#"60, 60;w=60;name="per minute""#)
+    );
+    let r = stack.send(&Req::post("/api/training/job-7/force-start"));
+    assert_passed(&r, "training");
+    assert_eq!(r.num("x-ratelimit-remaining"), 29);
+    // Paths are normalised before routing and before sluice sees them.
+    let r = stack.send(&Req::post("//api/training/./job-7//force-start"));
+    assert_passed(&r, "training");
+    assert_eq!(r.num("x-ratelimit-remaining"), 28);
+
+    for path in ["/translate", "/translate/stream", "/speak", "/transcribe"] {
+        let r = stack.send(&Req::post(path).user_agent("routes"));
+        assert_passed(&r, "talk2me");
+        assert_eq!(r.json()["path"], path);
+        assert!(r.header("x-ratelimit-limit").is_some(), "{r:?}");
+    }
+    // Talk2Me's other API endpoints: only the domain-wide limits apply.
+    let r = stack.send(&Req::post("/api/push/subscribe").user_agent("routes"));
+    assert_passed(&r, "talk2me");
+    assert!(
+        r.header("x-ratelimit-limit").unwrap().starts_with("1000, "),
+        "{r:?}"
+    );
+
+    let r = stack.send(&Req::get("/elsewhere"));
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(r.json()["error"], "Not found");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
+
+#[test]
+fn kubernetes_sidecar_embeds_the_repository_configs() {
+    let path = repo_path("envoy/kubernetes/sidecar.yaml");
+    let mut manifest = std::fs::read_to_string(&path).unwrap();
+    let sluice = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
+    let envoy =
+        kubernetes_envoy_config(&std::fs::read_to_string(repo_path("envoy/envoy.yaml")).unwrap());
+    if std::env::var("SLUICE_UPDATE_SIDECAR").as_deref() == Ok("1") {
+        manifest = embed(
+            &embed(&manifest, "sluice.yaml", &sluice),
+            "envoy.yaml",
+            &envoy,
+        );
+        std::fs::write(&path, &manifest).unwrap();
+    }
+
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&manifest)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("well-formed YAML"))
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "NetworkPolicy"
+        ]
+    );
+    let data = |name: &str, key: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name)
+            .and_then(|d| d["data"][key].as_str())
+            .unwrap_or_else(|| panic!("ConfigMap {name} with {key}"))
+            .to_string()
+    };
+    const REGENERATE: &str =
+        "regenerate with SLUICE_UPDATE_SIDECAR=1 cargo test --test envoy_e2e kubernetes";
+    assert!(
+        data("sluice-config", "sluice.yaml") == sluice,
+        "sidecar.yaml's sluice.yaml differs from config/sluice.yaml: {REGENERATE}"
+    );
+    assert!(
+        data("envoy-config", "envoy.yaml") == envoy,
+        "sidecar.yaml's envoy.yaml differs from envoy/envoy.yaml: {REGENERATE}"
+    );
+
+    // Envoy accepts the pod's configuration.
+    let Some(envoy_bin) = tool("envoy") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("envoy.yaml");
+    std::fs::write(&file, &envoy).unwrap();
+    let out = Command::new(envoy_bin)
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy --mode validate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
