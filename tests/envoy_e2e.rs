@@ -28,7 +28,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{repo_path, tool};
+use common::{ADMIN_TOKEN, authed, repo_path, tool};
 
 /// How long any one process may take to start.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -164,6 +164,8 @@ struct Stack {
     listener: SocketAddr,
     /// Envoy's admin interface.
     admin: SocketAddr,
+    /// sluice's admin API (token [`ADMIN_TOKEN`]).
+    sluice_admin: SocketAddr,
     training_addr: SocketAddr,
     talk2me_addr: SocketAddr,
     logs: Vec<PathBuf>,
@@ -200,6 +202,7 @@ impl Stack {
         // directory. Environment variables rather than flags: a flag a given version lacks
         // would stop it, an unknown variable does not.
         cmd.env("SLUICE_ADMIN_ADDR", "127.0.0.1:0")
+            .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
             .env("SLUICE_STATE_FILE", dir.path().join("sluice-state.json"));
         // The default config reads these; the tests want its defaults.
@@ -220,6 +223,8 @@ impl Stack {
         };
         let line = wait_for_line(&mut sluice, &lines, "serving RateLimitService");
         let sluice_addr = parse_after(&line, "addr=");
+        let line = wait_for_line(&mut sluice, &lines, "serving Admin");
+        let sluice_admin = parse_after(&line, "addr=");
         let mut logs = vec![log];
 
         // The stand-ins, on ports of their choosing.
@@ -304,6 +309,7 @@ impl Stack {
             sluice: Some(sluice),
             listener,
             admin,
+            sluice_admin,
             training_addr,
             talk2me_addr,
             logs,
@@ -1212,4 +1218,74 @@ fn kubernetes_sidecar_embeds_the_repository_configs() {
         "envoy --mode validate: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Calls sluice's admin API (a gRPC client on a runtime of its own: these tests are blocking).
+fn sluice_admin<T>(
+    stack: &Stack,
+    call: impl AsyncFnOnce(
+        sluice::proto::sluice::admin::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    ) -> T,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = sluice::proto::sluice::admin::v1::admin_client::AdminClient::connect(format!(
+            "http://{}",
+            stack.sluice_admin
+        ))
+        .await
+        .unwrap();
+        call(client).await
+    })
+}
+
+#[test]
+fn an_admin_block_turns_the_client_away_through_envoy_and_unblock_lets_it_back() {
+    use sluice::proto::sluice::admin::v1 as pb;
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    let read = Req::post("/api/filesystem/read").body(b"{}".to_vec());
+    assert_passed(&stack.send(&read), "training");
+
+    sluice_admin(&stack, async |mut admin| {
+        admin
+            .block_ip(authed(pb::BlockIpRequest {
+                ip: "127.0.0.1".into(),
+                duration_seconds: 600,
+                reason: "e2e".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+    });
+    for req in [read.clone(), Req::post("/transcribe").body(b"{}".to_vec())] {
+        let r = stack.send(&req);
+        assert_eq!(r.status, 429, "{r:?}");
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"error": "IP temporarily blocked due to excessive requests"})
+        );
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((590..=600).contains(&retry), "{r:?}");
+        assert_eq!(r.all("retry-after").len(), 1);
+    }
+    // Another address is not blocked.
+    assert_passed(&stack.send(&read.clone().from("127.0.0.2")), "training");
+
+    let removed = sluice_admin(&stack, async |mut admin| {
+        admin
+            .unblock_ip(authed(pb::UnblockIpRequest {
+                ip: "127.0.0.1".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .removed
+    });
+    assert!(removed);
+    assert_passed(&stack.send(&read), "training");
 }
