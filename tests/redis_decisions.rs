@@ -170,7 +170,14 @@ async fn a_denied_request_charges_no_limit_across_cluster_slots() {
     }
     let r = srv.call(req("1.0.0.6")).await;
     assert_eq!(r.overall_code, OVER);
-    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().requests_per_unit, 5);
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        5
+    );
 }
 
 fn request_a() -> Request<'static> {
@@ -217,7 +224,11 @@ async fn outage_and_recovery(policy: FailurePolicy) {
     for _ in 0..5 {
         let started = Instant::now();
         let d = limiter.decide(&request_a()).await;
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         match policy {
             FailurePolicy::Allow => assert!(!d.over && d.statuses[0].limit.is_none()),
             FailurePolicy::Deny => assert!(d.over && d.unavailable),
@@ -230,7 +241,10 @@ async fn outage_and_recovery(policy: FailurePolicy) {
         let d = limiter.decide(&request_a()).await;
         if d.statuses[0].limit.is_some() {
             assert!(!d.over);
-            assert_eq!(d.statuses[0].remaining, 99, "a fresh Redis counts from zero");
+            assert_eq!(
+                d.statuses[0].remaining, 99,
+                "a fresh Redis counts from zero"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "service did not resume");

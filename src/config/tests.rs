@@ -267,7 +267,8 @@ fn envoyproxy_ratelimit_test_configs_are_not_mistaken_for_ours() {
     assert!(err.contains("unknown field `domain`"), "{err}");
 }
 
-const ONE_DOMAIN: &str = "domains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [1/minute]\n";
+const ONE_DOMAIN: &str =
+    "domains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [1/minute]\n";
 
 #[test]
 fn store_backend_defaults_to_memory_and_redis_is_chosen_by_url_or_cluster() {
@@ -282,7 +283,10 @@ fn store_backend_defaults_to_memory_and_redis_is_chosen_by_url_or_cluster() {
     let Backend::Redis(o) = c.backend else {
         panic!("expected redis")
     };
-    assert_eq!(o.nodes, RedisNodes::Single("redis://:pw@127.0.0.1:6379/2".into()));
+    assert_eq!(
+        o.nodes,
+        RedisNodes::Single("redis://:pw@127.0.0.1:6379/2".into())
+    );
     assert_eq!(o.timeout, Duration::from_millis(80));
     assert_eq!(o.time, TimeSource::Caller);
 
@@ -300,14 +304,27 @@ fn store_backend_defaults_to_memory_and_redis_is_chosen_by_url_or_cluster() {
 #[test]
 fn store_backend_errors_name_the_field() {
     let e = parse_err(&format!("store:\n  backend: redis\n{ONE_DOMAIN}"));
-    assert!(e.starts_with("t.yaml:2: store.backend: redis needs `url:"), "{e}");
+    assert!(
+        e.starts_with("t.yaml:2: store.backend: redis needs `url:"),
+        "{e}"
+    );
     let e = parse_err(&format!("store:\n  url: http://x:6379\n{ONE_DOMAIN}"));
-    assert!(e.starts_with("t.yaml:2: store.url: \"http://x:6379\": expected a redis://"), "{e}");
-    let e = parse_err(&format!("store:\n  cluster: [redis://a:1, nope]\n{ONE_DOMAIN}"));
+    assert!(
+        e.starts_with("t.yaml:2: store.url: \"http://x:6379\": expected a redis://"),
+        "{e}"
+    );
+    let e = parse_err(&format!(
+        "store:\n  cluster: [redis://a:1, nope]\n{ONE_DOMAIN}"
+    ));
     assert!(e.contains("store.cluster[1]: \"nope\""), "{e}");
     let e = parse_err(&format!("store:\n  timeout_ms: 10\n{ONE_DOMAIN}"));
-    assert!(e.contains("store.timeout_ms: only applies to `backend: redis`"), "{e}");
-    let e = parse_err(&format!("store:\n  url: redis://a:1\n  on_error: maybe\n{ONE_DOMAIN}"));
+    assert!(
+        e.contains("store.timeout_ms: only applies to `backend: redis`"),
+        "{e}"
+    );
+    let e = parse_err(&format!(
+        "store:\n  url: redis://a:1\n  on_error: maybe\n{ONE_DOMAIN}"
+    ));
     assert!(e.contains("store.on_error: unknown variant `maybe`"), "{e}");
     let e = parse_err(&format!("store:\n  urll: redis://a:1\n{ONE_DOMAIN}"));
     assert!(e.contains("store: unknown field `urll`"), "{e}");

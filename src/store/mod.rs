@@ -260,7 +260,9 @@ mod tests {
     #[test]
     fn store_flag_picks_memory_one_server_or_a_cluster_and_keeps_redis_settings() {
         assert_eq!(Backend::Memory.overridden_by("memory"), Ok(Backend::Memory));
-        let one = Backend::Memory.overridden_by("redis://127.0.0.1:6379").unwrap();
+        let one = Backend::Memory
+            .overridden_by("redis://127.0.0.1:6379")
+            .unwrap();
         assert_eq!(
             one,
             Backend::Redis(RedisOptions::new(RedisNodes::Single(
