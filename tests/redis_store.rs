@@ -468,3 +468,27 @@ async fn rediss_with_a_password_from_the_url_and_a_private_ca() {
     .unwrap();
     assert!(apply(&wrong, &[take(2, &p, 1)], T0).await.is_err());
 }
+
+#[tokio::test]
+async fn a_pure_check_of_an_unknown_key_writes_nothing_to_redis() {
+    let Some(fx) = RedisFixture::single() else {
+        return;
+    };
+    let p = Policy::SlidingWindow {
+        limit: 5,
+        window: nz(60 * S),
+    };
+    let key = (5u128 << 64) | 5;
+    let (ok, v) = apply(&fx.store, &[take(key, &p, 0)], T0).await.unwrap();
+    assert!(ok && v[0].remaining == 5);
+    let server = fx.server.as_ref().unwrap();
+    assert_eq!(
+        server.cli(&["EXISTS", &key_name(CounterKey(key))]).trim(),
+        "0"
+    );
+    apply(&fx.store, &[take(key, &p, 1)], T0).await.unwrap();
+    assert_eq!(
+        server.cli(&["EXISTS", &key_name(CounterKey(key))]).trim(),
+        "1"
+    );
+}

@@ -131,10 +131,13 @@ impl Backend {
             Backend::Memory => "memory".to_string(),
             Backend::Redis(o) => {
                 let nodes = match &o.nodes {
-                    RedisNodes::Single(u) => redact(u),
+                    RedisNodes::Single(u) => self::redis::redact(u),
                     RedisNodes::Cluster(us) => format!(
                         "cluster [{}]",
-                        us.iter().map(|u| redact(u)).collect::<Vec<_>>().join(", ")
+                        us.iter()
+                            .map(|u| self::redis::redact(u))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 };
                 format!(
@@ -178,16 +181,6 @@ impl Backend {
             Backend::Redis(o) => RedisOptions { nodes, ..o.clone() },
             Backend::Memory => RedisOptions::new(nodes),
         }))
-    }
-}
-
-/// `redis://user:secret@host` -> `redis://***@host`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -292,5 +285,6 @@ mod tests {
         let text = b.describe();
         assert!(text.contains("redis://***@10.0.0.1:6379/1"), "{text}");
         assert!(!text.contains("hunter2"));
+        assert!(!format!("{b:?}").contains("hunter2"), "Debug hides it too");
     }
 }

@@ -50,14 +50,36 @@ pub const MAX_WINDOW_MS: u64 = 1 << 35;
 /// Keys of the over-limit cache at most; beyond it, new denials are not cached.
 pub const OVER_LIMIT_CACHE_KEYS: usize = 100_000;
 
-/// Which Redis to use.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which Redis to use. Its `Debug` hides passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisNodes {
     /// One server (or a primary behind a failover proxy): `redis://[:password@]host:port[/db]`
     /// or `rediss://` for TLS.
     Single(String),
     /// Seed nodes of a Redis Cluster.
     Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisNodes::Single(u) => f.debug_tuple("Single").field(&redact(u)).finish(),
+            RedisNodes::Cluster(us) => f
+                .debug_tuple("Cluster")
+                .field(&us.iter().map(|u| redact(u)).collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
+/// `redis://user:secret@host` -> `redis://***@host`, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Where the script's `now` comes from.
