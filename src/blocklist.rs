@@ -795,6 +795,47 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_state_keeps_local_changes_not_yet_replicated() {
+        let l = AccessList::empty();
+        l.block(net("192.0.2.1"), None, "before".into(), "a".into(), t(1));
+        assert!(
+            l.take_changes().is_empty(),
+            "not journaled before replicate()"
+        );
+        l.replicate();
+        l.block(net("192.0.2.2"), None, "local".into(), "a".into(), t(2));
+        // Another replica's state: it blocks .3 and knows nothing of .1 or .2 yet.
+        let remote = new_block(net("192.0.2.3"), None, "remote".into(), "b".into(), t(2));
+        l.replace_state(vec![remote], vec![]);
+        assert!(matches!(
+            l.check_at("192.0.2.3", t(3)),
+            Access::Blocked { .. }
+        ));
+        assert!(
+            matches!(l.check_at("192.0.2.2", t(3)), Access::Blocked { .. }),
+            "pending change kept"
+        );
+        assert_eq!(
+            l.check_at("192.0.2.1", t(3)),
+            Access::Normal,
+            "the shared state wins"
+        );
+        let changes = l.take_changes();
+        assert!(matches!(&changes[..], [AccessChange::Block(b)] if b.net == net("192.0.2.2")));
+        assert!(l.unblock(net("192.0.2.3")));
+        assert_eq!(
+            l.take_changes(),
+            vec![AccessChange::Unblock(net("192.0.2.3"))]
+        );
+        let (blocks, allowed) = l.export_state();
+        assert_eq!((blocks.len(), allowed.len()), (1, 0));
+    }
+
+    fn net(s: &str) -> IpNet {
+        parse_net(s).unwrap()
+    }
+
+    #[test]
     fn garbage_addresses_are_not_matched() {
         let l = AccessList::empty();
         l.block(
