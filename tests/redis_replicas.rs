@@ -35,6 +35,7 @@ domains:
 /// One `sluice serve` child, killed on drop.
 struct Replica {
     child: Child,
+    http: std::net::SocketAddr,
     rls: RateLimitServiceClient<Channel>,
     admin: AdminClient<Channel>,
 }
@@ -47,14 +48,19 @@ impl Drop for Replica {
 }
 
 async fn replica(dir: &std::path::Path, name: &str, store: &str) -> Replica {
-    let config = dir.join("sluice.yaml");
-    std::fs::write(&config, CONFIG).unwrap();
+    replica_with(dir, name, CONFIG, &["--store", store]).await
+}
+
+async fn replica_with(dir: &std::path::Path, name: &str, yaml: &str, args: &[&str]) -> Replica {
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, yaml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("serve")
         .arg("--config")
         .arg(&config)
         .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0", "--store", store])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .args(args)
         .arg("--state-file")
         .arg(dir.join(format!("{name}-state.json")))
         .env("SLUICE_KEY_SECRET", "shared-test-secret")
@@ -72,9 +78,9 @@ async fn replica(dir: &std::path::Path, name: &str, store: &str) -> Replica {
             let _ = tx.send(line);
         }
     });
-    let (mut grpc, mut admin) = (None, None);
+    let (mut grpc, mut admin, mut http) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while grpc.is_none() || admin.is_none() {
+    while grpc.is_none() || admin.is_none() || http.is_none() {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("{name}: no start-up lines"));
@@ -86,9 +92,12 @@ async fn replica(dir: &std::path::Path, name: &str, store: &str) -> Replica {
             grpc = Some(addr());
         } else if line.contains("serving Admin") {
             admin = Some(addr());
+        } else if line.contains("serving /metrics") {
+            http = Some(addr().parse().unwrap());
         }
     }
     Replica {
+        http: http.unwrap(),
         rls: RateLimitServiceClient::connect(format!("http://{}", grpc.unwrap()))
             .await
             .unwrap(),
@@ -219,4 +228,58 @@ fn the_redis_store_refuses_to_start_without_a_shared_key_secret() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("SLUICE_KEY_SECRET"), "{stderr}");
+}
+
+/// The Redis store configured in the file (no `--store`), `on_error: deny`: with Redis killed the
+/// replica refuses within its deadline and counts the errors; with Redis back on the same port it
+/// decides from Redis again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_denies_while_redis_is_down_and_recovers_when_it_returns() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "store:\n  url: {}\n  timeout_ms: 100\n  on_error: deny\n{}",
+        redis.url(),
+        CONFIG
+    );
+    let r = replica_with(dir.path(), "d", &yaml, &[]).await;
+    let ip = "203.0.113.50";
+    assert_eq!(code(&r, ip).await, OK);
+    redis.stop();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = r
+            .rls
+            .clone()
+            .should_rate_limit(training("/api/training/execute", ip))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(reply.overall_code, OVER);
+        assert_eq!(
+            String::from_utf8(reply.raw_body).unwrap(),
+            r#"{"error": "Rate limiting temporarily unavailable"}"#
+        );
+    }
+    let (_, body) = http_get(r.http, "/metrics").await;
+    assert!(
+        metric(&body, "sluice_store_errors_total").unwrap() >= 3.0,
+        "{body}"
+    );
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while code(&r, ip).await != OK {
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after Redis restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
