@@ -20,6 +20,10 @@ use sluice::stats::Stats;
 use sluice::store::{AnyStore, Backend, MemoryStoreOptions, redis_sync};
 use sluice::{config, shutdown};
 
+/// mimalloc: the gRPC transport allocates on every call; measured in BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

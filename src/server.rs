@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -128,7 +127,9 @@ pub async fn run<S: Store>(
 
     // Health is reported per listener: both routers answer "" and their services as SERVING
     // once the config is loaded, which it is by the time we get here.
-    let mut grpc_builder = Server::builder().tcp_nodelay(true);
+    // TCP_NODELAY is set on the incoming stream: the builder's setting does not reach a listener
+    // we bound ourselves, and without it small responses wait for delayed ACKs (40 ms tails).
+    let mut grpc_builder = Server::builder();
     let (health, router) = with_common(&mut grpc_builder)?;
     health
         .set_serving::<RateLimitServiceServer<RlsService<S>>>()
@@ -138,12 +139,12 @@ pub async fn run<S: Store>(
             limiter.clone(),
         )))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
     let admin = match listeners.admin {
         Some(listener) => {
-            let mut admin_builder = Server::builder().tcp_nodelay(true);
+            let mut admin_builder = Server::builder();
             let check = check.clone();
             let service =
                 AdminServer::with_interceptor(AdminService::new(limiter.clone()), move |req| {
@@ -154,7 +155,7 @@ pub async fn run<S: Store>(
                 .set_service_status("sluice.admin.v1.Admin", ServingStatus::Serving)
                 .await;
             Some(router.add_service(service).serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             ))
         }

@@ -388,6 +388,7 @@ fn compile_domain(d: RawDomain, path: &[Seg]) -> Result<Domain, Invalid> {
             client: Vec::new(),
             limits,
             stats: Arc::default(),
+            shared_group: 0,
         });
     }
     let auto_block = match d.auto_block {
@@ -504,6 +505,7 @@ fn compile_endpoint(
         client: client.to_vec(),
         limits,
         stats: Arc::default(),
+        shared_group: 0,
     })
 }
 

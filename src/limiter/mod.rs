@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13 as SipHasher13_64;
-use siphasher::sip128::{Hasher128, SipHasher13};
 use smallvec::SmallVec;
 
 use crate::blocklist::{Access, AccessList};
@@ -402,6 +401,12 @@ impl<S: Store> Limiter<S> {
             }
         };
         for (index, d) in request.descriptors.iter().enumerate() {
+            // The client's identity is hashed once per descriptor and shared by its limits.
+            let dgroup = if domain.client.is_empty() {
+                None
+            } else {
+                self.client_group(&domain.client, &d.entries)
+            };
             let routed = domain.route(&d.entries);
             match (d.limit_override, routed) {
                 (Some(o), rule) => {
@@ -423,8 +428,9 @@ impl<S: Store> Limiter<S> {
                     );
                 }
                 (None, Some(rule)) => {
+                    let group = self.rule_group(rule, &d.entries, &domain.client, dgroup);
                     for limit in &rule.limits {
-                        if let Some(key) = self.limit_key(rule, limit, &d.entries) {
+                        if let Some(key) = group.map(|g| self.limit_key_in(g, limit)) {
                             let kind = enforce(limit.shadow);
                             plan(
                                 &mut planned,
@@ -442,8 +448,9 @@ impl<S: Store> Limiter<S> {
                 (None, None) => {}
             }
             for rule in domain.conditional(&d.entries) {
+                let group = self.rule_group(rule, &d.entries, &domain.client, dgroup);
                 for limit in &rule.limits {
-                    if let Some(key) = self.limit_key(rule, limit, &d.entries) {
+                    if let Some(key) = group.map(|g| self.limit_key_in(g, limit)) {
                         let kind = enforce(limit.shadow);
                         plan(
                             &mut planned,
@@ -608,16 +615,9 @@ impl<S: Store> Limiter<S> {
                 .iter()
                 .map(|k| lookup(&d.entries, k))
                 .collect::<Option<_>>()?;
-            let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-            h.write(b"client");
-            h.write_usize(domain.name.len());
-            h.write(domain.name.as_bytes());
-            for v in &values {
-                h.write_usize(v.len());
-                h.write(v.as_bytes());
-            }
+            let group = self.client_group(&domain.client, &d.entries)?;
             Some(ClientId {
-                hash: h.finish128().as_u128(),
+                hash: (u128::from(group) << 64) | u128::from(domain.tag),
                 values,
                 address,
             })
@@ -702,6 +702,30 @@ impl<S: Store> Limiter<S> {
         Some(h.finish())
     }
 
+    /// The group half of `rule`'s counter keys for a descriptor: fixed for a rule shared by
+    /// all clients, else the client's identity (`dgroup` when the rule identifies clients by the
+    /// domain's entries, as endpoint rules do). `None` if the descriptor lacks a client entry.
+    fn rule_group(
+        &self,
+        rule: &Rule,
+        entries: &[(&str, &str)],
+        domain_client: &[String],
+        dgroup: Option<u64>,
+    ) -> Option<u64> {
+        if rule.client.is_empty() {
+            Some(rule.shared_group)
+        } else if rule.client.as_slice() == domain_client {
+            dgroup
+        } else {
+            self.client_group(&rule.client, entries)
+        }
+    }
+
+    /// Counter key of `limit` within a group.
+    fn limit_key_in(&self, group: u64, limit: &Limit) -> CounterKey {
+        self.key(group, |h| h.write_u64(limit.id))
+    }
+
     /// Counter key of `limit` of `rule` for the client named by `entries`; `None` if the
     /// descriptor lacks one of the rule's client entries.
     fn limit_key(
@@ -711,14 +735,11 @@ impl<S: Store> Limiter<S> {
         entries: &[(&str, &str)],
     ) -> Option<CounterKey> {
         let group = if rule.client.is_empty() {
-            let mut h = self.h64();
-            h.write(b"shared");
-            h.write_u64(limit.id);
-            h.finish()
+            rule.shared_group
         } else {
             self.client_group(&rule.client, entries)?
         };
-        Some(self.key(group, |h| h.write_u64(limit.id)))
+        Some(self.limit_key_in(group, limit))
     }
 
     /// Counter key for an override on a routed rule: the rule's client, the override's rate.

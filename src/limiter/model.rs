@@ -58,8 +58,12 @@ impl RuleSet {
         }
     }
 
-    /// The domain called `name`, if configured.
+    /// The domain called `name`, if configured. A handful of domains is the norm: comparing
+    /// names beats hashing the request's domain.
     pub fn domain(&self, name: &str) -> Option<&Domain> {
+        if self.domains.len() <= 8 {
+            return self.domains.iter().find(|d| d.name == name);
+        }
         self.index.get(name).and_then(|&i| self.domains.get(i))
     }
 }
@@ -71,6 +75,8 @@ pub struct Domain {
     pub name: String,
     /// The same, shared with per-client statistics.
     pub name_arc: Arc<str>,
+    /// A hash of the name, to tell clients of different domains apart in statistics.
+    pub tag: u64,
     /// The descriptor entry whose value routed rules are matched against (default `path`).
     pub endpoint_entry: String,
     /// Entries identifying a client in this domain (for statistics and resets).
@@ -106,6 +112,14 @@ impl Domain {
         rules: Vec<Rule>,
         routes: PathRouter<usize>,
     ) -> Self {
+        let mut rules = rules;
+        for r in &mut rules {
+            let mut id = Vec::with_capacity(name.len() + r.name.len() + 1);
+            id.extend_from_slice(name.as_bytes());
+            id.push(0);
+            id.extend_from_slice(r.name.as_bytes());
+            r.shared_group = xxhash_rust::xxh3::xxh3_64(&id);
+        }
         let conditional = rules
             .iter()
             .enumerate()
@@ -113,6 +127,7 @@ impl Domain {
             .map(|(i, _)| i)
             .collect();
         Self {
+            tag: xxhash_rust::xxh3::xxh3_64(name.as_bytes()),
             name_arc: Arc::from(name.as_str()),
             name,
             endpoint_entry,
@@ -183,6 +198,9 @@ pub struct Rule {
     pub limits: Vec<Limit>,
     /// Decision counts for descriptors this rule matched; attached by the limiter.
     pub stats: Arc<Counts>,
+    /// For rules shared by all clients: the group half of their counter keys, fixed per rule
+    /// (set by [`Domain::new`]) so the request path does not hash it.
+    pub shared_group: u64,
 }
 
 /// One limit, compiled.

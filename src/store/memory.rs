@@ -26,6 +26,9 @@ use crate::limiter::algorithms::{CellState, Hits, evaluate};
 /// unrelated clients rare; each shard's map is small enough to sweep in well under a millisecond.
 pub const SHARDS: usize = 256;
 
+/// Entries looked at to choose one to evict from a full shard.
+const EVICTION_SAMPLE: usize = 8;
+
 /// Largest batch applied atomically (64 descriptors with a few limits each).
 pub const MAX_BATCH: usize = 1024;
 
@@ -133,12 +136,23 @@ impl MemoryStore {
             return;
         }
         if map.len() >= self.per_shard_cap {
-            map.retain(|_, c| c.expires_at > now);
-            if map.len() >= self.per_shard_cap {
-                // Still full of live counters: evict one (its client starts afresh). Iteration
-                // order is hash order, which clients cannot predict under a keyed hash.
-                if let Some(victim) = map.keys().next().copied() {
-                    map.remove(&victim);
+            // Full: make room in O(1). Look at a few entries (hash order, which clients cannot
+            // predict under a keyed hash) and drop the first expired one, else the one expiring
+            // soonest (its client starts afresh). The sweeper purges expired entries in bulk;
+            // scanning the whole shard here would cost every new client tens of microseconds.
+            let mut victim: Option<(u128, u64)> = None;
+            for (k, c) in map.iter().take(EVICTION_SAMPLE) {
+                if c.expires_at <= now {
+                    victim = Some((*k, 0));
+                    break;
+                }
+                if victim.is_none_or(|(_, e)| c.expires_at < e) {
+                    victim = Some((*k, c.expires_at));
+                }
+            }
+            if let Some((k, expires_at)) = victim {
+                map.remove(&k);
+                if expires_at > now {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
             }

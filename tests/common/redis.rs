@@ -56,11 +56,33 @@ impl RedisServer {
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
+        // A port found free can be taken by a parallel test before redis-server binds it:
+        // start again on fresh ports a few times before calling it a failure.
+        for _ in 0..4 {
+            if server.try_launch() {
+                return Some(server);
+            }
+            server.port = free_port();
+            if server.bus_port.is_some() {
+                server.bus_port = Some(free_port());
+            }
+        }
         server.launch();
         Some(server)
     }
 
+    /// Like [`Self::launch`], but `false` if redis-server exits while starting.
+    fn try_launch(&mut self) -> bool {
+        self.spawn_child();
+        self.wait_ready_or_exit()
+    }
+
     fn launch(&mut self) {
+        self.spawn_child();
+        self.wait_ready();
+    }
+
+    fn spawn_child(&mut self) {
         let mut cmd = Command::new(&self.binary);
         cmd.current_dir(self.dir.path())
             .args(["--port", &self.port.to_string()])
@@ -92,7 +114,28 @@ impl RedisServer {
                 .args(["--requirepass", password]);
         }
         self.child = Some(cmd.spawn().expect("redis-server starts"));
-        self.wait_ready();
+    }
+
+    /// Waits for the server; `false` if it exited first (a port taken meanwhile).
+    fn wait_ready_or_exit(&mut self) -> bool {
+        let deadline = Instant::now() + READY;
+        loop {
+            let up = if self.tls_password.is_some() {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                ping(self.port)
+            };
+            if up {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&mut self) {
