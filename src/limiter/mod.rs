@@ -408,50 +408,30 @@ impl<S: Store> Limiter<S> {
                 self.client_group(&domain.client, &d.entries)
             };
             let routed = domain.route(&d.entries);
-            match (d.limit_override, routed) {
-                (Some(o), rule) => {
-                    let (policy, reported) = override_policy(o);
-                    let key = match rule.and_then(|r| self.client_key(r, &d.entries, o)) {
-                        Some(k) => k,
-                        None => self.entries_key(domain.name.as_str(), &d.entries, o),
-                    };
-                    let source = Source::Override(policy, reported);
-                    plan(
-                        &mut planned,
-                        &mut counters,
-                        index,
-                        rule,
-                        d.hits,
-                        source,
-                        key,
-                        enforce(false),
-                    );
-                }
-                (None, Some(rule)) => {
-                    let group = self.rule_group(rule, &d.entries, &domain.client, dgroup);
-                    for limit in &rule.limits {
-                        if let Some(key) = group.map(|g| self.limit_key_in(g, limit)) {
-                            let kind = enforce(limit.shadow);
-                            plan(
-                                &mut planned,
-                                &mut counters,
-                                index,
-                                Some(rule),
-                                d.hits,
-                                Source::Config(limit),
-                                key,
-                                kind,
-                            );
-                        }
-                    }
-                }
-                (None, None) => {}
+            // An override replaces the endpoint's limits; domain-wide rules still apply.
+            if let Some(o) = d.limit_override {
+                let (policy, reported) = override_policy(o);
+                let key = match routed.and_then(|r| self.client_key(r, &d.entries, o)) {
+                    Some(k) => k,
+                    None => self.entries_key(domain.name.as_str(), &d.entries, o),
+                };
+                let source = Source::Override(policy, reported);
+                plan(
+                    &mut planned,
+                    &mut counters,
+                    index,
+                    routed,
+                    d.hits,
+                    source,
+                    key,
+                    enforce(false),
+                );
             }
-            for rule in domain.conditional(&d.entries) {
+            let endpoint = routed.filter(|_| d.limit_override.is_none());
+            for rule in endpoint.into_iter().chain(domain.conditional(&d.entries)) {
                 let group = self.rule_group(rule, &d.entries, &domain.client, dgroup);
                 for limit in &rule.limits {
                     if let Some(key) = group.map(|g| self.limit_key_in(g, limit)) {
-                        let kind = enforce(limit.shadow);
                         plan(
                             &mut planned,
                             &mut counters,
@@ -460,7 +440,7 @@ impl<S: Store> Limiter<S> {
                             d.hits,
                             Source::Config(limit),
                             key,
-                            kind,
+                            enforce(limit.shadow),
                         );
                     }
                 }
