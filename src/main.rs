@@ -197,6 +197,7 @@ async fn serve(
         );
     }
     let cfg_store = cfg.store;
+    let file_backend = cfg.backend.clone();
     let access = AccessList::open(Some(state_file), cfg.rules.allowlist.clone())?;
     let store = AnyStore::open(
         &backend,
@@ -237,11 +238,10 @@ async fn serve(
         .await
         .with_context(|| format!("binding --http-addr {}", addrs.http))?;
     tracing::info!(addr = %http.local_addr()?, "serving /metrics, /healthz, /readyz");
-    let reloader = Arc::new(Reloader::new(
-        config_path.clone(),
-        limiter.clone(),
-        cfg_store,
-    ));
+    let reloader = Arc::new(
+        Reloader::new(config_path.clone(), limiter.clone(), cfg_store)
+            .with_file_backend(file_backend),
+    );
     let sighup = reload::on_sighup(reloader.clone()).context("installing the SIGHUP handler")?;
     let _reload_tasks = (
         AbortOnDrop(tokio::spawn(sighup)),

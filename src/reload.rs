@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{self, ConfigError, StoreSettings};
 use crate::limiter::Limiter;
-use crate::store::Store;
+use crate::store::{Backend, Store};
 
 /// Reloads one config file into one limiter.
 #[derive(Debug)]
@@ -27,6 +27,7 @@ pub struct Reloader<S> {
     path: PathBuf,
     limiter: Arc<Limiter<S>>,
     store: StoreSettings,
+    backend: Option<Backend>,
     last_attempt: Mutex<u64>,
 }
 
@@ -38,8 +39,16 @@ impl<S: Store> Reloader<S> {
             path,
             limiter,
             store,
+            backend: None,
             last_attempt: Mutex::new(last),
         }
+    }
+
+    /// The store backend the file named at start, so a reload that changes it can say that a
+    /// restart is needed.
+    pub fn with_file_backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
+        self
     }
 
     /// Reloads now; `Ok(true)` if the rules changed.
@@ -70,7 +79,7 @@ impl<S: Store> Reloader<S> {
             tracing::info!(trigger = why, "config reloaded: unchanged");
             return Ok(false);
         }
-        if cfg.store != self.store {
+        if cfg.store != self.store || self.backend.as_ref().is_some_and(|b| *b != cfg.backend) {
             tracing::warn!(
                 "store settings changed in the config; they take effect at the next restart"
             );
