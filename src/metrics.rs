@@ -4,23 +4,53 @@
 //! Labels are domain, endpoint and limit names from the config: bounded by the config, never by
 //! clients, so cardinality cannot explode with traffic.
 
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::sync::atomic::Ordering;
 
 use crate::limiter::Limiter;
 use crate::stats::LATENCY_BUCKETS;
 use crate::store::Store;
 
-/// Escapes a label value.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The exposition being written. Every sample goes through [`Exposition::sample`], so label
+/// values are escaped in exactly one place.
+struct Exposition(String);
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                self.0.push_str(k);
+                self.0.push_str("=\"");
+                for c in v.chars() {
+                    match c {
+                        '\\' => self.0.push_str("\\\\"),
+                        '"' => self.0.push_str("\\\""),
+                        '\n' => self.0.push_str("\\n"),
+                        c => self.0.push(c),
+                    }
+                }
+                self.0.push('"');
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// A family with one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
 }
 
 /// Renders every metric.
@@ -28,216 +58,171 @@ pub fn render<S: Store>(limiter: &Limiter<S>) -> String {
     let stats = limiter.stats();
     let rules = limiter.rules();
     let now = limiter.clock().now();
-    let mut out = String::with_capacity(8 * 1024);
+    let mut out = Exposition(String::with_capacity(8 * 1024));
 
     let all = stats.all_counts();
-    family(
-        &mut out,
+    let endpoints: Vec<_> = all.iter().filter(|(_, e, _)| !e.is_empty()).collect();
+    out.family(
         "sluice_decisions_total",
         "counter",
         "Descriptor decisions per endpoint (endpoint \"global\" for domain-wide limits) by code.",
     );
-    for (d, e, c) in all.iter().filter(|(_, e, _)| !e.is_empty()) {
-        let (d, e) = (esc(d), esc(e));
-        let _ = writeln!(
-            out,
-            "sluice_decisions_total{{domain=\"{d}\",endpoint=\"{e}\",code=\"ok\"}} {}",
-            c.allowed
-        );
-        let _ = writeln!(
-            out,
-            "sluice_decisions_total{{domain=\"{d}\",endpoint=\"{e}\",code=\"over_limit\"}} {}",
-            c.limited
-        );
+    for (d, e, c) in &endpoints {
+        for (code, n) in [("ok", c.allowed), ("over_limit", c.limited)] {
+            let labels = [
+                ("domain", d.as_str()),
+                ("endpoint", e.as_str()),
+                ("code", code),
+            ];
+            out.sample("sluice_decisions_total", &labels, n);
+        }
     }
-    family(
-        &mut out,
+    out.family(
         "sluice_near_limit_total",
         "counter",
         "Descriptor decisions admitted with 20% or less of a limit left.",
     );
-    for (d, e, c) in all.iter().filter(|(_, e, _)| !e.is_empty()) {
-        let _ = writeln!(
-            out,
-            "sluice_near_limit_total{{domain=\"{}\",endpoint=\"{}\"}} {}",
-            esc(d),
-            esc(e),
-            c.near_limit
-        );
+    for (d, e, c) in &endpoints {
+        let labels = [("domain", d.as_str()), ("endpoint", e.as_str())];
+        out.sample("sluice_near_limit_total", &labels, c.near_limit);
     }
-    family(
-        &mut out,
+    out.family(
         "sluice_requests_total",
         "counter",
         "Requests per domain by outcome (ok, over_limit, blocked).",
     );
     for (d, _, c) in all.iter().filter(|(_, e, _)| e.is_empty()) {
-        let d = esc(d);
-        let _ = writeln!(
-            out,
-            "sluice_requests_total{{domain=\"{d}\",code=\"ok\"}} {}",
-            c.allowed
-        );
-        let _ = writeln!(
-            out,
-            "sluice_requests_total{{domain=\"{d}\",code=\"over_limit\"}} {}",
-            c.limited
-        );
-        let _ = writeln!(
-            out,
-            "sluice_requests_total{{domain=\"{d}\",code=\"blocked\"}} {}",
-            c.blocked
-        );
+        for (code, n) in [
+            ("ok", c.allowed),
+            ("over_limit", c.limited),
+            ("blocked", c.blocked),
+        ] {
+            out.sample("sluice_requests_total", &[("domain", d), ("code", code)], n);
+        }
     }
-    family(
-        &mut out,
+    out.single(
         "sluice_blocked_total",
         "counter",
         "Requests turned away because their address is blocked (all domains).",
-    );
-    let _ = writeln!(
-        out,
-        "sluice_blocked_total {}",
-        stats.total.snapshot().blocked
+        stats.total.snapshot().blocked,
     );
 
     let limits = stats.all_limit_counts();
-    family(
-        &mut out,
+    out.family(
         "sluice_over_limit_total",
         "counter",
         "Descriptor rejections by the limit that decided them.",
     );
     for (d, e, l, over, _) in &limits {
-        let _ = writeln!(
-            out,
-            "sluice_over_limit_total{{domain=\"{}\",endpoint=\"{}\",limit=\"{}\"}} {over}",
-            esc(d),
-            esc(e),
-            esc(l)
-        );
+        let labels = [
+            ("domain", d.as_str()),
+            ("endpoint", e.as_str()),
+            ("limit", l.as_str()),
+        ];
+        out.sample("sluice_over_limit_total", &labels, over);
     }
-    family(
-        &mut out,
+    out.family(
         "sluice_shadow_over_limit_total",
         "counter",
         "Descriptors a shadow (or disabled) limit would have rejected.",
     );
     for (d, e, l, _, shadow) in &limits {
-        let _ = writeln!(
-            out,
-            "sluice_shadow_over_limit_total{{domain=\"{}\",endpoint=\"{}\",limit=\"{}\"}} {shadow}",
-            esc(d),
-            esc(e),
-            esc(l)
-        );
+        let labels = [
+            ("domain", d.as_str()),
+            ("endpoint", e.as_str()),
+            ("limit", l.as_str()),
+        ];
+        out.sample("sluice_shadow_over_limit_total", &labels, shadow);
     }
 
-    family(
-        &mut out,
+    out.single(
         "sluice_automatic_blocks_total",
         "counter",
         "Automatic blocks created.",
+        stats.automatic_blocks.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "sluice_automatic_blocks_total {}",
-        stats.automatic_blocks.load(Ordering::Relaxed)
-    );
-    family(
-        &mut out,
+    out.single(
         "sluice_active_blocks",
         "gauge",
         "Blocks in force.",
+        limiter.access().active_blocks_at(now),
     );
-    let _ = writeln!(
-        out,
-        "sluice_active_blocks {}",
-        limiter.access().active_blocks_at(now)
-    );
-    family(
-        &mut out,
+    out.single(
         "sluice_tracked_keys",
         "gauge",
         "Counters held by the store.",
+        limiter.store().tracked_keys(),
     );
-    let _ = writeln!(
-        out,
-        "sluice_tracked_keys {}",
-        limiter.store().tracked_keys()
-    );
-    family(
-        &mut out,
+    out.single(
         "sluice_tracked_clients",
         "gauge",
         "Clients with individual statistics.",
+        stats.tracked_clients(),
     );
-    let _ = writeln!(out, "sluice_tracked_clients {}", stats.tracked_clients());
-    family(
-        &mut out,
+    out.single(
         "sluice_store_errors_total",
         "counter",
         "Decisions answered by the failure policy because the store failed.",
+        limiter.store_errors(),
     );
-    let _ = writeln!(out, "sluice_store_errors_total {}", limiter.store_errors());
 
-    family(
-        &mut out,
+    out.family(
         "sluice_decision_duration_seconds",
         "histogram",
         "Time from receiving ShouldRateLimit to having its response.",
     );
     let (buckets, count, sum) = stats.latency.snapshot();
     for (le, n) in LATENCY_BUCKETS.iter().zip(buckets) {
-        let _ = writeln!(
-            out,
-            "sluice_decision_duration_seconds_bucket{{le=\"{le}\"}} {n}"
-        );
+        let le = le.to_string();
+        out.sample("sluice_decision_duration_seconds_bucket", &[("le", &le)], n);
     }
-    let _ = writeln!(
-        out,
-        "sluice_decision_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+    out.sample(
+        "sluice_decision_duration_seconds_bucket",
+        &[("le", "+Inf")],
+        count,
     );
-    let _ = writeln!(out, "sluice_decision_duration_seconds_sum {sum}");
-    let _ = writeln!(out, "sluice_decision_duration_seconds_count {count}");
+    out.sample("sluice_decision_duration_seconds_sum", &[], sum);
+    out.sample("sluice_decision_duration_seconds_count", &[], count);
 
-    family(
-        &mut out,
+    out.family(
         "sluice_config_reloads_total",
         "counter",
         "Config reloads by result.",
     );
-    let _ = writeln!(
-        out,
-        "sluice_config_reloads_total{{result=\"ok\"}} {}",
-        stats.reloads_ok.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "sluice_config_reloads_total{{result=\"failed\"}} {}",
-        stats.reloads_failed.load(Ordering::Relaxed)
-    );
-    family(
-        &mut out,
+    for (result, n) in [("ok", &stats.reloads_ok), ("failed", &stats.reloads_failed)] {
+        let n = n.load(Ordering::Relaxed);
+        out.sample("sluice_config_reloads_total", &[("result", result)], n);
+    }
+    out.single(
         "sluice_config_generation",
         "gauge",
         "1 at start, +1 for every reload that changed the config.",
+        stats.config_generation.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "sluice_config_generation {}",
-        stats.config_generation.load(Ordering::Relaxed)
-    );
-    family(
-        &mut out,
+    out.family(
         "sluice_config_info",
         "gauge",
         "The config in force: its hash, whether enforcing.",
     );
-    let _ = writeln!(
-        out,
-        "sluice_config_info{{hash=\"{:016x}\",enabled=\"{}\",shadow=\"{}\"}} 1",
-        rules.source_hash, rules.enabled, rules.shadow
-    );
-    out
+    let hash = format!("{:016x}", rules.source_hash);
+    let (enabled, shadow) = (rules.enabled.to_string(), rules.shadow.to_string());
+    let labels = [
+        ("hash", hash.as_str()),
+        ("enabled", &enabled),
+        ("shadow", &shadow),
+    ];
+    out.sample("sluice_config_info", &labels, 1);
+    out.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = Exposition(String::new());
+        out.sample("m", &[("a", "x\"y\\z\nw"), ("b", "/p")], 3);
+        assert_eq!(out.0, "m{a=\"x\\\"y\\\\z\\nw\",b=\"/p\"} 3\n");
+    }
 }

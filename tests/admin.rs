@@ -9,19 +9,8 @@ mod common;
 use common::*;
 use sluice::config;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse;
-use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use sluice::proto::sluice::admin::v1 as pb;
 use tonic::Code as GrpcCode;
-
-const OK: i32 = Code::Ok as i32;
-const OVER: i32 = Code::OverLimit as i32;
-
-fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
-    r.response_headers_to_add
-        .iter()
-        .find(|h| h.key == key)
-        .map(|h| h.value.as_str())
-}
 
 fn body(r: &RateLimitResponse) -> String {
     String::from_utf8(r.raw_body.clone()).unwrap()

@@ -15,20 +15,8 @@ use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::algorithms::Hits;
 use sluice::limiter::{Descriptor, Limiter, Request};
-use sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse;
-use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use sluice::store::{FailurePolicy, RedisNodes, RedisOptions, RedisStore};
 use smallvec::smallvec;
-
-const OK: i32 = Code::Ok as i32;
-const OVER: i32 = Code::OverLimit as i32;
-
-fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
-    r.response_headers_to_add
-        .iter()
-        .find(|h| h.key == key)
-        .map(|h| h.value.as_str())
-}
 
 fn default_config() -> config::Config {
     let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();

@@ -13,14 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisServer};
 use common::*;
-use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use sluice::proto::sluice::admin::v1 as pb;
 use sluice::proto::sluice::admin::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
-
-const OK: i32 = Code::Ok as i32;
-const OVER: i32 = Code::OverLimit as i32;
 
 /// A token bucket of 20 refilled one per 72 minutes: no window boundary or refill can fall
 /// inside the test, so "exactly 20" is exact.

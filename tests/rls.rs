@@ -7,20 +7,9 @@ mod common;
 
 use common::*;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
-use sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::DescriptorStatus;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
-use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus};
 use tonic::Code as GrpcCode;
-
-const OK: i32 = Code::Ok as i32;
-const OVER: i32 = Code::OverLimit as i32;
-
-fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
-    r.response_headers_to_add
-        .iter()
-        .find(|h| h.key == key)
-        .map(|h| h.value.as_str())
-}
 
 /// Asserts every field of a status.
 fn assert_status(

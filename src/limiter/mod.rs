@@ -401,11 +401,12 @@ impl<S: Store> Limiter<S> {
             }
         };
         for (index, d) in request.descriptors.iter().enumerate() {
-            // The client's identity is hashed once per descriptor and shared by its limits.
-            let dgroup = if domain.client.is_empty() {
-                None
-            } else {
-                self.client_group(&domain.client, &d.entries)
+            // The client's identity is hashed once per descriptor and shared by its limits (for
+            // the descriptor the statistics' client came from, that hash is already done).
+            let dgroup = match &client {
+                Some(c) if c.descriptor == index => Some(c.group),
+                _ if domain.client.is_empty() => None,
+                _ => self.client_group(&domain.client, &d.entries),
             };
             let routed = domain.route(&d.entries);
             // An override replaces the endpoint's limits; domain-wide rules still apply.
@@ -562,12 +563,11 @@ impl<S: Store> Limiter<S> {
         if let Some(d) = domain {
             d.stats.record(outcome, near);
             if let Some(c) = client {
-                let values: SmallVec<[&str; 4]> = c.values.iter().copied().collect();
                 self.stats.record_client(
                     ClientRef {
                         hash: c.hash,
                         domain: &d.name_arc,
-                        values: &values,
+                        values: &c.values,
                         address: c.address,
                     },
                     outcome,
@@ -589,7 +589,7 @@ impl<S: Store> Limiter<S> {
         if domain.client.is_empty() {
             return None;
         }
-        request.descriptors.iter().find_map(|d| {
+        request.descriptors.iter().enumerate().find_map(|(i, d)| {
             let values: SmallVec<[&'a str; 4]> = domain
                 .client
                 .iter()
@@ -598,6 +598,8 @@ impl<S: Store> Limiter<S> {
             let group = self.client_group(&domain.client, &d.entries)?;
             Some(ClientId {
                 hash: (u128::from(group) << 64) | u128::from(domain.tag),
+                descriptor: i,
+                group,
                 values,
                 address,
             })
@@ -778,6 +780,10 @@ static FALLBACK: Policy = Policy::FixedWindow {
 /// The identity of a request's client in its domain.
 struct ClientId<'a> {
     hash: u128,
+    /// The descriptor it was read from, and that descriptor's client group (reused for its
+    /// counter keys rather than hashed again).
+    descriptor: usize,
+    group: u64,
     values: SmallVec<[&'a str; 4]>,
     address: Option<&'a str>,
 }

@@ -209,6 +209,21 @@ pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
     req
 }
 
+/// `overall_code` / status `code` OK, as the proto's i32.
+pub const OK: i32 =
+    sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code::Ok as i32;
+/// `overall_code` / status `code` OVER_LIMIT, as the proto's i32.
+pub const OVER: i32 =
+    sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code::OverLimit as i32;
+
+/// The value of a response header sluice asks Envoy to add.
+pub fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == key)
+        .map(|h| h.value.as_str())
+}
+
 /// A descriptor from `(key, value)` pairs.
 pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
