@@ -10,6 +10,7 @@
 //! Idle clients are swept, and when the map is full new clients are counted only in aggregate.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -172,10 +173,33 @@ pub struct ClientRef<'a> {
     pub hash: u128,
     /// Domain.
     pub domain: &'a Arc<str>,
-    /// Values of the domain's client entries.
-    pub values: &'a [&'a str],
+    /// The domain's client entry names.
+    pub names: &'a [String],
+    /// The descriptor they were read from (every name is present); the values are copied out
+    /// only when the client is first seen.
+    pub entries: &'a [(&'a str, &'a str)],
     /// The address entry's value.
     pub address: Option<&'a str>,
+}
+
+/// Hashes a client map key, which is already a keyed hash (the client's counter group and its
+/// domain's tag): folding it is enough, and saves a SipHash per decision.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a u128 is hashed; fold it in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = (v >> 64) as u64 ^ v as u64;
+    }
 }
 
 /// All of sluice's decision statistics.
@@ -195,7 +219,7 @@ pub struct Stats {
     pub config_generation: AtomicU64,
     registry: Mutex<HashMap<(String, String), Arc<Counts>>>,
     limits: Mutex<HashMap<(String, String, String), Arc<LimitCounts>>>,
-    clients: DashMap<u128, ClientEntry>,
+    clients: DashMap<u128, ClientEntry, BuildHasherDefault<PreHashed>>,
     client_count: AtomicUsize,
     max_clients: usize,
 }
@@ -221,7 +245,7 @@ impl Stats {
             config_generation: AtomicU64::new(1),
             registry: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
-            clients: DashMap::new(),
+            clients: DashMap::default(),
             client_count: AtomicUsize::new(0),
             max_clients,
         }
@@ -290,8 +314,15 @@ impl Stats {
         }
         let mut counts = CountsSnapshot::default();
         bump(&mut counts, outcome, near);
+        let values: Vec<Box<str>> = client
+            .names
+            .iter()
+            .map(|k| {
+                Box::from(crate::limiter::model::lookup(client.entries, k).unwrap_or_default())
+            })
+            .collect();
         let mut label = String::from(&**client.domain);
-        for v in client.values {
+        for v in &values {
             label.push('|');
             label.push_str(v);
         }
@@ -299,7 +330,7 @@ impl Stats {
             domain: client.domain.clone(),
             label: label.into(),
             address: client.address.map(Into::into),
-            values: client.values.iter().map(|v| Box::from(*v)).collect(),
+            values: values.into_boxed_slice(),
             counts,
             last_seen: now,
         };

@@ -211,12 +211,12 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
 #[derive(Clone, Copy)]
 enum Source<'r> {
     Config(&'r Limit),
-    Override(Policy, Reported),
+    Override(&'r Policy, Reported),
 }
 
-impl Source<'_> {
-    fn policy(&self) -> &Policy {
-        match self {
+impl<'r> Source<'r> {
+    fn policy(&self) -> &'r Policy {
+        match *self {
             Source::Config(l) => &l.policy,
             Source::Override(p, _) => p,
         }
@@ -232,8 +232,9 @@ struct Planned<'r> {
     blocking: bool,
 }
 
-/// The request's distinct counters: key, hits, kind.
-type Counters = SmallVec<[(CounterKey, Hits, ChargeKind); 8]>;
+/// The request's distinct counters, as the store charges them. A counter's policy is that of
+/// the first plan that created it.
+type Counters<'r> = SmallVec<[Charge<'r>; 8]>;
 
 const OVERRIDE_NAME: &str = "override";
 
@@ -391,6 +392,21 @@ impl<S: Store> Limiter<S> {
             return Ok(Decision::unlimited(n));
         };
 
+        // Overrides' policies live here for the whole request, so charges can borrow them like
+        // configured ones.
+        let overrides: SmallVec<[Option<(Policy, Reported)>; 4]> = if request
+            .descriptors
+            .iter()
+            .any(|d| d.limit_override.is_some())
+        {
+            request
+                .descriptors
+                .iter()
+                .map(|d| d.limit_override.map(override_policy))
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         let mut planned: SmallVec<[Planned<'_>; 8]> = SmallVec::new();
         let mut counters = Counters::new();
         let enforce = |shadow: bool| {
@@ -410,13 +426,15 @@ impl<S: Store> Limiter<S> {
             };
             let routed = domain.route(&d.entries);
             // An override replaces the endpoint's limits; domain-wide rules still apply.
-            if let Some(o) = d.limit_override {
-                let (policy, reported) = override_policy(o);
+            if let (Some(o), Some((policy, reported))) = (
+                d.limit_override,
+                overrides.get(index).and_then(Option::as_ref),
+            ) {
                 let key = match routed.and_then(|r| self.client_key(r, &d.entries, o)) {
                     Some(k) => k,
                     None => self.entries_key(domain.name.as_str(), &d.entries, o),
                 };
-                let source = Source::Override(policy, reported);
+                let source = Source::Override(policy, *reported);
                 plan(
                     &mut planned,
                     &mut counters,
@@ -432,7 +450,7 @@ impl<S: Store> Limiter<S> {
             for rule in endpoint.into_iter().chain(domain.conditional(&d.entries)) {
                 let group = self.rule_group(rule, &d.entries, &domain.client, dgroup);
                 for limit in &rule.limits {
-                    if let Some(key) = group.map(|g| self.limit_key_in(g, limit)) {
+                    if let Some(key) = group.map(|g| Self::limit_key_in(g, limit)) {
                         plan(
                             &mut planned,
                             &mut counters,
@@ -456,7 +474,15 @@ impl<S: Store> Limiter<S> {
             .map(|(limit, addr)| {
                 let key = self.address_key(limit.id, addr);
                 (
-                    merge(&mut counters, key, Hits::Take(1), ChargeKind::Observe),
+                    merge(
+                        &mut counters,
+                        Charge {
+                            key,
+                            policy: &limit.policy,
+                            hits: Hits::Take(1),
+                            kind: ChargeKind::Observe,
+                        },
+                    ),
                     limit,
                 )
             });
@@ -464,26 +490,7 @@ impl<S: Store> Limiter<S> {
         let mut verdicts: SmallVec<[Verdict; 8]> =
             SmallVec::from_elem(Verdict::default(), counters.len());
         if !counters.is_empty() {
-            let charges: SmallVec<[Charge<'_>; 8]> = counters
-                .iter()
-                .enumerate()
-                .map(|(i, &(key, hits, kind))| {
-                    // The policy of each counter: that of the first plan that created it.
-                    let policy = planned
-                        .iter()
-                        .find(|p| p.charge == i)
-                        .map(|p| p.source.policy())
-                        .or(watch.filter(|(w, _)| *w == i).map(|(_, l)| &l.policy))
-                        .unwrap_or(&FALLBACK);
-                    Charge {
-                        key,
-                        policy,
-                        hits,
-                        kind,
-                    }
-                })
-                .collect();
-            self.store.apply(&charges, &mut verdicts, now).await?;
+            self.store.apply(&counters, &mut verdicts, now).await?;
         }
         let decision = summarise(n, &planned, &verdicts);
         count_limits(&planned, &verdicts, &decision);
@@ -567,7 +574,8 @@ impl<S: Store> Limiter<S> {
                     ClientRef {
                         hash: c.hash,
                         domain: &d.name_arc,
-                        values: &c.values,
+                        names: &d.client,
+                        entries: c.entries,
                         address: c.address,
                     },
                     outcome,
@@ -580,27 +588,22 @@ impl<S: Store> Limiter<S> {
 
     /// The client of a request: the values of the domain's client entries in the first
     /// descriptor that has them all.
-    fn client_of<'a>(
+    fn client_of<'r>(
         &self,
         domain: &Domain,
-        request: &Request<'a>,
-        address: Option<&'a str>,
-    ) -> Option<ClientId<'a>> {
+        request: &'r Request<'_>,
+        address: Option<&'r str>,
+    ) -> Option<ClientId<'r>> {
         if domain.client.is_empty() {
             return None;
         }
         request.descriptors.iter().enumerate().find_map(|(i, d)| {
-            let values: SmallVec<[&'a str; 4]> = domain
-                .client
-                .iter()
-                .map(|k| lookup(&d.entries, k))
-                .collect::<Option<_>>()?;
             let group = self.client_group(&domain.client, &d.entries)?;
             Some(ClientId {
                 hash: (u128::from(group) << 64) | u128::from(domain.tag),
                 descriptor: i,
                 group,
-                values,
+                entries: &d.entries,
                 address,
             })
         })
@@ -662,26 +665,69 @@ impl<S: Store> Limiter<S> {
     }
 
     /// Builds a counter key from its group (the client's identity, or the limit itself when all
-    /// clients share it) and the limit's identity. The group is the high half, so one client's
-    /// counters share a memory shard (fewer locks per request) and, with Redis Cluster, a hash
-    /// slot (one atomic script per request).
-    fn key(&self, group: u64, member: impl FnOnce(&mut SipHasher13_64)) -> CounterKey {
+    /// clients share it) and a member (the limit's identity). The group is the high half, so one
+    /// client's counters share a memory shard (fewer locks per request) and, with Redis Cluster,
+    /// a hash slot (one atomic script per request). The low half is a bijection of
+    /// `group ^ member`, so within a group distinct members never collide; it needs no keyed
+    /// hash because the group already is one (clients cannot choose it).
+    fn key(group: u64, member: u64) -> CounterKey {
+        CounterKey((u128::from(group) << 64) | u128::from(mix64(group ^ member)))
+    }
+
+    /// Keyed hash of a domain-separation `tag` and length-prefixed `parts`. Short inputs (the
+    /// usual client address or id) are laid out on the stack and hashed in one call, which is
+    /// about half the work of feeding SipHash piece by piece.
+    fn hash_parts<'p>(&self, tag: u8, parts: impl Iterator<Item = &'p [u8]> + Clone) -> u64 {
+        let mut buf = [0u8; 128];
+        let mut len = 1;
+        buf[0] = tag;
+        let fits = parts.clone().all(|p| {
+            let end = len + 4 + p.len();
+            let Some(dst) = buf.get_mut(len..end) else {
+                return false;
+            };
+            let (n, bytes) = dst.split_at_mut(4);
+            n.copy_from_slice(&(p.len() as u32).to_le_bytes());
+            bytes.copy_from_slice(p);
+            len = end;
+            true
+        });
+        if fits {
+            return self.h64().hash(&buf[..len]);
+        }
+        self.hash_parts_streaming(tag, parts)
+    }
+
+    /// [`Self::hash_parts`] for inputs too long for its stack buffer: the same bytes, fed to
+    /// SipHash piece by piece (so the same hash).
+    fn hash_parts_streaming<'p>(&self, tag: u8, parts: impl Iterator<Item = &'p [u8]>) -> u64 {
         let mut h = self.h64();
-        h.write_u64(group);
-        member(&mut h);
-        CounterKey((u128::from(group) << 64) | u128::from(h.finish()))
+        h.write_u8(tag);
+        for p in parts {
+            h.write(&(p.len() as u32).to_le_bytes());
+            h.write(p);
+        }
+        h.finish()
     }
 
     /// Hash of the values of `names` in `entries`, `None` if one is missing.
     fn client_group(&self, names: &[String], entries: &[(&str, &str)]) -> Option<u64> {
-        let mut h = self.h64();
-        h.write(b"client");
-        for k in names {
-            let v = lookup(entries, k)?;
-            h.write_usize(v.len());
-            h.write(v.as_bytes());
+        match names {
+            // The common case: one client entry (address or id).
+            [name] => {
+                let v = lookup(entries, name)?;
+                Some(self.hash_parts(TAG_CLIENT, std::iter::once(v.as_bytes())))
+            }
+            _ => {
+                if names.iter().any(|k| lookup(entries, k).is_none()) {
+                    return None;
+                }
+                let values = names
+                    .iter()
+                    .map(|k| lookup(entries, k).unwrap_or_default().as_bytes());
+                Some(self.hash_parts(TAG_CLIENT, values))
+            }
         }
-        Some(h.finish())
     }
 
     /// The group half of `rule`'s counter keys for a descriptor: fixed for a rule shared by
@@ -704,8 +750,8 @@ impl<S: Store> Limiter<S> {
     }
 
     /// Counter key of `limit` within a group.
-    fn limit_key_in(&self, group: u64, limit: &Limit) -> CounterKey {
-        self.key(group, |h| h.write_u64(limit.id))
+    fn limit_key_in(group: u64, limit: &Limit) -> CounterKey {
+        Self::key(group, limit.id)
     }
 
     /// Counter key of `limit` of `rule` for the client named by `entries`; `None` if the
@@ -721,7 +767,7 @@ impl<S: Store> Limiter<S> {
         } else {
             self.client_group(&rule.client, entries)?
         };
-        Some(self.limit_key_in(group, limit))
+        Some(Self::limit_key_in(group, limit))
     }
 
     /// Counter key for an override on a routed rule: the rule's client, the override's rate.
@@ -732,50 +778,59 @@ impl<S: Store> Limiter<S> {
         o: LimitOverride,
     ) -> Option<CounterKey> {
         let group = self.client_group(&rule.client, entries)?;
-        Some(self.key(group, |h| {
-            h.write(b"override");
-            h.write_usize(rule.name.len());
-            h.write(rule.name.as_bytes());
-            h.write_u32(o.requests_per_unit);
-            h.write_u64(o.unit.seconds());
-        }))
+        let rate = override_rate(o);
+        let member = self.hash_parts(
+            TAG_OVERRIDE,
+            [rule.name.as_bytes(), rate.as_slice()].into_iter(),
+        );
+        Some(Self::key(group, member))
     }
 
     /// Counter key for an override no rule claims: every entry, as envoyproxy/ratelimit keys.
     fn entries_key(&self, domain: &str, entries: &[(&str, &str)], o: LimitOverride) -> CounterKey {
-        let mut h = self.h64();
-        h.write(b"override-entries");
-        h.write_usize(domain.len());
-        h.write(domain.as_bytes());
-        for (k, v) in entries {
-            h.write_usize(k.len());
-            h.write(k.as_bytes());
-            h.write_usize(v.len());
-            h.write(v.as_bytes());
-        }
-        let group = h.finish();
-        self.key(group, |h| {
-            h.write_u32(o.requests_per_unit);
-            h.write_u64(o.unit.seconds());
-        })
+        let parts = std::iter::once(domain.as_bytes()).chain(
+            entries
+                .iter()
+                .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+        );
+        let group = self.hash_parts(TAG_OVERRIDE_ENTRIES, parts);
+        let rate = override_rate(o);
+        Self::key(group, u64::from_le_bytes(rate))
     }
 
     /// Counter key of an automatic-block limit for one address.
     fn address_key(&self, limit_id: u64, address: &str) -> CounterKey {
-        let mut h = self.h64();
-        h.write(b"address");
-        h.write_usize(address.len());
-        h.write(address.as_bytes());
-        let group = h.finish();
-        self.key(group, |h| h.write_u64(limit_id))
+        let group = self.hash_parts(TAG_ADDRESS, std::iter::once(address.as_bytes()));
+        Self::key(group, limit_id)
     }
 }
 
-/// Never used: every counter is created by a plan. Keeps the policy lookup total.
-static FALLBACK: Policy = Policy::FixedWindow {
-    limit: 0,
-    window: NonZeroU64::MIN,
-};
+/// Domain separation of the keyed hashes: a client's values can never hash like an address or
+/// an override's entries.
+const TAG_CLIENT: u8 = 1;
+const TAG_ADDRESS: u8 = 2;
+const TAG_OVERRIDE: u8 = 3;
+const TAG_OVERRIDE_ENTRIES: u8 = 4;
+
+/// An override's rate as 8 bytes: requests per unit, and the unit's length in seconds (which
+/// fits 32 bits for every unit up to a year).
+fn override_rate(o: LimitOverride) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&o.requests_per_unit.to_le_bytes());
+    b[4..].copy_from_slice(&(o.unit.seconds() as u32).to_le_bytes());
+    b
+}
+
+/// murmur3's 64-bit finaliser: a bijection on `u64` that spreads every input bit over the
+/// output (the memory store hashes its maps with the low half of a key).
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
 
 /// The identity of a request's client in its domain.
 struct ClientId<'a> {
@@ -784,7 +839,8 @@ struct ClientId<'a> {
     /// counter keys rather than hashed again).
     descriptor: usize,
     group: u64,
-    values: SmallVec<[&'a str; 4]>,
+    /// The descriptor's entries (every client entry is among them).
+    entries: &'a [(&'a str, &'a str)],
     address: Option<&'a str>,
 }
 
@@ -811,7 +867,7 @@ fn attach_stats(mut rules: RuleSet, stats: &Stats) -> RuleSet {
 #[allow(clippy::too_many_arguments)]
 fn plan<'r>(
     planned: &mut SmallVec<[Planned<'r>; 8]>,
-    counters: &mut Counters,
+    counters: &mut Counters<'r>,
     index: usize,
     rule: Option<&'r Rule>,
     hits: Hits,
@@ -819,7 +875,15 @@ fn plan<'r>(
     key: CounterKey,
     kind: ChargeKind,
 ) {
-    let charge = merge(counters, key, hits, kind);
+    let charge = merge(
+        counters,
+        Charge {
+            key,
+            policy: source.policy(),
+            hits,
+            kind,
+        },
+    );
     planned.push(Planned {
         descriptor: index,
         rule,
@@ -832,10 +896,10 @@ fn plan<'r>(
 /// Adds `key` to the request's distinct counters, or merges into an existing one: a counter
 /// reached by several descriptors is charged once per request (the largest hit count), so a
 /// domain-wide limit counts requests, not descriptors.
-fn merge(counters: &mut Counters, key: CounterKey, hits: Hits, kind: ChargeKind) -> usize {
-    if let Some(i) = counters.iter().position(|(k, _, _)| *k == key) {
-        let (_, h, b) = &mut counters[i];
-        *h = match (*h, hits) {
+fn merge<'r>(counters: &mut Counters<'r>, charge: Charge<'r>) -> usize {
+    if let Some(i) = counters.iter().position(|c| c.key == charge.key) {
+        let c = &mut counters[i];
+        c.hits = match (c.hits, charge.hits) {
             (Hits::Take(a), Hits::Take(b)) => Hits::Take(a.max(b)),
             (Hits::Return(a), Hits::Return(b)) => Hits::Return(a.max(b)),
             (Hits::Take(a), Hits::Return(b)) | (Hits::Return(b), Hits::Take(a)) => {
@@ -846,10 +910,10 @@ fn merge(counters: &mut Counters, key: CounterKey, hits: Hits, kind: ChargeKind)
                 }
             }
         };
-        *b = (*b).max(kind);
+        c.kind = c.kind.max(charge.kind);
         i
     } else {
-        counters.push((key, hits, kind));
+        counters.push(charge);
         counters.len() - 1
     }
 }
@@ -955,4 +1019,73 @@ fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) 
         decision.statuses.push(status);
     }
     decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{MemoryStore, MemoryStoreOptions};
+
+    fn limiter() -> Limiter<MemoryStore> {
+        Limiter::new(
+            RuleSet::default(),
+            MemoryStore::new(MemoryStoreOptions::default()),
+            Arc::new(ManualClock::new(Timestamp::from_secs(0))),
+        )
+        .with_key_secret(b"test")
+    }
+
+    #[test]
+    fn short_and_long_inputs_hash_the_same_bytes() {
+        let l = limiter();
+        for parts in [
+            vec!["10.0.0.1"],
+            vec!["user-1", ""],
+            vec![""; 3],
+            vec!["x"; 25], // 25 * 5 bytes: the last one that fits the stack buffer
+        ] {
+            let bytes = || parts.iter().map(|p| p.as_bytes());
+            assert_eq!(
+                l.hash_parts(TAG_CLIENT, bytes()),
+                l.hash_parts_streaming(TAG_CLIENT, bytes()),
+                "{parts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_client_values_are_told_apart() {
+        let l = limiter();
+        let a = "a".repeat(300);
+        let b = format!("{}b", "a".repeat(299));
+        let group = |v: &str| l.client_group(&["id".to_string()], &[("id", v)]);
+        assert_ne!(group(&a), group(&b));
+        assert_eq!(group(&a), group(&a.clone()));
+        // Length prefixes keep ("ab", "c") apart from ("a", "bc").
+        let two = |x: &str, y: &str| {
+            l.client_group(&["k".to_string(), "l".to_string()], &[("k", x), ("l", y)])
+        };
+        assert_ne!(two("ab", "c"), two("a", "bc"));
+        assert_eq!(two("a", "missing"), two("a", "missing"));
+        assert_eq!(
+            l.client_group(&["k".to_string(), "l".to_string()], &[("k", "a")]),
+            None
+        );
+    }
+
+    #[test]
+    fn keys_of_one_group_never_collide_and_tags_separate_uses() {
+        let g = 0x0123_4567_89ab_cdef;
+        let keys: std::collections::HashSet<CounterKey> = (0..10_000u64)
+            .map(|m| Limiter::<MemoryStore>::key(g, m))
+            .collect();
+        assert_eq!(keys.len(), 10_000);
+        assert!(keys.iter().all(|k| (k.0 >> 64) as u64 == g));
+        let l = limiter();
+        assert_ne!(
+            l.hash_parts(TAG_CLIENT, std::iter::once(b"10.0.0.1".as_slice())),
+            l.hash_parts(TAG_ADDRESS, std::iter::once(b"10.0.0.1".as_slice()))
+        );
+    }
 }

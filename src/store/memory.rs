@@ -170,18 +170,36 @@ impl MemoryStore {
             return Err(StoreError::BatchTooLarge(charges.len()));
         }
         let now = now.as_nanos();
+        // The common case: every counter of the request in one shard (a client's counters share
+        // their group, hence their shard): one lock and no bookkeeping.
+        let first = charges.first().map_or(0, |c| Self::shard_of(c.key));
+        if charges.iter().all(|c| Self::shard_of(c.key) == first) {
+            let mut guard = self.shards[first].lock();
+            return Ok(self.apply_in(&mut OneShard(&mut guard), charges, verdicts, now));
+        }
         let mut ids: SmallVec<[usize; 8]> = charges.iter().map(|c| Self::shard_of(c.key)).collect();
         ids.sort_unstable();
         ids.dedup();
         // Ascending shard order: any two batches lock shared shards in the same order.
         let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 8]> =
             ids.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        Ok(self.apply_in(&mut guards.as_mut_slice(), charges, verdicts, now))
+    }
+
+    /// Evaluates and commits a batch whose shards are all locked in `shards`.
+    fn apply_in(
+        &self,
+        shards: &mut impl LockedShards,
+        charges: &[Charge<'_>],
+        verdicts: &mut [Verdict],
+        now: u64,
+    ) -> bool {
         let mut cells: SmallVec<[Option<Cell>; 8]> = SmallVec::with_capacity(charges.len());
         let mut commit = true;
         for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
-            let map = shard_mut(&mut guards, charge.key).ok_or(StoreError::BatchTooLarge(0))?;
-            let state = map
-                .get(&charge.key.0)
+            let state = shards
+                .shard(charge.key)
+                .and_then(|map| map.get(&charge.key.0))
                 .filter(|c| c.expires_at > now)
                 .map(|c| c.state);
             let out = evaluate(charge.policy, state, now, charge.hits);
@@ -205,7 +223,7 @@ impl MemoryStore {
             if !commit && charge.kind != ChargeKind::Observe {
                 continue;
             }
-            if let (Some(cell), Some(map)) = (cell, shard_mut(&mut guards, charge.key)) {
+            if let (Some(cell), Some(map)) = (cell, shards.shard(charge.key)) {
                 self.put(map, charge.key.0, *cell, now);
             }
         }
@@ -213,7 +231,7 @@ impl MemoryStore {
             // Nothing is charged: report what each admitted limit has left without this request.
             for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
                 if verdict.allowed
-                    && let Some(map) = shard_mut(&mut guards, charge.key)
+                    && let Some(map) = shards.shard(charge.key)
                 {
                     let state = map
                         .get(&charge.key.0)
@@ -225,20 +243,34 @@ impl MemoryStore {
                 }
             }
         }
-        Ok(commit)
+        commit
     }
 }
 
-/// The locked shard holding `key` among a batch's guards.
-fn shard_mut<'g>(
-    guards: &'g mut [(usize, MutexGuard<'_, Shard>)],
-    key: CounterKey,
-) -> Option<&'g mut Shard> {
-    let id = MemoryStore::shard_of(key);
-    guards
-        .iter_mut()
-        .find(|(i, _)| *i == id)
-        .map(|(_, g)| &mut **g)
+/// The shards a batch has locked.
+trait LockedShards {
+    /// The locked shard holding `key`; `None` if the batch did not lock it (a bug, answered by
+    /// treating the counter as absent rather than by a panic on the request path).
+    fn shard(&mut self, key: CounterKey) -> Option<&mut Shard>;
+}
+
+/// A batch within one shard.
+struct OneShard<'g, 's>(&'g mut MutexGuard<'s, Shard>);
+
+impl LockedShards for OneShard<'_, '_> {
+    fn shard(&mut self, _key: CounterKey) -> Option<&mut Shard> {
+        Some(&mut **self.0)
+    }
+}
+
+/// A batch over several shards, with their ids.
+impl LockedShards for &mut [(usize, MutexGuard<'_, Shard>)] {
+    fn shard(&mut self, key: CounterKey) -> Option<&mut Shard> {
+        let id = MemoryStore::shard_of(key);
+        self.iter_mut()
+            .find(|(i, _)| *i == id)
+            .map(|(_, g)| &mut **g)
+    }
 }
 
 impl Store for MemoryStore {
