@@ -22,9 +22,8 @@ use crate::admin::auth::TokenCheck;
 use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::sluice::admin::v1::admin_server::AdminServer;
-use crate::service::rls::RlsService;
+use crate::service::endpoint::RlsEndpoint;
 use crate::store::Store;
 
 /// Listeners the server runs on, already bound.
@@ -131,13 +130,9 @@ pub async fn run<S: Store>(
     // we bound ourselves, and without it small responses wait for delayed ACKs (40 ms tails).
     let mut grpc_builder = Server::builder();
     let (health, router) = with_common(&mut grpc_builder)?;
-    health
-        .set_serving::<RateLimitServiceServer<RlsService<S>>>()
-        .await;
+    health.set_serving::<RlsEndpoint<S>>().await;
     let grpc = router
-        .add_service(RateLimitServiceServer::new(RlsService::new(
-            limiter.clone(),
-        )))
+        .add_service(RlsEndpoint::new(limiter.clone()))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),

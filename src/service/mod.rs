@@ -7,4 +7,5 @@
 //!
 //! An over-limit answer is a decision, not an error: it is an OK gRPC reply with `OVER_LIMIT`.
 
+pub mod endpoint;
 pub mod rls;

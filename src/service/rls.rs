@@ -4,23 +4,18 @@
 //! `current_limit`/`limit_remaining`/`duration_until_reset` (Envoy derives `X-RateLimit-*` from
 //! them), and on OVER_LIMIT a `retry-after` header and the seeds' JSON body.
 
-use std::sync::Arc;
-
 use smallvec::SmallVec;
-use tonic::{Request, Response, Status};
 
 use crate::limiter::algorithms::Hits;
 use crate::limiter::model::Unit;
-use crate::limiter::{self, Decision, Descriptor, LimitOverride, Limiter};
+use crate::limiter::{self, Decision, Descriptor, LimitOverride};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit, rate_limit::Unit as ProtoUnit,
 };
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
-use crate::store::Store;
 
 /// Most descriptors accepted in one request.
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -276,35 +271,6 @@ pub fn json_escape_into(s: &str, out: &mut String) {
             c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
-    }
-}
-
-/// The gRPC service.
-#[derive(Debug)]
-pub struct RlsService<S> {
-    limiter: Arc<Limiter<S>>,
-}
-
-impl<S> RlsService<S> {
-    /// A service answering from `limiter`.
-    pub fn new(limiter: Arc<Limiter<S>>) -> Self {
-        Self { limiter }
-    }
-}
-
-#[tonic::async_trait]
-impl<S: Store> RateLimitService for RlsService<S> {
-    async fn should_rate_limit(
-        &self,
-        request: Request<RateLimitRequest>,
-    ) -> Result<Response<RateLimitResponse>, Status> {
-        let start = std::time::Instant::now();
-        let req = request.into_inner();
-        let view = to_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let decision = self.limiter.decide(&view).await;
-        let response = to_response(&decision);
-        self.limiter.stats().latency.observe(start.elapsed());
-        Ok(Response::new(response))
     }
 }
 
