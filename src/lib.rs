@@ -15,8 +15,11 @@
 //! - [`server`]: wiring of gRPC services (rate limit, health, reflection), background tasks and
 //!   graceful shutdown. The caller binds the listeners and owns shutdown.
 //! - [`proto`]: generated protobuf code.
+//! - [`app`]: the binary's wiring, in the order `sluice serve` builds things (store, limiter,
+//!   replication of blocks, listeners, reload, shutdown), so that `main.rs` stays a thin CLI.
 
 pub mod admin;
+pub mod app;
 pub mod blocklist;
 pub mod clock;
 pub mod config;

@@ -1,0 +1,262 @@
+//! The binary's wiring: from options the command line has already read to a server running until
+//! SIGINT/SIGTERM. It lives in the library so that `main.rs` stays a thin CLI and this code is
+//! linted and documented like the rest. It decides little itself: what matters here is the order
+//! things are built in.
+//!
+//! For the binary this is the caller that binds the listeners and owns shutdown;
+//! [`server::run`] stays free of both, so tests drive it with their own `127.0.0.1:0` listeners.
+//! The order of [`serve`] is deliberate: the config is checked and the state file and store
+//! opened before anything listens, and the signal handlers (SIGHUP included) are installed before
+//! "serving RateLimitService" is logged, which callers take as the sign that sluice is ready.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::blocklist::{AccessError, AccessList};
+use crate::clock::SystemClock;
+use crate::config::{self, Config, ConfigError};
+use crate::limiter::Limiter;
+use crate::reload::{self, Reloader};
+use crate::server::{self, Listeners, Options, ServerError};
+use crate::shutdown;
+use crate::stats::Stats;
+use crate::store::{AnyStore, Backend, MemoryStoreOptions, StoreError, redis_sync};
+
+/// Logs from here keep the target they had when this code was in the binary (`sluice`), so log
+/// filters and queries written against it still match.
+const LOG_TARGET: &str = "sluice";
+
+/// What `sluice serve` runs with: flags and environment, read by the binary so that this module
+/// never looks at the command line. No `Debug`: it holds the admin token and the key secret.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// The config file, also watched for reloads.
+    pub config: PathBuf,
+    /// Address for decisions (`RateLimitService`, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// Address for the admin API.
+    pub admin_addr: SocketAddr,
+    /// Address for `/metrics`, `/healthz` and `/readyz`.
+    pub http_addr: SocketAddr,
+    /// How often the config file is checked for changes.
+    pub reload_interval: Duration,
+    /// Where blocks and runtime allowlist entries are kept across restarts.
+    pub state_file: PathBuf,
+    /// `--store`, overriding the config's `store:` (see [`Backend::overridden_by`]).
+    pub store: Option<String>,
+    /// The admin token, from [`admin_token`]; `None` only with a loopback admin listener.
+    pub admin_token: Option<String>,
+    /// `SLUICE_KEY_SECRET`, if set and not empty: the counter-key secret replicas share.
+    pub key_secret: Option<String>,
+}
+
+/// Why sluice could not start or stopped with an error. Errors of other modules pass through
+/// unchanged (`transparent`), so the binary prints exactly their message and sources.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The config file could not be read or is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The `--admin-token-file` could not be read.
+    #[error("reading --admin-token-file {}", .path.display())]
+    AdminTokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// `--store` is not `memory` or Redis URLs.
+    #[error("--store: {0}")]
+    StoreFlag(String),
+    /// Replicas that hashed counter keys with different random secrets would never share a
+    /// counter, so a shared store without a configured secret is refused.
+    #[error(
+        "the Redis store needs SLUICE_KEY_SECRET (the same secret on every replica) so replicas count in the same keys"
+    )]
+    KeySecretMissing,
+    /// The state file could not be used.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// The counter store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// SIGINT/SIGTERM handlers could not be installed.
+    #[error("installing signal handlers")]
+    Signals(#[source] io::Error),
+    /// The SIGHUP handler could not be installed.
+    #[error("installing the SIGHUP handler")]
+    Sighup(#[source] io::Error),
+    /// A listener could not be bound; `flag` names the option that chose the address.
+    #[error("binding --{flag} {addr}")]
+    Bind {
+        /// The flag without dashes, e.g. `grpc-addr`.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A bound listener has no local address (the OS error alone: there is nothing to add).
+    #[error(transparent)]
+    LocalAddr(io::Error),
+    /// The server failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// `sluice check`: the effective limits of the config at `path` and a closing verdict line, for
+/// the binary to print.
+pub fn check(path: &Path) -> Result<String, AppError> {
+    let cfg = config::load(path)?;
+    Ok(format!(
+        "{}{}: OK, rate limiting {}\n",
+        config::limits_table(&cfg.rules),
+        path.display(),
+        enabled(&cfg)
+    ))
+}
+
+/// The admin token: the first line of `file` if given, else `env` (`SLUICE_ADMIN_TOKEN`); empty
+/// means none, so an unset and an empty variable behave alike.
+pub fn admin_token(file: Option<&Path>, env: Option<String>) -> Result<Option<String>, AppError> {
+    let token = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|source| AppError::AdminTokenFile {
+                path: f.to_path_buf(),
+                source,
+            })?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        None => env.unwrap_or_default(),
+    };
+    Ok((!token.is_empty()).then_some(token))
+}
+
+/// `sluice serve`: loads the config, opens the state file and the counter store, binds the
+/// listeners and serves until SIGINT/SIGTERM, finishing in-flight calls.
+pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
+    let cfg = config::load(&options.config)?;
+    log_loaded(&options.config, &cfg);
+    let backend = backend(&cfg, &options)?;
+    let cfg_store = cfg.store;
+    let file_backend = cfg.backend.clone();
+    let access = AccessList::open(Some(options.state_file), cfg.rules.allowlist.clone())?;
+    let store = AnyStore::open(
+        &backend,
+        MemoryStoreOptions {
+            max_keys: cfg.store.max_keys,
+        },
+    )?;
+    tracing::info!(target: LOG_TARGET, store = %backend.describe(), on_error = ?cfg.store.on_error, "counter store");
+    let mut limiter = Limiter::with_parts(
+        cfg.rules,
+        store,
+        Arc::new(SystemClock),
+        Arc::new(access),
+        Arc::new(Stats::new(cfg.max_clients)),
+    )
+    .with_failure_policy(cfg.store.on_error);
+    if let Some(secret) = &options.key_secret {
+        limiter = limiter.with_key_secret(secret.as_bytes());
+    }
+    let limiter = Arc::new(limiter);
+    // Blocks and the runtime allowlist follow the counters into Redis.
+    let _access_sync = limiter.store().redis().map(|r| {
+        AbortOnDrop(tokio::spawn(redis_sync::run(
+            r.handle().clone(),
+            limiter.access().clone(),
+            Arc::new(SystemClock),
+            redis_sync::DEFAULT_POLL,
+        )))
+    });
+    let shutdown = shutdown::install().map_err(AppError::Signals)?;
+    let grpc = bind("grpc-addr", options.grpc_addr).await?;
+    let admin = bind("admin-addr", options.admin_addr).await?;
+    let http = bind("http-addr", options.http_addr).await?;
+    let http_addr = http.local_addr().map_err(AppError::LocalAddr)?;
+    tracing::info!(target: LOG_TARGET, addr = %http_addr, "serving /metrics, /healthz, /readyz");
+    let reloader = Arc::new(
+        Reloader::new(options.config, limiter.clone(), cfg_store).with_file_backend(file_backend),
+    );
+    let sighup = reload::on_sighup(reloader.clone()).map_err(AppError::Sighup)?;
+    let _reload_tasks = (
+        AbortOnDrop(tokio::spawn(sighup)),
+        AbortOnDrop(tokio::spawn(reload::watch(
+            reloader,
+            options.reload_interval,
+        ))),
+    );
+    let grpc_addr = grpc.local_addr().map_err(AppError::LocalAddr)?;
+    tracing::info!(target: LOG_TARGET, addr = %grpc_addr, "serving RateLimitService");
+    let server_options = Options {
+        sweep_interval: cfg.store.sweep_interval,
+        admin_token: options.admin_token,
+        ..Options::default()
+    };
+    let listeners = Listeners {
+        grpc,
+        admin: Some(admin),
+        http: Some(http),
+    };
+    server::run(listeners, limiter, server_options, shutdown).await?;
+    tracing::info!(target: LOG_TARGET, "stopped");
+    Ok(())
+}
+
+/// The store to open: the config's, unless `--store` overrides it. A shared (Redis) store also
+/// needs the shared key secret, checked here so that nothing is opened without it.
+fn backend(cfg: &Config, options: &ServeOptions) -> Result<Backend, AppError> {
+    let backend = match &options.store {
+        Some(spec) => cfg
+            .backend
+            .overridden_by(spec)
+            .map_err(AppError::StoreFlag)?,
+        None => cfg.backend.clone(),
+    };
+    if matches!(backend, Backend::Redis(_)) && options.key_secret.is_none() {
+        return Err(AppError::KeySecretMissing);
+    }
+    Ok(backend)
+}
+
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { flag, addr, source })
+}
+
+/// Aborts a background task when dropped (at the end of [`serve`]), so no task outlives the
+/// server it serves.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One word for both `check` and the start-up log, which operators and tests grep for.
+fn enabled(cfg: &Config) -> &'static str {
+    if cfg.rules.enabled {
+        "ENABLED"
+    } else {
+        "DISABLED"
+    }
+}
+
+fn log_loaded(path: &Path, cfg: &Config) {
+    let state = enabled(cfg);
+    tracing::info!(target: LOG_TARGET, config = %path.display(), hash = format!("{:016x}", cfg.hash), "rate limiting {state}");
+    for d in &cfg.rules.domains {
+        let endpoints: Vec<&str> = d.rules.iter().map(|r| r.name.as_str()).collect();
+        tracing::info!(target: LOG_TARGET, domain = %d.name, rules = ?endpoints, "loaded domain");
+    }
+}
