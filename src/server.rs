@@ -1,8 +1,12 @@
 //! Wiring: the gRPC services on their listeners, health and reflection, background upkeep, and
-//! graceful shutdown. The caller binds the listeners and owns the shutdown future, so `main` and
+//! graceful shutdown. The caller binds the listeners and owns the shutdown future, so `app` (the binary) and
 //! the tests run exactly the same code (tests bind `127.0.0.1:0`).
 //!
-//! - decisions listener: `RateLimitService`, health, reflection (v1 and v1alpha);
+//! - decisions listener: `RateLimitService`, health, reflection (v1 and v1alpha). Served by
+//!   hyper directly: `ShouldRateLimit` goes straight to [`RlsEndpoint`], anything else to tonic's
+//!   router. tonic's own server would run every call through its layers (connection info,
+//!   `grpc-timeout`, error recovery), axum's routing and boxed bodies: about a tenth of the
+//!   server's work per call, for nothing this listener needs;
 //! - admin listener: `sluice.admin.v1.Admin` behind the token check, health, reflection;
 //! - background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
 
@@ -10,10 +14,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Either;
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -23,7 +30,7 @@ use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::sluice::admin::v1::admin_server::AdminServer;
-use crate::service::endpoint::RlsEndpoint;
+use crate::service::endpoint::{RlsEndpoint, SERVICE_NAME, SHOULD_RATE_LIMIT};
 use crate::store::Store;
 
 /// Listeners the server runs on, already bound.
@@ -81,8 +88,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Health and reflection, added to each listener's router.
-fn with_common(builder: &mut Server) -> Result<(HealthReporter, Router), ServerError> {
+/// Health and reflection, which each listener serves.
+fn common_routes() -> Result<(HealthReporter, Routes), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -92,11 +99,10 @@ fn with_common(builder: &mut Server) -> Result<(HealthReporter, Router), ServerE
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let router = builder
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok((health, router))
+    Ok((health, routes))
 }
 
 /// Serves until `shutdown` completes, then stops accepting and finishes in-flight calls.
@@ -128,28 +134,29 @@ pub async fn run<S: Store>(
     // once the config is loaded, which it is by the time we get here.
     // TCP_NODELAY is set on the incoming stream: the builder's setting does not reach a listener
     // we bound ourselves, and without it small responses wait for delayed ACKs (40 ms tails).
-    let mut grpc_builder = Server::builder();
-    let (health, router) = with_common(&mut grpc_builder)?;
-    health.set_serving::<RlsEndpoint<S>>().await;
-    let grpc = router
-        .add_service(RlsEndpoint::new(limiter.clone()))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            stopped(stop_rx.clone()),
-        );
+    let (health, routes) = common_routes()?;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    let grpc = serve_decisions(
+        listeners.grpc,
+        RlsEndpoint::new(limiter.clone()),
+        routes.prepare(),
+        stopped(stop_rx.clone()),
+    );
     let admin = match listeners.admin {
         Some(listener) => {
-            let mut admin_builder = Server::builder();
             let check = check.clone();
             let service =
                 AdminServer::with_interceptor(AdminService::new(limiter.clone()), move |req| {
                     check.check(req)
                 });
-            let (health, router) = with_common(&mut admin_builder)?;
+            let (health, routes) = common_routes()?;
             health
                 .set_service_status("sluice.admin.v1.Admin", ServingStatus::Serving)
                 .await;
-            Some(router.add_service(service).serve_with_incoming_shutdown(
+            let router = Server::builder().add_routes(routes).add_service(service);
+            Some(router.serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             ))
@@ -181,11 +188,11 @@ pub async fn run<S: Store>(
 
     let servers = async {
         match admin {
-            Some(admin) => {
-                let (g, a) = tokio::join!(grpc, admin);
-                g.and(a)
+            Some(admin) => tokio::join!(grpc, admin).1,
+            None => {
+                grpc.await;
+                Ok(())
             }
-            None => grpc.await,
         }
     };
     let signal = async {
@@ -210,6 +217,72 @@ pub async fn run<S: Store>(
         tracing::error!(error = %e, "could not save blocks and allowlist at shutdown");
     }
     result
+}
+
+/// Serves the decision listener over HTTP/2 (cleartext, prior knowledge, as gRPC clients
+/// connect) until `shutdown`, then sends every connection a GOAWAY and waits for their calls
+/// to finish (the caller bounds that wait by the shutdown grace).
+async fn serve_decisions<S: Store>(
+    listener: TcpListener,
+    endpoint: RlsEndpoint<S>,
+    routes: tonic::service::Routes,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    let endpoint = Arc::new(endpoint);
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let endpoint = endpoint.clone();
+        let routes = routes.clone();
+        // Boxed: hyper moves each call's future into a spawned task, and unboxed this one is
+        // kilobytes (the decision's state), copied on every move.
+        Box::pin(async move {
+            let response = if request.uri().path() == SHOULD_RATE_LIMIT {
+                endpoint.handle(request).await.map(Either::Left)
+            } else {
+                match routes.oneshot(request.map(tonic::body::Body::new)).await {
+                    Ok(response) => response.map(Either::Right),
+                    Err(never) => match never {},
+                }
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        })
+    });
+    // As tonic configures its own server: no stream limit, hyper's timer for its timeouts.
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(None);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a decision connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Small responses must not wait for delayed ACKs (40 ms tails).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+        }
+        let connection =
+            graceful.watch(builder.serve_connection(TokioIo::new(tcp), service.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "decision connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Drops expired counters, expired blocks and idle clients every `sweep_interval`, off the

@@ -3,10 +3,12 @@
 //!
 //! Why: a decision costs about a microsecond; tonic's unary machinery around it (a boxed
 //! `async_trait` future of ~3 KB, a streaming decoder and encoder with 8 KiB buffers each, the
-//! owned prost structs) cost several times that per call. This endpoint reads the one request
-//! message without copying when it arrives in one DATA frame (Envoy's always does), decides, and
-//! writes the response into one buffer, followed by `grpc-status: 0` trailers. It still sits in
-//! tonic's router, so health, reflection and the HTTP/2 server are tonic's.
+//! owned prost structs, its per-request layers and router) cost several times that per call.
+//! This endpoint reads the one request message without copying when it arrives in one DATA
+//! frame (Envoy's does), decides, and writes the response into one buffer, followed by
+//! `grpc-status: 0` trailers. [`crate::server`] hands it the decision listener's
+//! `ShouldRateLimit` calls straight from hyper; everything else there (health, reflection) goes
+//! to tonic's router.
 //!
 //! It keeps the gRPC contract Envoy and other clients rely on: `application/grpc` responses,
 //! errors as trailers-only responses with `grpc-status`/`grpc-message` (built by tonic's
@@ -25,8 +27,6 @@ use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tonic::Status;
-use tonic::body::Body;
-use tonic::server::NamedService;
 
 use crate::limiter::Limiter;
 use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -45,7 +45,7 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes of the gRPC message prefix: compressed flag and big-endian length.
 const PREFIX: usize = 5;
 
-/// The rate limit service as a tower service for tonic's router.
+/// The rate limit service's one method.
 #[derive(Debug)]
 pub struct RlsEndpoint<S> {
     limiter: Arc<Limiter<S>>,
@@ -66,37 +66,29 @@ impl<S> Clone for RlsEndpoint<S> {
     }
 }
 
-impl<S> NamedService for RlsEndpoint<S> {
-    const NAME: &'static str = SERVICE_NAME;
-}
-
-impl<S: Store> tower_service::Service<Request<Body>> for RlsEndpoint<S> {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let limiter = self.limiter.clone();
-        Box::pin(async move {
-            if request.uri().path() != SHOULD_RATE_LIMIT {
-                return Ok(Status::unimplemented("").into_http());
-            }
-            Ok(match should_rate_limit(&limiter, request).await {
-                Ok(response) => response,
-                Err(status) => status.into_http(),
-            })
-        })
+impl<S: Store> RlsEndpoint<S> {
+    /// Answers one call on [`SHOULD_RATE_LIMIT`]: the decision, or an error status as a
+    /// trailers-only response.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Unary>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        match should_rate_limit(&self.limiter, request).await {
+            Ok(response) => response,
+            Err(status) => status.into_http(),
+        }
     }
 }
 
-async fn should_rate_limit<S: Store>(
+async fn should_rate_limit<S: Store, B>(
     limiter: &Limiter<S>,
-    request: Request<Body>,
-) -> Result<Response<Body>, Status> {
+    request: Request<B>,
+) -> Result<Response<Unary>, Status>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let start = std::time::Instant::now();
     if let Some(encoding) = request.headers().get("grpc-encoding")
         && encoding.as_bytes() != b"identity"
@@ -122,10 +114,10 @@ async fn should_rate_limit<S: Store>(
         .map_err(|_| Status::internal("response larger than 4 GiB"))?;
     out[1..PREFIX].copy_from_slice(&len.to_be_bytes());
 
-    let mut response = Response::new(Body::new(Unary {
+    let mut response = Response::new(Unary {
         data: Some(out.freeze()),
         trailers: true,
-    }));
+    });
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -135,11 +127,17 @@ async fn should_rate_limit<S: Store>(
 
 /// Reads the request body: exactly one uncompressed gRPC message, returned without its prefix.
 /// The first DATA frame is kept as is when it holds the whole message (no copy).
-async fn read_message(mut body: Body) -> Result<Bytes, Status> {
+async fn read_message<B>(mut body: B) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
+        let frame =
+            frame.map_err(|e| Status::internal(format!("reading the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
             continue; // request trailers carry nothing we use
         };
         match (&mut first, &mut joined) {
@@ -215,8 +213,10 @@ fn too_large(len: usize) -> Status {
     ))
 }
 
-/// A unary response body: one DATA frame, then `grpc-status: 0` trailers.
-struct Unary {
+/// A unary response body: one DATA frame, then `grpc-status: 0` trailers (empty for an error,
+/// whose status travels in the headers).
+#[derive(Debug, Default)]
+pub struct Unary {
     data: Option<Bytes>,
     trailers: bool,
 }
