@@ -29,10 +29,8 @@ use http_body_util::BodyExt;
 use tonic::Status;
 
 use crate::limiter::Limiter;
-use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
-use crate::service::rls::{to_request, to_response};
+use crate::service::wire;
 use crate::store::Store;
-use prost::Message as _;
 
 /// The gRPC service name Envoy calls.
 pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -99,17 +97,13 @@ where
         )));
     }
     let message = read_message(request.into_body()).await?;
-    let req = RateLimitRequest::decode(message)
-        .map_err(|e| Status::invalid_argument(format!("request: malformed protobuf: {e}")))?;
-    let view = to_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let view = wire::decode_request(&message)?;
     let decision = limiter.decide(&view).await;
     drop(view);
 
     let mut out = BytesMut::with_capacity(PREFIX + 64 * decision.statuses.len().max(1));
     out.put_bytes(0, PREFIX);
-    to_response(&decision)
-        .encode(&mut out)
-        .map_err(|e| Status::internal(e.to_string()))?;
+    wire::encode_response(&decision, &mut out);
     let len = u32::try_from(out.len() - PREFIX)
         .map_err(|_| Status::internal("response larger than 4 GiB"))?;
     out[1..PREFIX].copy_from_slice(&len.to_be_bytes());

@@ -1,6 +1,7 @@
 //! gRPC services: translation between protos and the limiter's types, request validation, and
 //! the one place where errors become gRPC statuses:
-//! - malformed request -> `INVALID_ARGUMENT`, the message naming the field;
+//! - malformed request -> `INVALID_ARGUMENT`, the message naming the field (also for protobuf
+//!   bytes `wire::decode_request` cannot read, where tonic's prost codec would say `INTERNAL`);
 //! - admin call without the right token -> `UNAUTHENTICATED`;
 //! - counter store failure -> never a gRPC error: the limiter answers by its failure policy
 //!   (allow, or OVER_LIMIT with a 503-style body), within the store's deadline.
@@ -9,3 +10,4 @@
 
 pub mod endpoint;
 pub mod rls;
+pub mod wire;

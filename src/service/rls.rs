@@ -8,7 +8,7 @@ use smallvec::SmallVec;
 
 use crate::limiter::algorithms::Hits;
 use crate::limiter::model::Unit;
-use crate::limiter::{self, Decision, Descriptor, LimitOverride};
+use crate::limiter::{self, Blocked, Decision, Descriptor, LimitOverride, Status as LimiterStatus};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -42,25 +42,13 @@ fn bad(field: impl Into<String>, problem: impl Into<String>) -> BadRequest {
 }
 
 /// Validates `req` and borrows it as a limiter request.
+///
+/// [`super::wire::decode_request`] gives the same answer straight from the request's bytes; both
+/// go through the checks below, in this order, so they report the same first problem.
 pub fn to_request(req: &RateLimitRequest) -> Result<limiter::Request<'_>, BadRequest> {
-    if req.domain.is_empty() {
-        return Err(bad("domain", "must not be empty"));
-    }
-    check_len("domain", &req.domain)?;
-    if req.descriptors.is_empty() {
-        return Err(bad("descriptors", "at least one descriptor is required"));
-    }
-    if req.descriptors.len() > MAX_DESCRIPTORS {
-        return Err(bad(
-            "descriptors",
-            format!(
-                "{} descriptors, at most {MAX_DESCRIPTORS} allowed",
-                req.descriptors.len()
-            ),
-        ));
-    }
-    // Envoy always sends the request's hits_addend; 0 means 1.
-    let request_hits = u64::from(req.hits_addend.max(1));
+    check_domain(&req.domain)?;
+    check_descriptor_count(req.descriptors.len())?;
+    let request_hits = request_hits(req.hits_addend);
     let mut descriptors = SmallVec::with_capacity(req.descriptors.len());
     for (i, d) in req.descriptors.iter().enumerate() {
         descriptors.push(to_descriptor(i, d, request_hits)?);
@@ -69,6 +57,88 @@ pub fn to_request(req: &RateLimitRequest) -> Result<limiter::Request<'_>, BadReq
         domain: &req.domain,
         descriptors,
     })
+}
+
+fn to_descriptor(
+    i: usize,
+    d: &RateLimitDescriptor,
+    request_hits: u64,
+) -> Result<Descriptor<'_>, BadRequest> {
+    check_entry_count(i, d.entries.len())?;
+    let mut entries = SmallVec::with_capacity(d.entries.len());
+    for (j, e) in d.entries.iter().enumerate() {
+        check_entry(i, j, &e.key, &e.value)?;
+        entries.push((e.key.as_str(), e.value.as_str()));
+    }
+    let limit_override = match &d.limit {
+        None => None,
+        Some(o) => Some(limit_override(i, o.requests_per_unit, o.unit)?),
+    };
+    Ok(Descriptor {
+        entries,
+        hits: descriptor_hits(d.hits_addend, d.is_negative_hits, request_hits),
+        limit_override,
+    })
+}
+
+// The checks of a request, one function per step, shared with `wire::decode_request` (which
+// meets the fields in wire order and must still report what `to_request` reports first).
+
+/// The domain: present and not too long.
+pub(crate) fn check_domain(domain: &str) -> Result<(), BadRequest> {
+    if domain.is_empty() {
+        return Err(bad("domain", "must not be empty"));
+    }
+    check_len("domain", domain)
+}
+
+/// How many descriptors: at least one, at most [`MAX_DESCRIPTORS`].
+pub(crate) fn check_descriptor_count(n: usize) -> Result<(), BadRequest> {
+    if n == 0 {
+        return Err(bad("descriptors", "at least one descriptor is required"));
+    }
+    if n > MAX_DESCRIPTORS {
+        return Err(bad(
+            "descriptors",
+            format!("{n} descriptors, at most {MAX_DESCRIPTORS} allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// How many entries descriptor `i` has: at least one, at most [`MAX_ENTRIES`].
+pub(crate) fn check_entry_count(i: usize, n: usize) -> Result<(), BadRequest> {
+    if n == 0 {
+        return Err(bad(
+            format!("descriptors[{i}].entries"),
+            "at least one entry is required",
+        ));
+    }
+    if n > MAX_ENTRIES {
+        return Err(bad(
+            format!("descriptors[{i}].entries"),
+            format!("{n} entries, at most {MAX_ENTRIES} allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Entry `j` of descriptor `i`: a key, and no field longer than [`MAX_FIELD_BYTES`].
+pub(crate) fn check_entry(i: usize, j: usize, key: &str, value: &str) -> Result<(), BadRequest> {
+    if key.is_empty() {
+        return Err(bad(
+            format!("descriptors[{i}].entries[{j}].key"),
+            "must not be empty",
+        ));
+    }
+    // Compared here first so the path is only formatted for a request that fails.
+    if key.len() > MAX_FIELD_BYTES {
+        check_len(&format!("descriptors[{i}].entries[{j}].key"), key)?;
+    }
+    if value.len() > MAX_FIELD_BYTES {
+        check_len(&format!("descriptors[{i}].entries[{j}].value"), value)?;
+    }
+    Ok(())
 }
 
 fn check_len(field: &str, s: &str) -> Result<(), BadRequest> {
@@ -81,80 +151,51 @@ fn check_len(field: &str, s: &str) -> Result<(), BadRequest> {
     Ok(())
 }
 
-fn to_descriptor(
-    i: usize,
-    d: &RateLimitDescriptor,
-    request_hits: u64,
-) -> Result<Descriptor<'_>, BadRequest> {
-    if d.entries.is_empty() {
-        return Err(bad(
-            format!("descriptors[{i}].entries"),
-            "at least one entry is required",
-        ));
-    }
-    if d.entries.len() > MAX_ENTRIES {
-        return Err(bad(
-            format!("descriptors[{i}].entries"),
-            format!("{} entries, at most {MAX_ENTRIES} allowed", d.entries.len()),
-        ));
-    }
-    let mut entries = SmallVec::with_capacity(d.entries.len());
-    for (j, e) in d.entries.iter().enumerate() {
-        if e.key.is_empty() {
-            return Err(bad(
-                format!("descriptors[{i}].entries[{j}].key"),
-                "must not be empty",
-            ));
-        }
-        if e.key.len() > MAX_FIELD_BYTES {
-            check_len(&format!("descriptors[{i}].entries[{j}].key"), &e.key)?;
-        }
-        if e.value.len() > MAX_FIELD_BYTES {
-            check_len(&format!("descriptors[{i}].entries[{j}].value"), &e.value)?;
-        }
-        entries.push((e.key.as_str(), e.value.as_str()));
-    }
-    // A descriptor's own hits_addend overrides the request's; there 0 means "check only".
-    let n = d.hits_addend.map_or(request_hits, |v| v);
-    let hits = if d.is_negative_hits {
+/// Hits of a descriptor without its own `hits_addend`: Envoy always sends the request's, and 0
+/// there means 1.
+pub(crate) fn request_hits(hits_addend: u32) -> u64 {
+    u64::from(hits_addend.max(1))
+}
+
+/// What descriptor adds: its own `hits_addend` overrides the request's, and there 0 means
+/// "check only".
+pub(crate) fn descriptor_hits(own: Option<u64>, negative: bool, request_hits: u64) -> Hits {
+    let n = own.unwrap_or(request_hits);
+    if negative {
         Hits::Return(n)
     } else {
         Hits::Take(n)
-    };
-    let limit_override = match &d.limit {
-        None => None,
-        Some(o) => {
-            let unit = match RateLimitUnit::try_from(o.unit) {
-                Ok(RateLimitUnit::Second) => Unit::Second,
-                Ok(RateLimitUnit::Minute) => Unit::Minute,
-                Ok(RateLimitUnit::Hour) => Unit::Hour,
-                Ok(RateLimitUnit::Day) => Unit::Day,
-                Ok(RateLimitUnit::Month) => Unit::Month,
-                Ok(RateLimitUnit::Year) => Unit::Year,
-                Ok(RateLimitUnit::Unknown) | Err(_) => {
-                    return Err(bad(
-                        format!("descriptors[{i}].limit.unit"),
-                        format!(
-                            "unit {} is not one of SECOND, MINUTE, HOUR, DAY, MONTH, YEAR",
-                            o.unit
-                        ),
-                    ));
-                }
-            };
-            Some(LimitOverride {
-                requests_per_unit: o.requests_per_unit,
-                unit,
-            })
+    }
+}
+
+/// Descriptor `i`'s `limit` override; `unit` is the raw enum number, which may be anything.
+pub(crate) fn limit_override(
+    i: usize,
+    requests_per_unit: u32,
+    unit: i32,
+) -> Result<LimitOverride, BadRequest> {
+    let unit = match RateLimitUnit::try_from(unit) {
+        Ok(RateLimitUnit::Second) => Unit::Second,
+        Ok(RateLimitUnit::Minute) => Unit::Minute,
+        Ok(RateLimitUnit::Hour) => Unit::Hour,
+        Ok(RateLimitUnit::Day) => Unit::Day,
+        Ok(RateLimitUnit::Month) => Unit::Month,
+        Ok(RateLimitUnit::Year) => Unit::Year,
+        Ok(RateLimitUnit::Unknown) | Err(_) => {
+            return Err(bad(
+                format!("descriptors[{i}].limit.unit"),
+                format!("unit {unit} is not one of SECOND, MINUTE, HOUR, DAY, MONTH, YEAR"),
+            ));
         }
     };
-    Ok(Descriptor {
-        entries,
-        hits,
-        limit_override,
+    Ok(LimitOverride {
+        requests_per_unit,
+        unit,
     })
 }
 
-fn proto_unit(u: Unit) -> ProtoUnit {
+/// The response's unit enum, which unlike the request's has WEEK.
+pub(crate) fn proto_unit(u: Unit) -> ProtoUnit {
     match u {
         Unit::Second => ProtoUnit::Second,
         Unit::Minute => ProtoUnit::Minute,
@@ -171,67 +212,59 @@ pub fn ceil_secs(nanos: u64) -> u64 {
     nanos.div_ceil(1_000_000_000)
 }
 
+// What each `DescriptorStatus` field holds, shared with `wire::encode_response` so the two
+// encoders cannot drift apart.
+
+/// `overall_code` / `code`.
+pub(crate) fn code(over: bool) -> Code {
+    if over { Code::OverLimit } else { Code::Ok }
+}
+
+/// `limit_remaining`: saturates, Envoy's field is 32 bits.
+pub(crate) fn limit_remaining(s: &LimiterStatus) -> u32 {
+    u32::try_from(s.remaining).unwrap_or(u32::MAX)
+}
+
+/// `duration_until_reset` in whole seconds, sent when a limit is reported or a reset is due
+/// (a blocked client's descriptors have no limit but do have a wait).
+pub(crate) fn reset_secs(s: &LimiterStatus) -> Option<i64> {
+    (s.limit.is_some() || s.reset_after > 0)
+        .then(|| i64::try_from(ceil_secs(s.reset_after)).unwrap_or(i64::MAX))
+}
+
 /// Writes the limiter's decision as Envoy's response.
 pub fn to_response(decision: &Decision) -> RateLimitResponse {
     let statuses = decision
         .statuses
         .iter()
         .map(|s| DescriptorStatus {
-            code: if s.over { Code::OverLimit } else { Code::Ok } as i32,
+            code: code(s.over) as i32,
             current_limit: s.limit.as_ref().map(|l| RateLimit {
                 name: l.name.to_string(),
                 requests_per_unit: l.reported.requests_per_unit,
                 unit: proto_unit(l.reported.unit) as i32,
             }),
-            limit_remaining: u32::try_from(s.remaining).unwrap_or(u32::MAX),
-            duration_until_reset: (s.limit.is_some() || s.reset_after > 0).then(|| {
-                prost_types::Duration {
-                    seconds: i64::try_from(ceil_secs(s.reset_after)).unwrap_or(i64::MAX),
-                    nanos: 0,
-                }
-            }),
+            limit_remaining: limit_remaining(s),
+            duration_until_reset: reset_secs(s)
+                .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
             quota: None,
         })
         .collect();
     let mut response = RateLimitResponse {
-        overall_code: if decision.over {
-            Code::OverLimit
-        } else {
-            Code::Ok
-        } as i32,
+        overall_code: code(decision.over) as i32,
         statuses,
         ..Default::default()
     };
-    if decision.unavailable {
-        response.response_headers_to_add = vec![
-            header("retry-after", "1".to_string()),
-            header("content-type", "application/json".to_string()),
-        ];
-        response.raw_body = UNAVAILABLE_BODY.as_bytes().to_vec();
-    } else if let Some(b) = decision.blocked {
+    if let Some(denial) = Denial::of(decision) {
         let mut headers = Vec::with_capacity(2);
-        if !b.permanent {
-            headers.push(header(
-                "retry-after",
-                ceil_secs(b.remaining).max(1).to_string(),
-            ));
+        if let Some(secs) = denial.retry_after() {
+            headers.push(header(RETRY_AFTER, secs.to_string()));
         }
-        headers.push(header("content-type", "application/json".to_string()));
+        headers.push(header(CONTENT_TYPE, JSON.to_string()));
         response.response_headers_to_add = headers;
-        response.raw_body = if b.permanent {
-            PERMANENT_BLOCK_BODY
-        } else {
-            TEMPORARY_BLOCK_BODY
-        }
-        .as_bytes()
-        .to_vec();
-    } else if let (true, Some((nanos, name))) = (decision.over, &decision.retry) {
-        let secs = ceil_secs(*nanos).max(1);
-        response.response_headers_to_add = vec![
-            header("retry-after", secs.to_string()),
-            header("content-type", "application/json".to_string()),
-        ];
-        response.raw_body = over_limit_body(name, secs).into_bytes();
+        let mut body = String::with_capacity(denial.body_len());
+        denial.write_body(&mut |piece| body.push_str(piece));
+        response.raw_body = body.into_bytes();
     }
     response
 }
@@ -244,6 +277,13 @@ fn header(key: &str, value: String) -> HeaderValue {
     }
 }
 
+/// Header telling the client when to retry, in whole seconds.
+pub(crate) const RETRY_AFTER: &str = "retry-after";
+/// Header naming the body's type.
+pub(crate) const CONTENT_TYPE: &str = "content-type";
+/// Every body is JSON.
+pub(crate) const JSON: &str = "application/json";
+
 /// The Talk2Me seed's body for a blocked address.
 pub const TEMPORARY_BLOCK_BODY: &str =
     r#"{"error": "IP temporarily blocked due to excessive requests"}"#;
@@ -252,25 +292,130 @@ pub const UNAVAILABLE_BODY: &str = r#"{"error": "Rate limiting temporarily unava
 /// The body for a permanently blocked address.
 pub const PERMANENT_BLOCK_BODY: &str = r#"{"error": "IP permanently blocked"}"#;
 
+/// Why an answer carries headers and a body for the client (Envoy sends them with its 429):
+/// decided once here for both encoders, `to_response` and `wire::encode_response`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Denial<'a> {
+    /// The store failed and the failure policy denies.
+    Unavailable,
+    /// The client address is blocked.
+    Blocked(Blocked),
+    /// Over a limit: its name and the whole seconds to wait.
+    OverLimit { name: &'a str, retry_after: u64 },
+}
+
+impl<'a> Denial<'a> {
+    /// The denial `decision` explains, if any (an allowed answer has no body; neither has an
+    /// over-limit one without a retry time, which the limiter never gives).
+    pub(crate) fn of(decision: &'a Decision) -> Option<Self> {
+        if decision.unavailable {
+            Some(Denial::Unavailable)
+        } else if let Some(b) = decision.blocked {
+            Some(Denial::Blocked(b))
+        } else if let (true, Some((nanos, name))) = (decision.over, &decision.retry) {
+            Some(Denial::OverLimit {
+                name,
+                retry_after: ceil_secs(*nanos).max(1),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The `retry-after` seconds, at least 1; none for a permanent block.
+    pub(crate) fn retry_after(self) -> Option<u64> {
+        match self {
+            Denial::Unavailable => Some(1),
+            Denial::Blocked(b) if b.permanent => None,
+            Denial::Blocked(b) => Some(ceil_secs(b.remaining).max(1)),
+            Denial::OverLimit { retry_after, .. } => Some(retry_after),
+        }
+    }
+
+    /// Hands the body to `put` piece by piece, so the wire encoder writes it without a String.
+    pub(crate) fn write_body(self, put: &mut impl FnMut(&str)) {
+        match self {
+            Denial::Unavailable => put(UNAVAILABLE_BODY),
+            Denial::Blocked(b) if b.permanent => put(PERMANENT_BLOCK_BODY),
+            Denial::Blocked(_) => put(TEMPORARY_BLOCK_BODY),
+            Denial::OverLimit { name, retry_after } => {
+                write_over_limit_body(name, retry_after, put)
+            }
+        }
+    }
+
+    /// The body's length in bytes.
+    pub(crate) fn body_len(self) -> usize {
+        let mut n = 0;
+        self.write_body(&mut |piece| n += piece.len());
+        n
+    }
+}
+
 /// The seeds' 429 body: `{"error": "Rate limit exceeded (per minute)", "retry_after": 60}`.
 pub fn over_limit_body(limit_name: &str, retry_after_secs: u64) -> String {
-    let mut out = String::from("{\"error\": \"Rate limit exceeded (");
-    json_escape_into(limit_name, &mut out);
-    out.push_str(")\", \"retry_after\": ");
-    out.push_str(&retry_after_secs.to_string());
-    out.push('}');
+    let mut out = String::new();
+    write_over_limit_body(limit_name, retry_after_secs, &mut |piece| {
+        out.push_str(piece)
+    });
     out
+}
+
+fn write_over_limit_body(limit_name: &str, retry_after_secs: u64, put: &mut impl FnMut(&str)) {
+    put("{\"error\": \"Rate limit exceeded (");
+    write_json_escaped(limit_name, put);
+    put(")\", \"retry_after\": ");
+    write_decimal(retry_after_secs, put);
+    put("}");
 }
 
 /// Escapes `s` for a JSON string body (names come from config and may hold quotes).
 pub fn json_escape_into(s: &str, out: &mut String) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+    write_json_escaped(s, &mut |piece| out.push_str(piece));
+}
+
+const HEX: [&str; 16] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "a", "b", "c", "d", "e", "f",
+];
+
+/// [`json_escape_into`] in pieces: runs of plain text pass through as one slice.
+fn write_json_escaped(s: &str, put: &mut impl FnMut(&str)) {
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        if !matches!(c, '"' | '\\') && u32::from(c) >= 0x20 {
+            continue;
         }
+        put(&s[plain..i]);
+        match c {
+            '"' => put("\\\""),
+            '\\' => put("\\\\"),
+            _ => {
+                put("\\u00");
+                put(HEX[(c as usize) >> 4]);
+                put(HEX[(c as usize) & 0xf]);
+            }
+        }
+        plain = i + c.len_utf8();
+    }
+    put(&s[plain..]);
+}
+
+/// Writes `n` in decimal, in pieces (no allocation).
+pub(crate) fn write_decimal(n: u64, put: &mut impl FnMut(&str)) {
+    // u64::MAX has 20 digits.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = n;
+    loop {
+        start -= 1;
+        digits[start] = (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &d in &digits[start..] {
+        put(HEX[usize::from(d)]);
     }
 }
 
@@ -287,6 +432,41 @@ mod tests {
         assert_eq!(
             over_limit_body("a\"b", 1),
             r#"{"error": "Rate limit exceeded (a\"b)", "retry_after": 1}"#
+        );
+    }
+
+    /// The body as it was written before it was split into pieces for `wire`.
+    fn reference_body(name: &str, secs: u64) -> String {
+        let mut escaped = String::new();
+        for c in name.chars() {
+            match c {
+                '"' => escaped.push_str("\\\""),
+                '\\' => escaped.push_str("\\\\"),
+                c if (c as u32) < 0x20 => escaped.push_str(&format!("\\u{:04x}", c as u32)),
+                c => escaped.push(c),
+            }
+        }
+        format!("{{\"error\": \"Rate limit exceeded ({escaped})\", \"retry_after\": {secs}}}")
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn body_is_written_as_before_for_any_name_and_wait(
+            name in proptest::prelude::any::<String>(),
+            secs in proptest::prelude::any::<u64>(),
+        ) {
+            proptest::prop_assert_eq!(over_limit_body(&name, secs), reference_body(&name, secs));
+        }
+    }
+
+    #[test]
+    fn body_escapes_control_characters_and_writes_any_number() {
+        for (name, secs) in [("\u{0}\u{1f}\n\\é\"", 0), ("", u64::MAX), ("x", 10)] {
+            assert_eq!(over_limit_body(name, secs), reference_body(name, secs));
+        }
+        assert_eq!(
+            over_limit_body("a\u{1}", 0),
+            r#"{"error": "Rate limit exceeded (a\u0001)", "retry_after": 0}"#
         );
     }
 
