@@ -25,13 +25,19 @@ use crate::store::{Charge, ChargeKind, CounterKey, FailurePolicy, Store, StoreEr
 use algorithms::{Hits, Policy};
 use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, lookup};
 
+/// Descriptors a request holds without allocating. Envoy's filter sends one descriptor per
+/// matching `rate_limits` entry (the sample config: one per request); a request and its
+/// decision are moved a few times per call, so a larger inline size costs copies on every call
+/// to save an allocation on rare ones.
+pub const INLINE_DESCRIPTORS: usize = 2;
+
 /// A request, borrowed from whatever carried it (the Envoy proto in practice).
 #[derive(Debug, Clone, Default)]
 pub struct Request<'a> {
     /// The rate limit domain.
     pub domain: &'a str,
     /// Descriptors in request order.
-    pub descriptors: SmallVec<[Descriptor<'a>; 4]>,
+    pub descriptors: SmallVec<[Descriptor<'a>; INLINE_DESCRIPTORS]>,
 }
 
 /// One descriptor of a request.
@@ -104,7 +110,7 @@ pub struct Decision {
     /// Whether any descriptor is over an enforced limit.
     pub over: bool,
     /// One per request descriptor, in order.
-    pub statuses: SmallVec<[Status; 4]>,
+    pub statuses: SmallVec<[Status; INLINE_DESCRIPTORS]>,
     /// When over: nanoseconds until the same request would be admitted, and the name of the
     /// limit that decides it.
     pub retry: Option<(u64, Arc<str>)>,
@@ -394,7 +400,7 @@ impl<S: Store> Limiter<S> {
 
         // Overrides' policies live here for the whole request, so charges can borrow them like
         // configured ones.
-        let overrides: SmallVec<[Option<(Policy, Reported)>; 4]> = if request
+        let overrides: SmallVec<[Option<(Policy, Reported)>; INLINE_DESCRIPTORS]> = if request
             .descriptors
             .iter()
             .any(|d| d.limit_override.is_some())

@@ -1,8 +1,8 @@
 //! `ShouldRateLimit` without prost's structs: [`decode_request`] reads a `RateLimitRequest`'s
 //! protobuf bytes straight into a [`limiter::Request`] whose strings borrow those bytes, and
 //! [`encode_response`] writes the `RateLimitResponse` bytes straight from the [`Decision`].
-//! Decoding allocates nothing for up to 4 descriptors of up to 4 entries (the `SmallVec`s stay
-//! inline), encoding nothing but room in its output buffer; prost's path allocates per string,
+//! Decoding allocates nothing for up to [`limiter::INLINE_DESCRIPTORS`] descriptors of up to 4
+//! entries (the `SmallVec`s stay inline), encoding nothing but room in its output buffer; prost's path allocates per string,
 //! per descriptor and per status.
 //!
 //! Both are held to prost's behaviour, not just to the happy path: `decode_request` accepts exactly
@@ -342,7 +342,7 @@ enum Judged {
 fn read_descriptor<'a>(
     buf: &'a [u8],
     i: usize,
-    kept: Option<&mut SmallVec<[Descriptor<'a>; 4]>>,
+    kept: Option<&mut SmallVec<[Descriptor<'a>; limiter::INLINE_DESCRIPTORS]>>,
 ) -> Result<Judged, Fault> {
     let here = |problem| (Path::Descriptor(i), problem);
     // Nested one level below the request's fields.
