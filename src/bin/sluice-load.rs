@@ -1,8 +1,8 @@
 //! `sluice-load`: drives `ShouldRateLimit` on a sluice server over loopback and reports decisions
 //! per second and latency percentiles (issue 5; scripts/bench runs it).
 //!
-//! It opens `--connections` HTTP/2 connections (one tonic `Channel` each) and keeps
-//! `--concurrency` calls in flight on each, for `--warmup` seconds unrecorded and then
+//! It opens `--connections` HTTP/2 connections and keeps `--concurrency` calls in flight on
+//! each, through the generated `RateLimitServiceClient`, for `--warmup` seconds unrecorded and then
 //! `--duration` seconds recorded. Every reply is checked: gRPC OK, one status per descriptor,
 //! `overall_code` OK or OVER_LIMIT and consistent with the statuses; anything else is a failure
 //! (counted, the first one printed, exit status 2).
@@ -19,21 +19,29 @@
 //!
 //! `--write-request FILE` writes the hot request as one gRPC message (5-byte prefix: flag 0 and
 //! big-endian length, then the protobuf) for `h2load -d FILE` and exits.
+//!
+//! The generated client runs over a bare hyper HTTP/2 connection rather than a tonic
+//! `Channel`: a `Channel` adds a buffer task, reconnection and load balancing per call, which
+//! made the generator cost more CPU per call than the server it measures (both share the two
+//! cores of the benchmark machine, so the generator's cost caps the figure).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tokio::net::TcpStream;
 
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -247,21 +255,53 @@ fn resolve_loopback(addr: &str) -> anyhow::Result<SocketAddr> {
     Ok(addrs[0])
 }
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2));
+/// One HTTP/2 connection as the service the generated client calls through.
+#[derive(Clone)]
+struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+type ResponseFuture = Pin<
+    Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>,
+>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> ResponseFuture {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+type Client = RateLimitServiceClient<Connection>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
     // The server may still be starting: retry for up to 10 s.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match endpoint.connect().await {
-            Ok(c) => return Ok(c),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
+    let tcp = loop {
+        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => break tcp,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to {addr}")),
+            Err(_) => bail!("connecting to {addr}: timed out"),
         }
-    }
+    };
+    tcp.set_nodelay(true)?;
+    let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
+    tokio::spawn(connection);
+    let origin: http::Uri = format!("http://{addr}").parse()?;
+    Ok(RateLimitServiceClient::with_origin(
+        Connection(send),
+        origin,
+    ))
 }
 
 fn pct(h: &Histogram<u64>, q: f64) -> f64 {
@@ -278,7 +318,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         channels.push(connect(addr).await?);
     }
     // One call first: the domain and path must reach a limit, or nothing is being measured.
-    let probe = RateLimitServiceClient::new(channels[0].clone())
+    let probe = channels[0]
+        .clone()
         .should_rate_limit(request(&args.domain, &args.path, "probe".to_string()))
         .await
         .context("first ShouldRateLimit call")?
@@ -309,7 +350,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut tasks = Vec::with_capacity(args.connections * args.concurrency);
     for (channel, hist) in channels.iter().zip(&hists) {
         for _ in 0..args.concurrency {
-            let mut client = RateLimitServiceClient::new(channel.clone());
+            let mut client = channel.clone();
             let requests = requests.clone();
             let counts = counts.clone();
             let hist = hist.clone();

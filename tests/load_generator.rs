@@ -1,0 +1,116 @@
+//! `sluice-load`, the benchmark load generator (issue 5), against a real server: it must count
+//! what the server decided, check every reply, and refuse to measure a request no limit matches.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn load(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
+        .args(args)
+        .output()
+        .expect("sluice-load runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_field(line: &str, key: &str) -> f64 {
+    let start = line.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
+    let rest = &line[start..];
+    let end = rest.find([',', '}']).unwrap();
+    rest[..end].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shape_is_decided_by_the_server_and_counted() {
+    let srv = TestServer::start(include_str!("../benches/load.yaml")).await;
+    let addr = srv.addr.to_string();
+    for shape in ["hot", "clients", "unique"] {
+        let args = [
+            "--addr",
+            &addr,
+            "--shape",
+            shape,
+            "--connections",
+            "2",
+            "--concurrency",
+            "4",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        let (code, stdout, stderr) = tokio::task::spawn_blocking({
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            move || load(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{shape}: {stderr}");
+        let line = stdout.lines().last().unwrap();
+        assert!(json_field(line, "decisions") > 0.0, "{shape}: {line}");
+        assert_eq!(json_field(line, "failures"), 0.0, "{shape}: {line}");
+        assert_eq!(json_field(line, "over_limit"), 0.0, "{shape}: {line}");
+    }
+    // The server saw at least every call the generator counted (and the probes and warm-ups).
+    let (_, body) = http_get(srv.http_addr, "/metrics").await;
+    assert!(metric(&body, "sluice_decision_duration_seconds_count").unwrap() > 3.0);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_limit_matches_is_refused_and_over_limit_replies_are_counted() {
+    let srv = TestServer::start(
+        "
+domains:
+  - name: load
+    client: [remote_address]
+    endpoints:
+      - path: /bench
+        limits: [5/minute]
+",
+    )
+    .await;
+    let addr = srv.addr.to_string();
+    let (code, _, stderr) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || load(&["--addr", &addr, "--path", "/elsewhere", "--duration", "0.2"])
+    })
+    .await
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(stderr.contains("matches no limit"), "{stderr}");
+
+    // One hot client over 5/minute: the generator sees OVER_LIMIT replies and counts them.
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        load(&[
+            "--addr",
+            &addr,
+            "--shape",
+            "hot",
+            "--connections",
+            "1",
+            "--concurrency",
+            "2",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let line = stdout.lines().last().unwrap();
+    assert!(json_field(line, "over_limit") > 0.0, "{line}");
+    assert_eq!(json_field(line, "failures"), 0.0, "{line}");
+    srv.stop().await;
+}
