@@ -160,6 +160,18 @@ pub fn render<S: Store>(limiter: &Limiter<S>) -> String {
         stats.tracked_clients(),
     );
     out.single(
+        "sluice_store_evictions_total",
+        "counter",
+        "Live counters dropped because the store was full (max_keys): those clients started afresh.",
+        limiter.store().evictions(),
+    );
+    out.single(
+        "sluice_store_over_limit_cache_hits_total",
+        "counter",
+        "Charges denied from the Redis store's local over-limit cache without a round trip.",
+        limiter.store().cache_hits(),
+    );
+    out.single(
         "sluice_store_errors_total",
         "counter",
         "Decisions answered by the failure policy because the store failed.",

@@ -73,6 +73,8 @@ async fn metrics_count_known_traffic() {
     assert_eq!(m("sluice_active_blocks"), 1.0);
     assert_eq!(m("sluice_tracked_clients"), 3.0);
     assert!(m("sluice_tracked_keys") >= 4.0);
+    assert_eq!(m("sluice_store_evictions_total"), 0.0);
+    assert_eq!(m("sluice_store_over_limit_cache_hits_total"), 0.0);
     assert_eq!(m("sluice_decision_duration_seconds_count"), 14.0);
     assert_eq!(
         m(r#"sluice_decision_duration_seconds_bucket{le="+Inf"}"#),
@@ -278,4 +280,37 @@ async fn a_shadow_limit_is_watched_while_the_others_are_enforced() {
     assert_eq!(metric(&body, shadow), Some(3.0));
     let over = r#"sluice_over_limit_total{domain="training",endpoint="/api/training/execute",limit="per minute"}"#;
     assert_eq!(metric(&body, over), Some(1.0));
+}
+
+#[tokio::test]
+async fn evictions_from_a_full_store_are_counted() {
+    // 256 keys in 256 shards: one counter per shard, so 300 clients must evict at least 44.
+    let srv = TestServer::start(
+        "
+store:
+  max_keys: 256
+domains:
+  - name: load
+    client: [remote_address]
+    endpoints:
+      - path: /bench
+        limits: [100/minute]
+",
+    )
+    .await;
+    for i in 0..300 {
+        let r = request(
+            "load",
+            vec![descriptor(&[
+                ("path", "/bench"),
+                ("remote_address", &format!("10.1.{}.{}", i / 256, i % 256)),
+            ])],
+        );
+        assert_eq!(srv.call(r).await.overall_code, OK);
+    }
+    let (_, body) = http_get(srv.http_addr, "/metrics").await;
+    let evictions = metric(&body, "sluice_store_evictions_total").unwrap();
+    assert!((44.0..300.0).contains(&evictions), "{evictions}");
+    assert!(metric(&body, "sluice_tracked_keys").unwrap() <= 256.0);
+    srv.stop().await;
 }

@@ -124,11 +124,6 @@ impl MemoryStore {
         dropped
     }
 
-    /// Live entries evicted because the store was full.
-    pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
-    }
-
     /// Inserts or replaces `key`, keeping the shard within its share of `max_keys`.
     fn put(&self, map: &mut Shard, key: u128, cell: Cell, now: u64) {
         if let Some(slot) = map.get_mut(&key) {
@@ -296,5 +291,9 @@ impl Store for MemoryStore {
 
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
         self.sweep_at(now)
+    }
+
+    fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 }

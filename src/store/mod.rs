@@ -112,6 +112,18 @@ pub trait Store: Send + Sync + 'static {
     /// Drops counters whose state no longer matters at `now`; returns how many. Called from a
     /// background task, never on the request path. Stores that expire keys themselves return 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize;
+
+    /// Live counters dropped to make room because the store was full (`max_keys`), since start:
+    /// clients that started afresh. Stores that never evict report 0.
+    fn evictions(&self) -> u64 {
+        0
+    }
+
+    /// Charges answered without asking the backend because the key was known to be over its
+    /// limit (the Redis store's over-limit cache), since start. Others report 0.
+    fn cache_hits(&self) -> u64 {
+        0
+    }
 }
 
 /// Which counter store to run, from the config's `store:` section or `--store`.
@@ -242,6 +254,20 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.sweep_expired_at(now),
             AnyStore::Redis(s) => s.sweep_expired_at(now),
+        }
+    }
+
+    fn evictions(&self) -> u64 {
+        match self {
+            AnyStore::Memory(s) => s.evictions(),
+            AnyStore::Redis(s) => s.evictions(),
+        }
+    }
+
+    fn cache_hits(&self) -> u64 {
+        match self {
+            AnyStore::Memory(s) => s.cache_hits(),
+            AnyStore::Redis(s) => s.cache_hits(),
         }
     }
 }

@@ -442,11 +442,6 @@ impl RedisStore {
         &self.handle
     }
 
-    /// Denials answered from the local over-limit cache since start.
-    pub fn cache_hits(&self) -> u64 {
-        self.over.hits.load(Ordering::Relaxed)
-    }
-
     /// Runs the script over `charges` (all in one slot on a cluster).
     async fn run(&self, charges: &[&Charge<'_>], now: Timestamp) -> Result<Answer, StoreError> {
         let mut inv = self.script.prepare_invoke();
@@ -610,6 +605,10 @@ impl Store for RedisStore {
 
     /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
     /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
+    fn cache_hits(&self) -> u64 {
+        self.over.hits.load(Ordering::Relaxed)
+    }
+
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
         self.over.map.retain(|_, o| o.until > now.as_nanos());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
