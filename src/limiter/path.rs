@@ -43,6 +43,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use xxhash_rust::xxh3::xxh3_64;
+
 /// Request paths whose normalised form has more segments than this never match.
 ///
 /// The limit keeps [`PathRouter::lookup`] allocation-free (segments are
@@ -336,6 +338,11 @@ impl<T> Node<T> {
 pub struct PathRouter<T> {
     root: Node<T>,
     len: usize,
+    /// Every all-literal template in its canonical form (`/a/b`), by xxh3 hash, with its value:
+    /// a request path spelled exactly so (most are) is answered by one hash and one compare
+    /// instead of a walk of the trie. The trie answers everything else, and would give the same
+    /// answer for these (a literal is the most specific match of its own spelling).
+    exact: Vec<(u64, Box<[u8]>, T)>,
 }
 
 impl<T> Default for PathRouter<T> {
@@ -350,13 +357,47 @@ impl<T> PathRouter<T> {
         PathRouter {
             root: Node::new(),
             len: 0,
+            exact: Vec::new(),
         }
+    }
+
+    /// The value of the all-literal template spelled exactly `path` (query already stripped).
+    fn exact_match(&self, path: &[u8]) -> Option<&T> {
+        if self.exact.is_empty() {
+            return None;
+        }
+        let hash = xxh3_64(path);
+        let start = self.exact.partition_point(|(h, _, _)| *h < hash);
+        self.exact
+            .get(start..)?
+            .iter()
+            .take_while(|(h, _, _)| *h == hash)
+            .find(|(_, key, _)| **key == *path)
+            .map(|(_, _, value)| value)
     }
 
     /// Adds a template; fails if one of the same shape (same literals,
     /// parameters in the same places, regardless of names) is already present.
-    pub fn insert(&mut self, template: PathTemplate, value: T) -> Result<(), RouterError> {
+    pub fn insert(&mut self, template: PathTemplate, value: T) -> Result<(), RouterError>
+    where
+        T: Clone,
+    {
         let PathTemplate { source, segments } = template;
+        let canonical = segments
+            .iter()
+            .try_fold(Vec::new(), |mut path, segment| match segment {
+                // Only literals a plain request segment can spell: a decoded `/` (from `%2F`),
+                // `%`, `.`, `?` or `#` would make the canonical form mean something else.
+                Segment::Literal(key)
+                    if !key.is_empty() && !key.iter().any(|b| b"/%.?#".contains(b)) =>
+                {
+                    path.push(b'/');
+                    path.extend_from_slice(key);
+                    Some(path)
+                }
+                _ => None,
+            })
+            .map(|path| if path.is_empty() { b"/".to_vec() } else { path });
         let mut node = &mut self.root;
         let mut ends_in_catch_all = false;
         for segment in segments {
@@ -380,6 +421,12 @@ impl<T> PathRouter<T> {
                 existing: existing.template.to_string(),
                 new: source.into_string(),
             });
+        }
+        if let Some(path) = canonical {
+            let hash = xxh3_64(&path);
+            let at = self.exact.partition_point(|(h, _, _)| *h <= hash);
+            self.exact
+                .insert(at, (hash, path.into_boxed_slice(), value.clone()));
         }
         *slot = Some(Entry {
             template: source,
@@ -413,6 +460,9 @@ impl<T> PathRouter<T> {
             }
         }
         let path = bytes.get(..end).unwrap_or_default();
+        if plain && let Some(value) = self.exact_match(path) {
+            return Some(value);
+        }
         // Fast path, the common case: without dot segments the non-empty
         // pieces are the normalised segments, so they can be walked lazily.
         // A path this short cannot exceed the segment limit (each segment
@@ -544,6 +594,32 @@ mod tests {
                 .unwrap();
         }
         router
+    }
+
+    #[test]
+    fn exact_spellings_take_the_short_cut_and_agree_with_the_trie() {
+        let router = router_of(&["/a/b", "/a/{x}", "/a%2Fb", "/", "/v1.2/x", "/c/d"]);
+        // Answered by the exact table.
+        assert_eq!(router.lookup("/a/b"), Some(&0));
+        assert_eq!(router.lookup("/a/b?q=1"), Some(&0));
+        assert_eq!(router.lookup("/"), Some(&3));
+        assert_eq!(router.lookup("/c/d"), Some(&5));
+        // Not in it (other spellings, or literals a plain path cannot spell): the trie answers.
+        assert_eq!(router.lookup("//a//b/"), Some(&0));
+        assert_eq!(router.lookup("/a/c"), Some(&1));
+        assert_eq!(router.lookup("/a%2Fb"), Some(&2));
+        assert_eq!(router.lookup("/v1.2/x"), Some(&4));
+        assert_eq!(router.lookup("/c/d/e"), None);
+        assert_eq!(
+            router
+                .exact
+                .iter()
+                .map(|(_, k, _)| &**k)
+                .collect::<Vec<_>>()
+                .len(),
+            3,
+            "/a/b, / and /c/d only"
+        );
     }
 
     const TRAINING: &[&str] = &[
