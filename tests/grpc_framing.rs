@@ -142,15 +142,18 @@ async fn broken_framing_gets_a_status_naming_the_problem() {
     two.extend(framed(&msg));
     let mut short = framed(&msg);
     short.truncate(short.len() - 1);
+    let mut bad_flag = framed(&msg);
+    bad_flag[0] = 7;
     let mut huge = vec![0u8];
     huge.extend_from_slice(&(5u32 * 1024 * 1024).to_be_bytes());
     huge.extend_from_slice(&[0u8; 16]);
     let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
-        ("empty body", vec![], "13", "Missing request message"),
-        ("three bytes", vec![0, 0, 0], "13", "prefix"),
-        ("compressed flag", compressed, "13", "compressed-flag"),
-        ("two messages", two, "13", "more than one request message"),
-        ("truncated", short, "13", "ended after"),
+        ("empty body", vec![], "3", "request body: no gRPC message"),
+        ("three bytes", vec![0, 0, 0], "3", "prefix"),
+        ("compressed flag", compressed, "3", "compressed flag"),
+        ("bad flag", bad_flag, "3", "neither 0 nor 1"),
+        ("two messages", two, "3", "more than one message"),
+        ("truncated", short, "3", "ended after"),
         ("5 MiB declared", huge, "11", "too large"),
         (
             "not protobuf",

@@ -1,7 +1,7 @@
 //! The `ShouldRateLimit` endpoint, written against HTTP/2 requests directly instead of through
 //! tonic's generated server and codec.
 //!
-//! Why: a decision costs about a microsecond; tonic's unary machinery around it (a boxed
+//! Why: a decision costs well under a microsecond; tonic's unary machinery around it (a boxed
 //! `async_trait` future of ~3 KB, a streaming decoder and encoder with 8 KiB buffers each, the
 //! owned prost structs, its per-request layers and router) cost several times that per call.
 //! This endpoint reads the one request message without copying when it arrives in one DATA
@@ -13,8 +13,10 @@
 //! It keeps the gRPC contract Envoy and other clients rely on: `application/grpc` responses,
 //! errors as trailers-only responses with `grpc-status`/`grpc-message` (built by tonic's
 //! [`Status::into_http`]), `grpc-encoding` other than identity refused as `UNIMPLEMENTED`, the
-//! same 4 MiB request bound as tonic's default (`OUT_OF_RANGE` beyond), and a request that is not
-//! one well-formed message answered with `INVALID_ARGUMENT` or `INTERNAL` naming what is wrong.
+//! same 4 MiB request bound as tonic's default (`OUT_OF_RANGE` beyond), and a body that is not
+//! exactly one well-formed message answered with `INVALID_ARGUMENT` saying what is wrong (tonic
+//! answers framing errors with `INTERNAL`; they are the caller's fault, and our rule is that
+//! malformed input is `INVALID_ARGUMENT`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -106,7 +108,9 @@ where
     wire::encode_response(&decision, &mut out);
     let len = u32::try_from(out.len() - PREFIX)
         .map_err(|_| Status::internal("response larger than 4 GiB"))?;
-    out[1..PREFIX].copy_from_slice(&len.to_be_bytes());
+    if let Some(prefix) = out.get_mut(1..PREFIX) {
+        prefix.copy_from_slice(&len.to_be_bytes());
+    }
 
     let mut response = Response::new(Unary {
         data: Some(out.freeze()),
@@ -159,37 +163,33 @@ where
     let mut buf = match (first, joined) {
         (_, Some(buf)) => buf.freeze(),
         (Some(one), None) => one,
-        (None, None) => return Err(Status::internal("Missing request message.")),
+        (None, None) => return Err(bad_body("no gRPC message (empty body)")),
     };
     let Some(declared) = declared_len(&buf) else {
-        return Err(Status::internal(
-            "protocol error: the request body ended inside the gRPC message prefix",
-        ));
+        return Err(bad_body("ended inside the 5-byte gRPC message prefix"));
     };
     match buf.first() {
         Some(0) => {}
         Some(1) => {
-            return Err(Status::internal(
-                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            return Err(bad_body(
+                "the message's compressed flag is set but no grpc-encoding was sent",
             ));
         }
         _ => {
-            return Err(Status::internal(
-                "protocol error: the gRPC message prefix's compressed flag is neither 0 nor 1",
+            return Err(bad_body(
+                "the message prefix's compressed flag is neither 0 nor 1",
             ));
         }
     }
     let total = PREFIX + declared;
     if buf.len() < total {
-        return Err(Status::internal(format!(
-            "protocol error: the request body ended after {} of the message's {declared} bytes",
+        return Err(bad_body(&format!(
+            "ended after {} of the message's {declared} bytes",
             buf.len() - PREFIX
         )));
     }
     if buf.len() > total {
-        return Err(Status::internal(
-            "protocol error: more than one request message in a unary call",
-        ));
+        return Err(bad_body("more than one message in a unary call"));
     }
     buf.advance(PREFIX);
     Ok(buf)
@@ -199,6 +199,10 @@ where
 fn declared_len(buf: &[u8]) -> Option<usize> {
     let len: [u8; 4] = buf.get(1..PREFIX)?.try_into().ok()?;
     usize::try_from(u32::from_be_bytes(len)).ok()
+}
+
+fn bad_body(problem: &str) -> Status {
+    Status::invalid_argument(format!("request body: {problem}"))
 }
 
 fn too_large(len: usize) -> Status {
