@@ -249,11 +249,13 @@ async fn serve_decisions<S: Store>(
             Ok::<_, std::convert::Infallible>(response)
         })
     });
-    // As tonic configures its own server: no stream limit, hyper's timer for its timeouts.
+    // As tonic configures its own server: no stream limit, hyper's timer for its timeouts. No
+    // `date` header: gRPC clients ignore it and it cost ~3% of the server's work per call.
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(None);
+        .max_concurrent_streams(None)
+        .auto_date_header(false);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
