@@ -10,12 +10,14 @@
 //! Idle clients are swept, and when the map is full new clients are counted only in aggregate.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
+
+use crate::store::PreHashed;
 
 /// Counts of one limit: how often it decided a rejection, and how often it would have as a
 /// shadow limit (or in shadow mode / with rate limiting disabled).
@@ -180,26 +182,6 @@ pub struct ClientRef<'a> {
     pub entries: &'a [(&'a str, &'a str)],
     /// The address entry's value.
     pub address: Option<&'a str>,
-}
-
-/// Hashes a client map key, which is already a keyed hash (the client's counter group and its
-/// domain's tag): folding it is enough, and saves a SipHash per decision.
-#[derive(Default)]
-struct PreHashed(u64);
-
-impl Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than a u128 is hashed; fold it in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = (v >> 64) as u64 ^ v as u64;
-    }
 }
 
 /// All of sluice's decision statistics.

@@ -26,13 +26,23 @@ struct Answer {
     body: Bytes,
 }
 
-async fn post(srv: &TestServer, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
+/// A bare HTTP/2 connection to the server, for request bodies of type `B`.
+async fn connect<B>(srv: &TestServer) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    let (mut send, conn) =
+    let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .unwrap();
     tokio::spawn(conn);
+    send
+}
+
+async fn post(srv: &TestServer, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
+    let mut send = connect(srv).await;
     let mut req = http::Request::post(format!("http://{}{path}", srv.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -95,12 +105,7 @@ async fn a_message_split_over_several_data_frames_is_joined() {
     let srv = TestServer::start_default().await;
     let bytes = framed(&hot_request());
     // hyper sends a Full body in one frame; a channel body sends one frame per chunk.
-    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = connect(&srv).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(8);
     let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let req = http::Request::post(format!("http://{}{PATH}", srv.addr))

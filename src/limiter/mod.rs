@@ -725,13 +725,11 @@ impl<S: Store> Limiter<S> {
                 Some(self.hash_parts(TAG_CLIENT, std::iter::once(v.as_bytes())))
             }
             _ => {
-                if names.iter().any(|k| lookup(entries, k).is_none()) {
-                    return None;
-                }
-                let values = names
+                let values: SmallVec<[&[u8]; 4]> = names
                     .iter()
-                    .map(|k| lookup(entries, k).unwrap_or_default().as_bytes());
-                Some(self.hash_parts(TAG_CLIENT, values))
+                    .map(|k| lookup(entries, k).map(str::as_bytes))
+                    .collect::<Option<_>>()?;
+                Some(self.hash_parts(TAG_CLIENT, values.iter().copied()))
             }
         }
     }

@@ -58,14 +58,6 @@ impl<S> RlsEndpoint<S> {
     }
 }
 
-impl<S> Clone for RlsEndpoint<S> {
-    fn clone(&self) -> Self {
-        Self {
-            limiter: self.limiter.clone(),
-        }
-    }
-}
-
 impl<S: Store> RlsEndpoint<S> {
     /// Answers one call on [`SHOULD_RATE_LIMIT`]: the decision, or an error status as a
     /// trailers-only response.

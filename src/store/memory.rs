@@ -11,14 +11,14 @@
 //! full (the configured `max_keys` bound) an insert first purges that shard's expired entries and
 //! otherwise evicts one live entry, so memory stays flat under a flood of new clients.
 
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashMap;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
+use super::{Charge, ChargeKind, CounterKey, PreHashed, Store, StoreError, Verdict};
 use crate::clock::Timestamp;
 use crate::limiter::algorithms::{CellState, Hits, evaluate};
 
@@ -54,26 +54,7 @@ struct Cell {
     expires_at: u64,
 }
 
-/// Uses the low 64 bits of a [`CounterKey`] (already a keyed hash) as the map hash.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than a u128 is hashed; fold it in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
-}
-
-type Shard = HashMap<u128, Cell, BuildHasherDefault<KeyHasher>>;
+type Shard = HashMap<u128, Cell, BuildHasherDefault<PreHashed>>;
 
 /// Sharded in-memory counters. See the module docs.
 pub struct MemoryStore {

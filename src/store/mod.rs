@@ -28,6 +28,26 @@ pub use memory::{MemoryStore, MemoryStoreOptions};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey(pub u128);
 
+/// Hashes map keys that are already keyed hashes (a [`CounterKey`], a client's statistics id):
+/// folding the two halves is enough, and saves a SipHash per lookup on the request path.
+#[derive(Default)]
+pub struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a u128 is hashed; fold it in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = (v >> 64) as u64 ^ v as u64;
+    }
+}
+
 /// One counter a request touches.
 #[derive(Debug, Clone, Copy)]
 pub struct Charge<'a> {
