@@ -14,8 +14,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Either;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::Routes;
@@ -30,7 +28,8 @@ use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::sluice::admin::v1::admin_server::AdminServer;
-use crate::service::endpoint::{RlsEndpoint, SERVICE_NAME, SHOULD_RATE_LIMIT};
+use crate::service::connection;
+use crate::service::endpoint::{RlsEndpoint, SERVICE_NAME};
 use crate::store::Store;
 
 /// Listeners the server runs on, already bound.
@@ -228,35 +227,10 @@ async fn serve_decisions<S: Store>(
     routes: tonic::service::Routes,
     shutdown: impl Future<Output = ()>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use tower::ServiceExt as _;
-
     let endpoint = Arc::new(endpoint);
-    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-        let endpoint = endpoint.clone();
-        let routes = routes.clone();
-        // Boxed: hyper moves each call's future into a spawned task, and unboxed this one is
-        // kilobytes (the decision's state), copied on every move.
-        Box::pin(async move {
-            let response = if request.uri().path() == SHOULD_RATE_LIMIT {
-                endpoint.handle(request).await.map(Either::Left)
-            } else {
-                match routes.oneshot(request.map(tonic::body::Body::new)).await {
-                    Ok(response) => response.map(Either::Right),
-                    Err(never) => match never {},
-                }
-            };
-            Ok::<_, std::convert::Infallible>(response)
-        })
-    });
-    // As tonic configures its own server: no stream limit, hyper's timer for its timeouts. No
-    // `date` header: gRPC clients ignore it and it cost ~3% of the server's work per call.
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(None)
-        .auto_date_header(false);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Connections watch this flag; the sender learns they are all gone when every receiver is
+    // dropped.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -275,8 +249,11 @@ async fn serve_decisions<S: Store>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
         }
-        let connection =
-            graceful.watch(builder.serve_connection(TokioIo::new(tcp), service.clone()));
+        let mut stop = stop_rx.clone();
+        let stop = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let connection = connection::serve(tcp, endpoint.clone(), routes.clone(), stop);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "decision connection ended with an error");
@@ -284,7 +261,9 @@ async fn serve_decisions<S: Store>(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    stop_tx.closed().await;
 }
 
 /// Drops expired counters, expired blocks and idle clients every `sweep_interval`, off the

@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use prost::Message as _;
 use tokio_stream::StreamExt as _;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -193,4 +194,68 @@ async fn readme_admin_commands_work_through_grpcurl() {
     let unauth = run(None, None, "sluice.admin.v1.Admin/ListBlocks");
     assert!(!unauth.status.success());
     assert!(String::from_utf8_lossy(&unauth.stderr).contains("Code: Unauthenticated"));
+}
+
+/// Health and reflection reach tonic's router through the decision listener's own HTTP/2 code
+/// (src/service/connection.rs), which must pace response bodies by the client's flow-control
+/// window. With a 128-byte stream window, the descriptor answer (kilobytes) arrives only if the
+/// body is sent in window-sized pieces as the client grants more, and the call still ends OK.
+#[tokio::test]
+async fn reflection_answers_larger_than_the_clients_window_arrive_whole() {
+    let srv = TestServer::start_default().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", srv.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(128))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "envoy.service.ratelimit.v3.RateLimitService".into(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+        panic!("unexpected {resp:?}");
+    };
+    let bytes: usize = files.file_descriptor_proto.iter().map(Vec::len).sum();
+    assert!(bytes > 16 * 128, "only {bytes} bytes of descriptors");
+    let names: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|b| {
+            prost_types::FileDescriptorProto::decode(b.as_slice())
+                .unwrap()
+                .name()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("rls.proto")),
+        "rls.proto missing: {names:?}"
+    );
+    // The request stream has ended, so the call ends, with status OK.
+    assert!(stream.next().await.is_none());
+
+    // Health over the same connection.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }

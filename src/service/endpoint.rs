@@ -211,6 +211,21 @@ pub struct Unary {
     trailers: bool,
 }
 
+impl Unary {
+    /// The message, and the trailers that follow it (`None` for a trailers-only response,
+    /// whose status is in the headers).
+    pub fn into_parts(self) -> (Option<Bytes>, Option<HeaderMap>) {
+        (self.data, self.trailers.then(ok_trailers))
+    }
+}
+
+/// `grpc-status: 0`.
+fn ok_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers
+}
+
 impl http_body::Body for Unary {
     type Data = Bytes;
     type Error = Infallible;
@@ -223,9 +238,7 @@ impl http_body::Body for Unary {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if std::mem::take(&mut self.trailers) {
-            let mut trailers = HeaderMap::with_capacity(1);
-            trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(ok_trailers()))));
         }
         Poll::Ready(None)
     }

@@ -8,6 +8,7 @@
 //!
 //! An over-limit answer is a decision, not an error: it is an OK gRPC reply with `OVER_LIMIT`.
 
+pub mod connection;
 pub mod endpoint;
 pub mod rls;
 pub mod wire;
