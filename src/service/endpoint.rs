@@ -6,9 +6,9 @@
 //! owned prost structs, its per-request layers and router) cost several times that per call.
 //! This endpoint reads the one request message without copying when it arrives in one DATA
 //! frame (Envoy's does), decides, and writes the response into one buffer, followed by
-//! `grpc-status: 0` trailers. [`crate::server`] hands it the decision listener's
-//! `ShouldRateLimit` calls straight from hyper; everything else there (health, reflection) goes
-//! to tonic's router.
+//! `grpc-status: 0` trailers. [`crate::service::connection`] hands it the decision listener's
+//! `ShouldRateLimit` calls straight from h2; everything else there (health, reflection) goes to
+//! tonic's router.
 //!
 //! It keeps the gRPC contract Envoy and other clients rely on: `application/grpc` responses,
 //! errors as trailers-only responses with `grpc-status`/`grpc-message` (built by tonic's
@@ -19,15 +19,15 @@
 //! malformed input is `INVALID_ARGUMENT`).
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Response};
 use http_body::Frame;
-use http_body_util::BodyExt;
 use tonic::Status;
 
 use crate::limiter::Limiter;
@@ -59,38 +59,63 @@ impl<S> RlsEndpoint<S> {
 }
 
 impl<S: Store> RlsEndpoint<S> {
-    /// Answers one call on [`SHOULD_RATE_LIMIT`]: the decision, or an error status as a
-    /// trailers-only response.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Unary>
-    where
-        B: http_body::Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
-    {
-        match should_rate_limit(&self.limiter, request).await {
-            Ok(response) => response,
-            Err(status) => status.into_http(),
+    /// Answers a call from its whole request body (one framed message), received since
+    /// `start`, when the store decides at once (the memory store), with no future kept beyond
+    /// this call; otherwise hands `body` back, for [`Self::answer`].
+    pub fn answer_now(
+        &self,
+        body: Bytes,
+        start: std::time::Instant,
+    ) -> Result<Response<Unary>, Bytes> {
+        if !self.limiter.store().answers_at_once() {
+            return Err(body);
         }
+        let answer = std::pin::pin!(answer(&self.limiter, body, start));
+        // No waker is needed: a store that answers at once never returns `Pending`.
+        let result = match answer.poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                tracing::error!("a store that answers at once did not; call refused");
+                Err(Status::internal("the decision did not complete"))
+            }
+        };
+        Ok(result.unwrap_or_else(Status::into_http))
+    }
+
+    /// Answers a call from its whole request body, received since `start`.
+    pub async fn answer(&self, body: Bytes, start: std::time::Instant) -> Response<Unary> {
+        answer(&self.limiter, body, start)
+            .await
+            .unwrap_or_else(Status::into_http)
     }
 }
 
-async fn should_rate_limit<S: Store, B>(
-    limiter: &Limiter<S>,
-    request: Request<B>,
-) -> Result<Response<Unary>, Status>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    let start = std::time::Instant::now();
-    if let Some(encoding) = request.headers().get("grpc-encoding")
-        && encoding.as_bytes() != b"identity"
-    {
-        return Err(Status::unimplemented(format!(
-            "Content is compressed with `{}` which isn't supported",
-            String::from_utf8_lossy(encoding.as_bytes())
-        )));
+/// Refuses a call its headers rule out, before its body: compressed calls (we accept identity
+/// only).
+pub fn check_headers(headers: &HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding") {
+        Some(encoding) if encoding.as_bytes() != b"identity" => {
+            Err(Status::unimplemented(format!(
+                "Content is compressed with `{}` which isn't supported",
+                String::from_utf8_lossy(encoding.as_bytes())
+            )))
+        }
+        _ => Ok(()),
     }
-    let message = read_message(request.into_body()).await?;
+}
+
+/// The status of a call whose request body could not be read.
+pub fn unreadable(error: impl std::fmt::Display) -> Status {
+    Status::internal(format!("reading the request body: {error}"))
+}
+
+/// Decides the call whose request body (one framed message) is `body`.
+async fn answer<S: Store>(
+    limiter: &Limiter<S>,
+    body: Bytes,
+    start: std::time::Instant,
+) -> Result<Response<Unary>, Status> {
+    let message = unframe(body)?;
     let view = wire::decode_request(&message)?;
     let decision = limiter.decide(&view).await;
     drop(view);
@@ -115,48 +140,66 @@ where
     Ok(response)
 }
 
-/// Reads the request body: exactly one uncompressed gRPC message, returned without its prefix.
-/// The first DATA frame is kept as is when it holds the whole message (no copy).
-async fn read_message<B>(mut body: B) -> Result<Bytes, Status>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| Status::internal(format!("reading the request body: {e}")))?;
-        let Ok(data) = frame.into_data() else {
-            continue; // request trailers carry nothing we use
-        };
-        match (&mut first, &mut joined) {
-            (None, _) => first = Some(data),
+/// A request body as it arrives: refused as soon as it is known to be too large, and kept as
+/// is, without a copy, when it comes in one piece (one DATA frame, as from Envoy).
+#[derive(Debug, Default)]
+pub struct BodyBuf {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl BodyBuf {
+    /// Adds the next piece of the body.
+    pub fn push(&mut self, data: Bytes) -> Result<(), Status> {
+        match (&mut self.first, &mut self.joined) {
+            (None, _) => self.first = Some(data),
             (Some(head), None) => {
                 let mut buf = BytesMut::with_capacity(head.len() + data.len());
                 buf.extend_from_slice(head);
                 buf.extend_from_slice(&data);
-                joined = Some(buf);
+                self.joined = Some(buf);
             }
             (Some(_), Some(buf)) => buf.extend_from_slice(&data),
         }
         // Refuse an oversized message as soon as its prefix says so, before buffering it.
-        let head = joined.as_deref().or(first.as_deref()).unwrap_or_default();
-        let received = head.len();
-        if let Some(declared) = declared_len(head)
-            && declared > MAX_REQUEST_BYTES
-        {
-            return Err(too_large(declared));
-        }
-        if received > PREFIX + MAX_REQUEST_BYTES {
-            return Err(too_large(received - PREFIX));
+        let head = self
+            .joined
+            .as_deref()
+            .or(self.first.as_deref())
+            .unwrap_or_default();
+        check_size(head)
+    }
+
+    /// The whole body.
+    pub fn finish(self) -> Bytes {
+        match (self.first, self.joined) {
+            (_, Some(buf)) => buf.freeze(),
+            (Some(one), None) => one,
+            (None, None) => Bytes::new(),
         }
     }
-    let mut buf = match (first, joined) {
-        (_, Some(buf)) => buf.freeze(),
-        (Some(one), None) => one,
-        (None, None) => return Err(bad_body("no gRPC message (empty body)")),
-    };
+}
+
+/// Refuses a body whose prefix declares, or whose bytes already hold, more than
+/// [`MAX_REQUEST_BYTES`].
+fn check_size(body: &[u8]) -> Result<(), Status> {
+    if let Some(declared) = declared_len(body)
+        && declared > MAX_REQUEST_BYTES
+    {
+        return Err(too_large(declared));
+    }
+    if body.len() > PREFIX + MAX_REQUEST_BYTES {
+        return Err(too_large(body.len() - PREFIX));
+    }
+    Ok(())
+}
+
+/// The one uncompressed gRPC message of a whole request body, without its prefix.
+fn unframe(mut buf: Bytes) -> Result<Bytes, Status> {
+    check_size(&buf)?;
+    if buf.is_empty() {
+        return Err(bad_body("no gRPC message (empty body)"));
+    }
     let Some(declared) = declared_len(&buf) else {
         return Err(bad_body("ended inside the 5-byte gRPC message prefix"));
     };

@@ -144,6 +144,13 @@ pub trait Store: Send + Sync + 'static {
     fn cache_hits(&self) -> u64 {
         0
     }
+
+    /// Whether every [`Store::apply`] future is ready the first time it is polled (no I/O, no
+    /// waiting). The decision listener then answers a call in the connection's own task, with
+    /// no future kept beyond that poll.
+    fn answers_at_once(&self) -> bool {
+        false
+    }
 }
 
 /// Which counter store to run, from the config's `store:` section or `--store`.
@@ -288,6 +295,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.cache_hits(),
             AnyStore::Redis(s) => s.cache_hits(),
+        }
+    }
+
+    fn answers_at_once(&self) -> bool {
+        match self {
+            AnyStore::Memory(s) => s.answers_at_once(),
+            AnyStore::Redis(s) => s.answers_at_once(),
         }
     }
 }
