@@ -224,3 +224,125 @@ async fn compressed_requests_and_unknown_methods_are_unimplemented() {
     assert_eq!(a.grpc_status.as_deref(), Some("0"), "{a:?}");
     srv.stop().await;
 }
+
+/// Sends one hot call on `send` and returns its grpc-status.
+async fn call_ok(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    srv: &TestServer,
+) -> Option<String> {
+    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(framed(&hot_request()))))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+/// The decision listener bounds a request's headers at 16 KiB (hyper's server default, which it
+/// had before it served h2 directly): a larger header block is refused, the connection and the
+/// server carry on.
+#[tokio::test]
+async fn oversized_headers_are_refused_and_the_connection_carries_on() {
+    let srv = TestServer::start_default().await;
+    let mut send = connect::<Full<Bytes>>(&srv).await;
+    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
+        .header("content-type", "application/grpc")
+        .header("x-padding", "a".repeat(20 * 1024))
+        .body(Full::new(Bytes::from(framed(&hot_request()))))
+        .unwrap();
+    match send.send_request(req).await {
+        Ok(resp) => assert_eq!(resp.status().as_u16(), 431, "{resp:?}"),
+        Err(e) => assert!(
+            e.to_string().contains("refused") || e.to_string().contains("reset"),
+            "{e}"
+        ),
+    }
+    assert_eq!(call_ok(&mut send, &srv).await.as_deref(), Some("0"));
+    srv.stop().await;
+}
+
+/// A client that gives up on a call whose body it has not finished sending (RST_STREAM): the
+/// server forgets the call, and the same connection's next call is answered.
+#[tokio::test]
+async fn a_call_reset_mid_body_is_dropped_and_the_connection_carries_on() {
+    let srv = TestServer::start_default().await;
+    let bytes = framed(&hot_request());
+    let mut chunked = connect::<
+        http_body_util::StreamBody<
+            tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, std::io::Error>>,
+        >,
+    >(&srv)
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
+        .header("content-type", "application/grpc")
+        .body(body)
+        .unwrap();
+    let mut first = chunked.clone();
+    let pending = tokio::spawn(async move { first.send_request(req).await });
+    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+        &bytes[..3],
+    ))))
+    .await
+    .unwrap();
+    // A body error makes hyper reset the stream.
+    tx.send(Err(std::io::Error::other("client gave up")))
+        .await
+        .unwrap();
+    assert!(pending.await.unwrap().is_err(), "the call cannot succeed");
+
+    // The next call on the same connection, its body whole in one frame.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Ok(http_body::Frame::data(Bytes::from(bytes))))
+        .await
+        .unwrap();
+    drop(tx);
+    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let resp = chunked.send_request(req).await.unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap()),
+        Some("0")
+    );
+    srv.stop().await;
+}
+
+/// Bytes that are not HTTP/2 end that connection only.
+#[tokio::test]
+async fn garbage_on_a_connection_closes_it_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start_default().await;
+    let mut send = connect::<Full<Bytes>>(&srv).await;
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"[..],
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        tcp.write_all(garbage).await.unwrap();
+        let mut buf = Vec::new();
+        // The server closes the connection (after a GOAWAY, for the second).
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut buf),
+        )
+        .await;
+        assert!(read.is_ok(), "the server kept a broken connection open");
+    }
+    assert_eq!(call_ok(&mut send, &srv).await.as_deref(), Some("0"));
+    srv.stop().await;
+}

@@ -18,16 +18,13 @@
 //! answers framing errors with `INTERNAL`; they are the caller's fault, and our rule is that
 //! malformed input is `INVALID_ARGUMENT`).
 
-use std::convert::Infallible;
 use std::future::Future as _;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Response};
-use http_body::Frame;
 use tonic::Status;
 
 use crate::limiter::Limiter;
@@ -262,38 +259,11 @@ impl Unary {
     }
 }
 
-/// `grpc-status: 0`.
+/// `grpc-status: 0`. The name is parsed once, at compile time (from a string it would be
+/// parsed and validated on every call).
 fn ok_trailers() -> HeaderMap {
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
     let mut trailers = HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
     trailers
-}
-
-impl http_body::Body for Unary {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(data) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        if std::mem::take(&mut self.trailers) {
-            return Poll::Ready(Some(Ok(Frame::trailers(ok_trailers()))));
-        }
-        Poll::Ready(None)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && !self.trailers
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match &self.data {
-            Some(d) => http_body::SizeHint::with_exact(d.len() as u64),
-            None => http_body::SizeHint::with_exact(0),
-        }
-    }
 }
