@@ -37,10 +37,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body_util::BodyExt as _;
 use prost::Message;
+use sluice::service::connection::H2Body;
 use tokio::net::TcpStream;
 
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -255,25 +257,40 @@ fn resolve_loopback(addr: &str) -> anyhow::Result<SocketAddr> {
     Ok(addrs[0])
 }
 
-/// One HTTP/2 connection as the service the generated client calls through.
+/// One HTTP/2 connection (the `h2` crate, no hyper) as the service the generated client calls
+/// through. The request (its headers and its one message) is handed to h2 from the caller's
+/// task: hyper's client would pass each call through a channel to the connection's task and
+/// spawn a task to send its body, which on these two shared cores is CPU the server does not
+/// get.
 #[derive(Clone)]
-struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+struct Connection(h2::client::SendRequest<Bytes>);
 
-type ResponseFuture = Pin<
-    Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>,
->;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<H2Body>, h2::Error>> + Send>>;
 
 impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
+    type Response = http::Response<H2Body>;
+    type Error = h2::Error;
     type Future = ResponseFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> ResponseFuture {
-        Box::pin(self.0.send_request(request))
+        let (parts, body) = request.into_parts();
+        let sent = self
+            .0
+            .send_request(http::Request::from_parts(parts, ()), false);
+        Box::pin(async move {
+            let (response, mut stream) = sent?;
+            // A unary request body is one message: sent whole, ending the stream.
+            match body.collect().await {
+                Ok(body) => stream.send_data(body.to_bytes(), true)?,
+                Err(_) => stream.send_reset(h2::Reason::INTERNAL_ERROR),
+            }
+            Ok(response.await?.map(H2Body::new))
+        })
     }
 }
 
@@ -291,9 +308,13 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
         }
     };
     tcp.set_nodelay(true)?;
-    let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .handshake(TokioIo::new(tcp))
+    // hyper's client windows (5 MiB, 2 MiB per stream). They also size h2's budget for small
+    // DATA frames held unread (half the connection window): with h2's 64 KiB default, a few
+    // hundred buffered replies would count as a flood and the client would end the connection.
+    let (send, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .initial_window_size(2 * 1024 * 1024)
+        .handshake(tcp)
         .await
         .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
     tokio::spawn(connection);

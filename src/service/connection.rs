@@ -198,7 +198,7 @@ async fn route(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    let request = request.map(|b| tonic::body::Body::new(RequestBody(b)));
+    let request = request.map(|b| tonic::body::Body::new(H2Body(b)));
     let response = match routes.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -250,11 +250,18 @@ async fn pipe(mut body: tonic::body::Body, mut stream: SendStream<Bytes>) -> Res
     stream.send_data(Bytes::new(), true)
 }
 
-/// An h2 request body as an [`http_body::Body`]: data is released back to the peer's flow
-/// control window as soon as it is handed on.
-pub struct RequestBody(RecvStream);
+/// An h2 body (a request's here, a response's in sluice-load) as an [`http_body::Body`]: data
+/// is released back to the peer's flow-control window as soon as it is handed on.
+pub struct H2Body(RecvStream);
 
-impl Body for RequestBody {
+impl H2Body {
+    /// Wraps a received h2 body.
+    pub fn new(stream: RecvStream) -> Self {
+        Self(stream)
+    }
+}
+
+impl Body for H2Body {
     type Data = Bytes;
     type Error = h2::Error;
 
@@ -285,8 +292,8 @@ impl Body for RequestBody {
     }
 }
 
-impl std::fmt::Debug for RequestBody {
+impl std::fmt::Debug for H2Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RequestBody")
+        f.write_str("H2Body")
     }
 }
