@@ -346,3 +346,65 @@ async fn garbage_on_a_connection_closes_it_and_others_are_served() {
     assert_eq!(call_ok(&mut send, &srv).await.as_deref(), Some("0"));
     srv.stop().await;
 }
+
+/// Shutdown lets the calls already open finish: a call whose body is still arriving when the
+/// server stops listening (and its connection gets a GOAWAY) is answered once the body is in,
+/// and the server then stops.
+#[tokio::test]
+async fn a_call_open_at_shutdown_is_answered() {
+    let srv = TestServer::start_default().await;
+    let addr = srv.addr;
+    let bytes = framed(&hot_request());
+    let mut send = connect::<
+        http_body_util::StreamBody<
+            tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, std::io::Error>>,
+        >,
+    >(&srv)
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let req = http::Request::post(format!("http://{addr}{PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let pending = tokio::spawn(async move { send.send_request(req).await });
+    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+        &bytes[..3],
+    ))))
+    .await
+    .unwrap();
+
+    let stopped = tokio::spawn(srv.stop());
+    // Shutdown has begun once the listener is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still listening");
+        tokio::task::yield_now().await;
+    }
+    assert!(!stopped.is_finished(), "stopped with a call open");
+
+    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+        &bytes[3..],
+    ))))
+    .await
+    .unwrap();
+    drop(tx);
+    let resp = pending.await.unwrap().unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap()),
+        Some("0")
+    );
+    assert_eq!(
+        RateLimitResponse::decode(&collected.to_bytes()[5..])
+            .unwrap()
+            .overall_code,
+        1
+    );
+    stopped.await.unwrap();
+}
