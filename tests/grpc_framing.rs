@@ -80,6 +80,48 @@ fn framed(message: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A request body sent frame by frame through a channel (hyper sends a `Full` body in one
+/// frame; this one sends one DATA frame per message on the channel).
+type Chunked = http_body_util::StreamBody<
+    tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, std::io::Error>>,
+>;
+type ChunkSender = tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, std::io::Error>>;
+
+/// A `ShouldRateLimit` request whose body is whatever is sent on the returned channel.
+fn chunked_call(srv: &TestServer) -> (ChunkSender, http::Request<Chunked>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    (tx, req)
+}
+
+/// Sends `bytes` as one DATA frame on `tx`.
+async fn send_chunk(tx: &ChunkSender, bytes: &[u8]) {
+    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(bytes))))
+        .await
+        .unwrap();
+}
+
+/// A successful reply's `grpc-status` trailer and its `RateLimitResponse` overall code.
+async fn status_and_code(resp: http::Response<hyper::body::Incoming>) -> (Option<String>, i32) {
+    let collected = resp.into_body().collect().await.unwrap();
+    let status = collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = collected.to_bytes();
+    let code = body
+        .get(5..)
+        .and_then(|m| RateLimitResponse::decode(m).ok())
+        .map_or(-1, |r| r.overall_code);
+    (status, code)
+}
+
 fn hot_request() -> Vec<u8> {
     training("/execute", "10.0.0.1").encode_to_vec()
 }
@@ -104,36 +146,15 @@ async fn a_well_formed_call_gets_one_message_and_status_zero_trailers() {
 async fn a_message_split_over_several_data_frames_is_joined() {
     let srv = TestServer::start_default().await;
     let bytes = framed(&hot_request());
-    // hyper sends a Full body in one frame; a channel body sends one frame per chunk.
     let mut send = connect(&srv).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(8);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
-        .header("content-type", "application/grpc")
-        .body(body)
-        .unwrap();
+    let (tx, req) = chunked_call(&srv);
     let pending = tokio::spawn(async move { send.send_request(req).await });
     for chunk in [&bytes[..2], &bytes[2..7], &bytes[7..]] {
-        tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(chunk))))
-            .await
-            .unwrap();
+        send_chunk(&tx, chunk).await;
     }
     drop(tx);
     let resp = pending.await.unwrap().unwrap();
-    let collected = resp.into_body().collect().await.unwrap();
-    assert_eq!(
-        collected
-            .trailers()
-            .and_then(|t| t.get("grpc-status"))
-            .map(|v| v.to_str().unwrap().to_string())
-            .as_deref(),
-        Some("0")
-    );
-    let body = collected.to_bytes();
-    assert_eq!(
-        RateLimitResponse::decode(&body[5..]).unwrap().overall_code,
-        1
-    );
+    assert_eq!(status_and_code(resp).await, (Some("0".into()), 1));
     srv.stop().await;
 }
 
@@ -225,22 +246,17 @@ async fn compressed_requests_and_unknown_methods_are_unimplemented() {
     srv.stop().await;
 }
 
-/// Sends one hot call on `send` and returns its grpc-status.
+/// Sends one hot call on `send`: its grpc-status and overall code.
 async fn call_ok(
     send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     srv: &TestServer,
-) -> Option<String> {
+) -> (Option<String>, i32) {
     let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(Full::new(Bytes::from(framed(&hot_request()))))
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    let collected = resp.into_body().collect().await.unwrap();
-    collected
-        .trailers()
-        .and_then(|t| t.get("grpc-status"))
-        .map(|v| v.to_str().unwrap().to_string())
+    status_and_code(send.send_request(req).await.unwrap()).await
 }
 
 /// The decision listener bounds a request's headers at 16 KiB (hyper's server default, which it
@@ -262,7 +278,7 @@ async fn oversized_headers_are_refused_and_the_connection_carries_on() {
             "{e}"
         ),
     }
-    assert_eq!(call_ok(&mut send, &srv).await.as_deref(), Some("0"));
+    assert_eq!(call_ok(&mut send, &srv).await, (Some("0".into()), 1));
     srv.stop().await;
 }
 
@@ -272,25 +288,11 @@ async fn oversized_headers_are_refused_and_the_connection_carries_on() {
 async fn a_call_reset_mid_body_is_dropped_and_the_connection_carries_on() {
     let srv = TestServer::start_default().await;
     let bytes = framed(&hot_request());
-    let mut chunked = connect::<
-        http_body_util::StreamBody<
-            tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, std::io::Error>>,
-        >,
-    >(&srv)
-    .await;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
-        .header("content-type", "application/grpc")
-        .body(body)
-        .unwrap();
-    let mut first = chunked.clone();
+    let mut send = connect::<Chunked>(&srv).await;
+    let (tx, req) = chunked_call(&srv);
+    let mut first = send.clone();
     let pending = tokio::spawn(async move { first.send_request(req).await });
-    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
-        &bytes[..3],
-    ))))
-    .await
-    .unwrap();
+    send_chunk(&tx, &bytes[..3]).await;
     // A body error makes hyper reset the stream.
     tx.send(Err(std::io::Error::other("client gave up")))
         .await
@@ -298,27 +300,11 @@ async fn a_call_reset_mid_body_is_dropped_and_the_connection_carries_on() {
     assert!(pending.await.unwrap().is_err(), "the call cannot succeed");
 
     // The next call on the same connection, its body whole in one frame.
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(Ok(http_body::Frame::data(Bytes::from(bytes))))
-        .await
-        .unwrap();
+    let (tx, req) = chunked_call(&srv);
+    send_chunk(&tx, &bytes).await;
     drop(tx);
-    let req = http::Request::post(format!("http://{}{PATH}", srv.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::StreamBody::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .unwrap();
-    let resp = chunked.send_request(req).await.unwrap();
-    let collected = resp.into_body().collect().await.unwrap();
-    assert_eq!(
-        collected
-            .trailers()
-            .and_then(|t| t.get("grpc-status"))
-            .map(|v| v.to_str().unwrap()),
-        Some("0")
-    );
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(status_and_code(resp).await, (Some("0".into()), 1));
     srv.stop().await;
 }
 
@@ -343,7 +329,7 @@ async fn garbage_on_a_connection_closes_it_and_others_are_served() {
         .await;
         assert!(read.is_ok(), "the server kept a broken connection open");
     }
-    assert_eq!(call_ok(&mut send, &srv).await.as_deref(), Some("0"));
+    assert_eq!(call_ok(&mut send, &srv).await, (Some("0".into()), 1));
     srv.stop().await;
 }
 
@@ -355,26 +341,10 @@ async fn a_call_open_at_shutdown_is_answered() {
     let srv = TestServer::start_default().await;
     let addr = srv.addr;
     let bytes = framed(&hot_request());
-    let mut send = connect::<
-        http_body_util::StreamBody<
-            tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, std::io::Error>>,
-        >,
-    >(&srv)
-    .await;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let req = http::Request::post(format!("http://{addr}{PATH}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::StreamBody::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .unwrap();
+    let mut send = connect::<Chunked>(&srv).await;
+    let (tx, req) = chunked_call(&srv);
     let pending = tokio::spawn(async move { send.send_request(req).await });
-    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
-        &bytes[..3],
-    ))))
-    .await
-    .unwrap();
+    send_chunk(&tx, &bytes[..3]).await;
 
     let stopped = tokio::spawn(srv.stop());
     // Shutdown has begun once the listener is gone.
@@ -385,26 +355,9 @@ async fn a_call_open_at_shutdown_is_answered() {
     }
     assert!(!stopped.is_finished(), "stopped with a call open");
 
-    tx.send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
-        &bytes[3..],
-    ))))
-    .await
-    .unwrap();
+    send_chunk(&tx, &bytes[3..]).await;
     drop(tx);
     let resp = pending.await.unwrap().unwrap();
-    let collected = resp.into_body().collect().await.unwrap();
-    assert_eq!(
-        collected
-            .trailers()
-            .and_then(|t| t.get("grpc-status"))
-            .map(|v| v.to_str().unwrap()),
-        Some("0")
-    );
-    assert_eq!(
-        RateLimitResponse::decode(&collected.to_bytes()[5..])
-            .unwrap()
-            .overall_code,
-        1
-    );
+    assert_eq!(status_and_code(resp).await, (Some("0".into()), 1));
     stopped.await.unwrap();
 }

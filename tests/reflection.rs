@@ -108,6 +108,27 @@ async fn grpcurl_calls_should_rate_limit_through_reflection() {
     assert!(stderr.contains("domain: must not be empty"), "{stderr}");
 }
 
+/// One reflection request over `channel`: the first answer, and the rest of the stream.
+async fn reflect(
+    channel: tonic::transport::Channel,
+    request: MessageRequest,
+) -> (
+    tonic_reflection::pb::v1::ServerReflectionResponse,
+    tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+) {
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    (first, stream)
+}
+
 #[tokio::test]
 async fn reflection_v1_lists_the_services() {
     let srv = TestServer::start_default().await;
@@ -116,17 +137,7 @@ async fn reflection_v1_lists_the_services() {
         .connect()
         .await
         .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.next().await.unwrap().unwrap();
+    let (resp, _) = reflect(channel, MessageRequest::ListServices(String::new())).await;
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
         panic!("unexpected {resp:?}");
     };
@@ -209,19 +220,11 @@ async fn reflection_answers_larger_than_the_clients_window_arrive_whole() {
         .connect()
         .await
         .unwrap();
-    let mut client = ServerReflectionClient::new(channel.clone());
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(
-            "envoy.service.ratelimit.v3.RateLimitService".into(),
-        )),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.next().await.unwrap().unwrap();
+    let (resp, mut stream) = reflect(
+        channel.clone(),
+        MessageRequest::FileContainingSymbol("envoy.service.ratelimit.v3.RateLimitService".into()),
+    )
+    .await;
     let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
         panic!("unexpected {resp:?}");
     };
