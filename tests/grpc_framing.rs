@@ -361,3 +361,23 @@ async fn a_call_open_at_shutdown_is_answered() {
     assert_eq!(status_and_code(resp).await, (Some("0".into()), 1));
     stopped.await.unwrap();
 }
+
+/// A request body larger than the stream's flow-control window (1 MiB) arrives only if the
+/// server hands the window back as it reads: a 2 MiB message is read whole and answered (here
+/// INVALID_ARGUMENT, naming the oversized value), not left waiting for window.
+#[tokio::test]
+async fn a_body_larger_than_the_window_is_read_whole() {
+    let srv = TestServer::start_default().await;
+    let message = training("/execute", &"1".repeat(2 * 1024 * 1024)).encode_to_vec();
+    let a = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        post(&srv, PATH, &[], framed(&message)),
+    )
+    .await
+    .expect("the call finished");
+    assert_eq!(a.grpc_status.as_deref(), Some("3"), "{a:?}");
+    // grpc-message is percent-encoded on the wire.
+    let m = a.grpc_message.unwrap_or_default().replace("%20", " ");
+    assert!(m.contains("value: 2097152 bytes, at most 1024"), "{m}");
+    srv.stop().await;
+}
