@@ -7,9 +7,9 @@
 //! every frame it has before it hands over new streams, so a call's one message has usually
 //! arrived with its headers: with the memory store (which never waits) it is decided and
 //! answered on the spot, with no future or task of its own (another -7%: 40,084 -> 37,237). A
-//! body still arriving is picked up on the connection's next wake-up; a call that must wait on
-//! Redis becomes a future in a [`FuturesUnordered`] polled beside the connection, so it holds
-//! up no other call. Unary responses go to h2 as one HEADERS, one DATA and one trailers frame.
+//! call whose body is still arriving, or that must wait on Redis, becomes a future in a
+//! [`FuturesUnordered`] polled beside the connection: woken on its own, so it holds up no other
+//! call, and many slow calls cost nothing on frames that are not theirs. Unary responses go to h2 as one HEADERS, one DATA and one trailers frame.
 //!
 //! Every other path (health, reflection) is handed to tonic's router in a task of its own, with
 //! the request body and the response body piped through h2's flow control as hyper would.
@@ -59,9 +59,10 @@ where
         .max_header_list_size(16 * 1024)
         .handshake::<_, Bytes>(io)
         .await?;
-    // Calls whose body is still arriving, and calls waiting on the store (Redis).
-    let mut receiving: Vec<Receiving> = Vec::new();
-    let mut waiting = FuturesUnordered::new();
+    // Calls still waiting for the rest of their body or for the store (Redis). Each is a
+    // future woken on its own, so a connection with many slow calls costs nothing per frame
+    // for the calls that frame is not for.
+    let mut waiting: FuturesUnordered<Later> = FuturesUnordered::new();
     let mut stop = std::pin::pin!(stop);
     let mut stopping = false;
     poll_fn(|cx| {
@@ -90,38 +91,22 @@ where
                     send(respond, status.into_http());
                     continue;
                 }
-                receiving.push(Receiving {
+                let mut call = Call {
                     start: Instant::now(),
                     body,
                     buf: BodyBuf::default(),
                     respond,
-                });
-            }
-            // Bodies: the one message has usually arrived with the headers (the connection
-            // has read every frame it has), so most calls are answered here, in this task.
-            let mut i = 0;
-            while let Some(call) = receiving.get_mut(i) {
-                let Poll::Ready(body) = call.poll_body(cx) else {
-                    i += 1;
-                    continue;
                 };
-                progress = true;
-                let call = receiving.swap_remove(i);
-                let body = match body {
-                    Ok(()) => call.buf.finish(),
-                    Err(status) => {
-                        send(call.respond, status.into_http());
-                        continue;
-                    }
-                };
-                match endpoint.answer_now(body, call.start) {
-                    Ok(response) => send(call.respond, response),
-                    Err(body) => {
-                        let (endpoint, respond) = (endpoint.clone(), call.respond);
-                        waiting.push(Box::pin(async move {
-                            send(respond, endpoint.answer(body, call.start).await);
-                        }));
-                    }
+                // The connection has read every frame it has before handing over a stream, so
+                // the one message has usually arrived with the headers: then the call is
+                // answered here and now, with no future of its own.
+                match call.poll_body(cx) {
+                    Poll::Ready(Ok(())) => match call.answer_now(&endpoint) {
+                        Ok(()) => {}
+                        Err(later) => waiting.push(later),
+                    },
+                    Poll::Ready(Err(status)) => send(call.respond, status.into_http()),
+                    Poll::Pending => waiting.push(Box::pin(call.finish(endpoint.clone()))),
                 }
             }
             while let Poll::Ready(Some(())) = waiting.poll_next_unpin(cx) {
@@ -136,15 +121,18 @@ where
     .await
 }
 
+/// What a call still to be answered does: one boxed future per call that has to wait.
+type Later = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A `ShouldRateLimit` call whose request body is arriving.
-struct Receiving {
+struct Call {
     start: Instant,
     body: RecvStream,
     buf: BodyBuf,
     respond: SendResponse<Bytes>,
 }
 
-impl Receiving {
+impl Call {
     /// Takes what has arrived of the body: ready once it is whole, or refused.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tonic::Status>> {
         loop {
@@ -158,6 +146,35 @@ impl Receiving {
                 // The data has ended (request trailers, if any, carry nothing we use).
                 None => return Poll::Ready(Ok(())),
             }
+        }
+    }
+
+    /// Answers a call whose body is whole, at once if the store decides at once; otherwise
+    /// returns the future that waits on the store.
+    fn answer_now<S: Store>(self, endpoint: &Arc<RlsEndpoint<S>>) -> Result<(), Later> {
+        match endpoint.answer_now(self.buf.finish(), self.start) {
+            Ok(response) => {
+                send(self.respond, response);
+                Ok(())
+            }
+            Err(body) => {
+                let (endpoint, respond, start) = (endpoint.clone(), self.respond, self.start);
+                Err(Box::pin(async move {
+                    send(respond, endpoint.answer(body, start).await);
+                }))
+            }
+        }
+    }
+
+    /// Waits for the rest of the body, then answers.
+    async fn finish<S: Store>(mut self, endpoint: Arc<RlsEndpoint<S>>) {
+        match poll_fn(|cx| self.poll_body(cx)).await {
+            Ok(()) => {
+                if let Err(later) = self.answer_now(&endpoint) {
+                    later.await;
+                }
+            }
+            Err(status) => send(self.respond, status.into_http()),
         }
     }
 }
