@@ -89,21 +89,31 @@ pub enum ServerError {
 }
 
 /// Health and reflection, which each listener serves.
-fn common_routes() -> Result<(HealthReporter, Routes), ServerError> {
+fn common_routes(services: &[&str]) -> Result<(HealthReporter, Routes), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Reflection lists only what this listener serves (the descriptor set holds both
+    // listeners' services); every type stays describable.
+    let listed = services.iter().copied().chain([
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]);
+    let builder = || {
+        listed.clone().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
+    };
     let routes = Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(builder().build_v1()?)
+        .add_service(builder().build_v1alpha()?);
     Ok((health, routes))
 }
+
+/// The admin listener's service.
+const ADMIN_SERVICE: &str = "sluice.admin.v1.Admin";
 
 /// Serves until `shutdown` completes, then stops accepting and finishes in-flight calls.
 pub async fn run<S: Store>(
@@ -134,7 +144,7 @@ pub async fn run<S: Store>(
     // once the config is loaded, which it is by the time we get here.
     // TCP_NODELAY is set on the incoming stream: the builder's setting does not reach a listener
     // we bound ourselves, and without it small responses wait for delayed ACKs (40 ms tails).
-    let (health, routes) = common_routes()?;
+    let (health, routes) = common_routes(&[SERVICE_NAME])?;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
@@ -151,9 +161,9 @@ pub async fn run<S: Store>(
                 AdminServer::with_interceptor(AdminService::new(limiter.clone()), move |req| {
                     check.check(req)
                 });
-            let (health, routes) = common_routes()?;
+            let (health, routes) = common_routes(&[ADMIN_SERVICE])?;
             health
-                .set_service_status("sluice.admin.v1.Admin", ServingStatus::Serving)
+                .set_service_status(ADMIN_SERVICE, ServingStatus::Serving)
                 .await;
             let router = Server::builder().add_routes(routes).add_service(service);
             Some(router.serve_with_incoming_shutdown(

@@ -146,12 +146,38 @@ async fn reflection_v1_lists_the_services() {
         "envoy.service.ratelimit.v3.RateLimitService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
     ] {
         assert!(
             names.iter().any(|n| n == service),
             "{service} missing: {names:?}"
         );
     }
+    // Each listener lists what it serves: the admin service is on the admin listener only.
+    assert!(
+        !names.iter().any(|n| n == "sluice.admin.v1.Admin"),
+        "{names:?}"
+    );
+    let admin = tonic::transport::Channel::from_shared(format!("http://{}", srv.admin_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (resp, _) = reflect(admin, MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "sluice.admin.v1.Admin"),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "envoy.service.ratelimit.v3.RateLimitService"),
+        "{names:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
