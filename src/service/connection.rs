@@ -9,7 +9,8 @@
 //! answered on the spot, with no future or task of its own (another -7%: 40,084 -> 37,237). A
 //! call whose body is still arriving, or that must wait on Redis, becomes a future in a
 //! [`FuturesUnordered`] polled beside the connection: woken on its own, so it holds up no other
-//! call, and many slow calls cost nothing on frames that are not theirs. Unary responses go to h2 as one HEADERS, one DATA and one trailers frame.
+//! call, and many slow calls cost nothing on frames that are not theirs. Unary responses go to
+//! h2 as one HEADERS, one DATA and one trailers frame.
 //!
 //! Every other path (health, reflection) is handed to tonic's router in a task of its own, with
 //! the request body and the response body piped through h2's flow control as hyper would.
@@ -238,7 +239,8 @@ async fn pipe(mut body: tonic::body::Body, mut stream: SendStream<Bytes>) -> Res
         let frame = match frame {
             Ok(frame) => frame,
             Err(status) => {
-                // The service failed mid-body: end the call with its status, as tonic does.
+                // The service failed mid-body (tonic's bodies carry errors as trailers, so this
+                // is rare): reset the stream, as hyper does.
                 tracing::debug!(error = %status, "response body failed");
                 stream.send_reset(h2::Reason::INTERNAL_ERROR);
                 return Ok(());
