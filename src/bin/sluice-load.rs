@@ -20,10 +20,10 @@
 //! `--write-request FILE` writes the hot request as one gRPC message (5-byte prefix: flag 0 and
 //! big-endian length, then the protobuf) for `h2load -d FILE` and exits.
 //!
-//! The generated client runs over a bare hyper HTTP/2 connection rather than a tonic
-//! `Channel`: a `Channel` adds a buffer task, reconnection and load balancing per call, which
-//! made the generator cost more CPU per call than the server it measures (both share the two
-//! cores of the benchmark machine, so the generator's cost caps the figure).
+//! The generated client runs over a bare `h2` connection rather than a tonic `Channel` (which
+//! adds a buffer task, reconnection and load balancing per call) or hyper's client (a channel
+//! to the connection's task and a task per request body): the generator shares the two cores of
+//! the benchmark machine with the server, so its cost per call caps the figures it reports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt::Write as _;

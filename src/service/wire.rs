@@ -68,7 +68,7 @@ pub fn decode_request(buf: &[u8]) -> Result<limiter::Request<'_>, WireError> {
 /// Appends the protobuf bytes of `rls::to_response(decision)` to `out`, byte for byte as prost
 /// would write them (fields in tag order, defaults left out), without building the message.
 ///
-/// Any [`BufMut`]: a reused `BytesMut` (then `split().freeze()` hands hyper a `Bytes` without a
+/// Any [`BufMut`]: a reused `BytesMut` (then `split().freeze()` hands h2 a `Bytes` without a
 /// copy), a `Vec<u8>`, or a tonic `EncodeBuf` from a custom codec.
 pub fn encode_response(decision: &Decision, out: &mut impl BufMut) {
     put_varint_field(out, 1, enum_value(rls::code(decision.over) as i32));
