@@ -8,7 +8,7 @@
 //!
 //! Groups:
 //! - `decide/*`: `Limiter::decide_at` alone (a) hot key allowed and denied, also from two threads
-//!   at once; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
+//!   at once, and two threads on clients of their own; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
 //! - `path/*`: (d) `PathRouter::lookup` on the default config's training templates.
 //! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
 //!   `decide` + `to_response`, and the same plus protobuf decode of the request and encode of
@@ -154,6 +154,32 @@ fn bench_decide(c: &mut Criterion) {
                                 &[("path", "/bench"), ("remote_address", "10.0.0.1")],
                             );
                             black_box(decide(&l, black_box(&r), now));
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        });
+    });
+
+    // (a''') Two threads at once, each cycling through its own 1,000 clients: no counter is
+    // shared between them, so what they contend on is what every decision writes in common
+    // (statistics, reference counts). Reported per decision, as (a'').
+    let l = limiter(LOAD_YAML, None);
+    let own: [Vec<String>; 2] = [(0..1000).map(ip).collect(), (1000..2000).map(ip).collect()];
+    g.bench_function("clients_allowed_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(2);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for clients in &own {
+                    let l = &l;
+                    s.spawn(move || {
+                        for i in 0..per_thread {
+                            let client = &clients[(i % 1000) as usize];
+                            let r =
+                                request("load", &[("path", "/bench"), ("remote_address", client)]);
+                            black_box(decide(l, black_box(&r), now));
                         }
                     });
                 }
