@@ -3,8 +3,9 @@
 //! Counters are relaxed atomics handed to each compiled [`Rule`](crate::limiter::model::Rule)
 //! and [`Domain`](crate::limiter::model::Domain) when a rule set is installed, so the request path
 //! increments without looking anything up. The ones every decision bumps (overall, domain,
-//! endpoint, latency) are striped per thread, so that cores do not contend on them. The registry keeps one counter set per
-//! (domain, endpoint) name across reloads, so counts survive a config change.
+//! endpoint, latency) are striped per thread, so that cores do not contend on them. The
+//! registry keeps one counter set per (domain, endpoint) name across reloads, so counts survive
+//! a config change.
 //!
 //! Per-client counts live in a bounded map (default 100,000 clients) keyed by a hash of the
 //! client's identity; a client seen for the first time costs one allocation for its label.

@@ -8,16 +8,23 @@ use std::process::Command;
 
 use common::*;
 
-fn load(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
-        .args(args)
-        .output()
-        .expect("sluice-load runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Runs sluice-load with `args` off the test's runtime (the server under test shares it):
+/// exit code, stdout, stderr.
+async fn load(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
+            .args(&args)
+            .output()
+            .expect("sluice-load runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
 }
 
 fn json_field(line: &str, key: &str) -> f64 {
@@ -55,12 +62,7 @@ async fn every_shape_is_decided_by_the_server_and_counted() {
             "0",
             "--json",
         ];
-        let (code, stdout, stderr) = tokio::task::spawn_blocking({
-            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            move || load(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
-        .await
-        .unwrap();
+        let (code, stdout, stderr) = load(&args).await;
         assert_eq!(code, 0, "{shape}: {stderr}");
         let line = stdout.lines().last().unwrap();
         assert!(json_field(line, "decisions") > 0.0, "{shape}: {line}");
@@ -87,35 +89,28 @@ domains:
     )
     .await;
     let addr = srv.addr.to_string();
-    let (code, _, stderr) = tokio::task::spawn_blocking({
-        let addr = addr.clone();
-        move || load(&["--addr", &addr, "--path", "/elsewhere", "--duration", "0.2"])
-    })
-    .await
-    .unwrap();
+    let (code, _, stderr) =
+        load(&["--addr", &addr, "--path", "/elsewhere", "--duration", "0.2"]).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("matches no limit"), "{stderr}");
 
     // One hot client over 5/minute: the generator sees OVER_LIMIT replies and counts them.
-    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
-        load(&[
-            "--addr",
-            &addr,
-            "--shape",
-            "hot",
-            "--connections",
-            "1",
-            "--concurrency",
-            "2",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--json",
-        ])
-    })
-    .await
-    .unwrap();
+    let (code, stdout, stderr) = load(&[
+        "--addr",
+        &addr,
+        "--shape",
+        "hot",
+        "--connections",
+        "1",
+        "--concurrency",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+        "--json",
+    ])
+    .await;
     assert_eq!(code, 0, "{stderr}");
     let line = stdout.lines().last().unwrap();
     assert!(json_field(line, "over_limit") > 0.0, "{line}");

@@ -129,10 +129,9 @@ async fn reflect(
     (first, stream)
 }
 
-#[tokio::test]
-async fn reflection_v1_lists_the_services() {
-    let srv = TestServer::start_default().await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", srv.addr))
+/// The services reflection lists on the listener at `addr`.
+async fn listed_services(addr: std::net::SocketAddr) -> Vec<String> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
@@ -141,7 +140,13 @@ async fn reflection_v1_lists_the_services() {
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
         panic!("unexpected {resp:?}");
     };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    list.service.into_iter().map(|s| s.name).collect()
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_the_services() {
+    let srv = TestServer::start_default().await;
+    let names = listed_services(srv.addr).await;
     for service in [
         "envoy.service.ratelimit.v3.RateLimitService",
         "grpc.health.v1.Health",
@@ -158,16 +163,7 @@ async fn reflection_v1_lists_the_services() {
         !names.iter().any(|n| n == "sluice.admin.v1.Admin"),
         "{names:?}"
     );
-    let admin = tonic::transport::Channel::from_shared(format!("http://{}", srv.admin_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let (resp, _) = reflect(admin, MessageRequest::ListServices(String::new())).await;
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected {resp:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = listed_services(srv.admin_addr).await;
     assert!(
         names.iter().any(|n| n == "sluice.admin.v1.Admin"),
         "{names:?}"

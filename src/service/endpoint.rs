@@ -90,7 +90,9 @@ impl<S: Store> RlsEndpoint<S> {
 /// Refuses a call its headers rule out, before its body: compressed calls (we accept identity
 /// only).
 pub fn check_headers(headers: &HeaderMap) -> Result<(), Status> {
-    match headers.get("grpc-encoding") {
+    // Parsed at compile time: from a string the name would be parsed on every call.
+    const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+    match headers.get(GRPC_ENCODING) {
         Some(encoding) if encoding.as_bytes() != b"identity" => {
             Err(Status::unimplemented(format!(
                 "Content is compressed with `{}` which isn't supported",
@@ -140,39 +142,43 @@ async fn answer<S: Store>(
 /// A request body as it arrives: refused as soon as it is known to be too large, and kept as
 /// is, without a copy, when it comes in one piece (one DATA frame, as from Envoy).
 #[derive(Debug, Default)]
-pub struct BodyBuf {
-    first: Option<Bytes>,
-    joined: Option<BytesMut>,
+pub enum BodyBuf {
+    /// Nothing yet.
+    #[default]
+    Empty,
+    /// One piece, as received.
+    One(Bytes),
+    /// Several pieces, copied together.
+    Joined(BytesMut),
 }
 
 impl BodyBuf {
     /// Adds the next piece of the body.
     pub fn push(&mut self, data: Bytes) -> Result<(), Status> {
-        match (&mut self.first, &mut self.joined) {
-            (None, _) => self.first = Some(data),
-            (Some(head), None) => {
+        match self {
+            BodyBuf::Empty => *self = BodyBuf::One(data),
+            BodyBuf::One(head) => {
                 let mut buf = BytesMut::with_capacity(head.len() + data.len());
                 buf.extend_from_slice(head);
                 buf.extend_from_slice(&data);
-                self.joined = Some(buf);
+                *self = BodyBuf::Joined(buf);
             }
-            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+            BodyBuf::Joined(buf) => buf.extend_from_slice(&data),
         }
         // Refuse an oversized message as soon as its prefix says so, before buffering it.
-        let head = self
-            .joined
-            .as_deref()
-            .or(self.first.as_deref())
-            .unwrap_or_default();
-        check_size(head)
+        check_size(match self {
+            BodyBuf::Empty => &[],
+            BodyBuf::One(b) => b,
+            BodyBuf::Joined(b) => b,
+        })
     }
 
     /// The whole body.
     pub fn finish(self) -> Bytes {
-        match (self.first, self.joined) {
-            (_, Some(buf)) => buf.freeze(),
-            (Some(one), None) => one,
-            (None, None) => Bytes::new(),
+        match self {
+            BodyBuf::Empty => Bytes::new(),
+            BodyBuf::One(one) => one,
+            BodyBuf::Joined(buf) => buf.freeze(),
         }
     }
 }

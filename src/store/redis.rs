@@ -603,12 +603,12 @@ impl Store for RedisStore {
         self.tracked.load(Ordering::Relaxed)
     }
 
-    /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
-    /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
     fn cache_hits(&self) -> u64 {
         self.over.hits.load(Ordering::Relaxed)
     }
 
+    /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
+    /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
         self.over.map.retain(|_, o| o.until > now.as_nanos());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
