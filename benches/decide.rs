@@ -32,7 +32,7 @@ use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::algorithms::Hits;
 use sluice::limiter::path::{PathRouter, PathTemplate};
-use sluice::limiter::{Decision, Descriptor, Limiter, Request};
+use sluice::limiter::{Descriptor, Limiter, Request};
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -91,8 +91,13 @@ fn request<'a>(domain: &'a str, entries: &[(&'a str, &'a str)]) -> Request<'a> {
     }
 }
 
-fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> Decision {
-    ready(l.decide_at(r, now))
+/// Decides as the server does per call (the rule set loaded, then the decision); returns
+/// whether the request is over a limit. Never inlined, so that callgrind can count one call of
+/// it alone (`--toggle-collect='decide::decide'`).
+#[inline(never)]
+fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> bool {
+    let rules = l.rules_in_force();
+    black_box(ready(l.decide_at(&rules, r, now))).over
 }
 
 fn ip(i: u32) -> String {
@@ -112,9 +117,9 @@ fn bench_decide(c: &mut Criterion) {
                 "load",
                 &[("path", "/bench"), ("remote_address", "10.0.0.1")],
             );
-            let d = decide(&l, black_box(&r), now);
-            debug_assert!(!d.over);
-            black_box(d)
+            let over = decide(&l, black_box(&r), now);
+            debug_assert!(!over);
+            over
         });
     });
 
@@ -127,7 +132,7 @@ fn bench_decide(c: &mut Criterion) {
     for _ in 0..10 {
         decide(&l, &r, now);
     }
-    assert!(decide(&l, &r, now).over, "the hot key is over its limit");
+    assert!(decide(&l, &r, now), "the hot key is over its limit");
     g.bench_function("hot_denied", |b| {
         b.iter(|| {
             let r = request(
@@ -233,9 +238,9 @@ fn bench_decide(c: &mut Criterion) {
     // At a fixed time the burst of 3 is spent after 3 calls: the steady state is OVER_LIMIT.
     let r = request("talk2me", &entries);
     for _ in 0..3 {
-        assert!(!decide(&l, &r, now).over);
+        assert!(!decide(&l, &r, now));
     }
-    assert!(decide(&l, &r, now).over);
+    assert!(decide(&l, &r, now));
     g.bench_function("transcribe_5_counters_denied", |b| {
         b.iter(|| {
             let r = request("talk2me", &entries);
@@ -250,13 +255,13 @@ fn bench_decide(c: &mut Criterion) {
             let secs = t.get() + 60;
             t.set(secs);
             let r = request("talk2me", &entries);
-            let d = decide(&l, black_box(&r), Timestamp::from_secs(secs));
-            debug_assert!(!d.over);
-            black_box(d)
+            let over = decide(&l, black_box(&r), Timestamp::from_secs(secs));
+            debug_assert!(!over);
+            over
         });
     });
     assert!(
-        !decide(&l, &r, Timestamp::from_secs(t.get() + 60)).over,
+        !decide(&l, &r, Timestamp::from_secs(t.get() + 60)),
         "one call a minute is always admitted"
     );
     g.finish();
@@ -321,7 +326,8 @@ fn bench_service(c: &mut Criterion) {
     g.bench_function("hot_allowed", |b| {
         b.iter(|| {
             let view = to_request(black_box(&req)).unwrap();
-            let d = ready(l.decide(&view));
+            let rules = l.rules_in_force();
+            let d = ready(l.decide(&rules, &view));
             black_box(to_response(&d))
         });
     });
@@ -333,7 +339,8 @@ fn bench_service(c: &mut Criterion) {
         b.iter(|| {
             let req = RateLimitRequest::decode(black_box(bytes.as_slice())).unwrap();
             let view = to_request(&req).unwrap();
-            let d = ready(l.decide(&view));
+            let rules = l.rules_in_force();
+            let d = ready(l.decide(&rules, &view));
             out.clear();
             to_response(&d).encode(&mut out).unwrap();
             black_box(out.len())
@@ -342,7 +349,8 @@ fn bench_service(c: &mut Criterion) {
     // The same bytes in and out without prost's structs: the request borrowed from its bytes,
     // the response written from the decision into a reused buffer.
     let mut wire_out = bytes::BytesMut::with_capacity(256);
-    let d = ready(l.decide(&decode_request(&bytes).unwrap()));
+    let rules = l.rules_in_force();
+    let d = ready(l.decide(&rules, &decode_request(&bytes).unwrap()));
     let mut wire_bytes = Vec::new();
     encode_response(&d, &mut wire_bytes);
     assert_eq!(
@@ -353,7 +361,8 @@ fn bench_service(c: &mut Criterion) {
     g.bench_function("hot_allowed_wire", |b| {
         b.iter(|| {
             let view = decode_request(black_box(bytes.as_slice())).unwrap();
-            let d = ready(l.decide(&view));
+            let rules = l.rules_in_force();
+            let d = ready(l.decide(&rules, &view));
             wire_out.clear();
             encode_response(&d, &mut wire_out);
             black_box(wire_out.len())
@@ -363,12 +372,13 @@ fn bench_service(c: &mut Criterion) {
     // Over the limit: the response carries retry-after, content-type and the JSON body.
     let l = limiter(DENY_YAML, None);
     for _ in 0..10 {
-        ready(l.decide(&to_request(&req).unwrap()));
+        ready(l.decide(&l.rules_in_force(), &to_request(&req).unwrap()));
     }
     g.bench_function("hot_denied", |b| {
         b.iter(|| {
             let view = to_request(black_box(&req)).unwrap();
-            let d = ready(l.decide(&view));
+            let rules = l.rules_in_force();
+            let d = ready(l.decide(&rules, &view));
             debug_assert!(d.over);
             black_box(to_response(&d))
         });
@@ -377,7 +387,8 @@ fn bench_service(c: &mut Criterion) {
         b.iter(|| {
             let req = RateLimitRequest::decode(black_box(bytes.as_slice())).unwrap();
             let view = to_request(&req).unwrap();
-            let d = ready(l.decide(&view));
+            let rules = l.rules_in_force();
+            let d = ready(l.decide(&rules, &view));
             out.clear();
             to_response(&d).encode(&mut out).unwrap();
             black_box(out.len())
@@ -386,7 +397,8 @@ fn bench_service(c: &mut Criterion) {
     g.bench_function("hot_denied_wire", |b| {
         b.iter(|| {
             let view = decode_request(black_box(bytes.as_slice())).unwrap();
-            let d = ready(l.decide(&view));
+            let rules = l.rules_in_force();
+            let d = ready(l.decide(&rules, &view));
             debug_assert!(d.over);
             wire_out.clear();
             encode_response(&d, &mut wire_out);

@@ -65,7 +65,8 @@ fn req() -> Request<'static> {
 async fn store_down_with_allow_policy_lets_requests_through_and_counts_errors() {
     let l = limiter(FailurePolicy::Allow);
     for _ in 0..3 {
-        let d = l.decide(&req()).await;
+        let rules = l.rules_in_force();
+        let d = l.decide(&rules, &req()).await;
         assert!(!d.over);
         assert!(d.statuses[0].limit.is_none());
     }
@@ -75,7 +76,8 @@ async fn store_down_with_allow_policy_lets_requests_through_and_counts_errors() 
 #[tokio::test]
 async fn store_down_with_deny_policy_rejects_with_a_clear_body() {
     let l = limiter(FailurePolicy::Deny);
-    let d = l.decide(&req()).await;
+    let rules = l.rules_in_force();
+    let d = l.decide(&rules, &req()).await;
     assert!(d.over && d.unavailable);
     let r = to_response(&d);
     assert_eq!(r.overall_code, 2);

@@ -206,12 +206,14 @@ async fn outage_and_recovery(policy: FailurePolicy) {
         return;
     };
     let limiter = limiter_on(&redis, policy);
-    let d = limiter.decide(&request_a()).await;
+    let rules = limiter.rules_in_force();
+    let d = limiter.decide(&rules, &request_a()).await;
     assert!(!d.over && d.statuses[0].remaining == 99);
     redis.stop();
     for _ in 0..5 {
         let started = Instant::now();
-        let d = limiter.decide(&request_a()).await;
+        let rules = limiter.rules_in_force();
+        let d = limiter.decide(&rules, &request_a()).await;
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -226,7 +228,8 @@ async fn outage_and_recovery(policy: FailurePolicy) {
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let d = limiter.decide(&request_a()).await;
+        let rules = limiter.rules_in_force();
+        let d = limiter.decide(&rules, &request_a()).await;
         if d.statuses[0].limit.is_some() {
             assert!(!d.over);
             assert_eq!(

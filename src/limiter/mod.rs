@@ -62,12 +62,12 @@ pub struct LimitOverride {
 
 /// The answer for one descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
+pub struct Status<'r> {
     /// Whether this descriptor is over an enforced limit.
     pub over: bool,
     /// The limit reported: the one closest to running out, or for an over-limit descriptor the
     /// one that admits the request last. `None` when no rule matched.
-    pub limit: Option<ReportedLimit>,
+    pub limit: Option<ReportedLimit<'r>>,
     /// Single hits left under that limit.
     pub remaining: u64,
     /// Nanoseconds until it resets (until the request would be admitted, when over).
@@ -76,8 +76,8 @@ pub struct Status {
     pub near: bool,
 }
 
-impl Status {
-    const UNLIMITED: Status = Status {
+impl Status<'_> {
+    const UNLIMITED: Status<'static> = Status {
         over: false,
         limit: None,
         remaining: 0,
@@ -97,30 +97,31 @@ pub struct Blocked {
 
 /// A limit as reported to Envoy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportedLimit {
-    /// The limit's name.
-    pub name: Arc<str>,
+pub struct ReportedLimit<'r> {
+    /// The limit's name, borrowed from the rule set the decision was made with (a reference
+    /// count would be one more write to a cache line every core shares, on every decision).
+    pub name: &'r str,
     /// Rate and unit.
     pub reported: Reported,
 }
 
-/// The answer for a request.
+/// The answer for a request. It borrows from the [`RulesInForce`] it was decided with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Decision {
+pub struct Decision<'r> {
     /// Whether any descriptor is over an enforced limit.
     pub over: bool,
     /// One per request descriptor, in order.
-    pub statuses: SmallVec<[Status; INLINE_DESCRIPTORS]>,
+    pub statuses: SmallVec<[Status<'r>; INLINE_DESCRIPTORS]>,
     /// When over: nanoseconds until the same request would be admitted, and the name of the
     /// limit that decides it.
-    pub retry: Option<(u64, Arc<str>)>,
+    pub retry: Option<(u64, &'r str)>,
     /// Set when the client address is blocked: every descriptor is over, nothing was counted.
     pub blocked: Option<Blocked>,
     /// Set when the store failed and the failure policy denies: every descriptor is over.
     pub unavailable: bool,
 }
 
-impl Decision {
+impl Decision<'_> {
     fn unlimited(descriptors: usize) -> Self {
         Decision {
             statuses: (0..descriptors).map(|_| Status::UNLIMITED).collect(),
@@ -162,6 +163,24 @@ pub enum DecideError {
     /// The store failed.
     #[error("counter store: {0}")]
     Store(#[from] StoreError),
+}
+
+/// The rule set a decision is made with, as [`Limiter::rules_in_force`] loaded it (no lock, no
+/// shared reference count in the common case).
+pub struct RulesInForce(arc_swap::Guard<Arc<RuleSet>>);
+
+impl std::ops::Deref for RulesInForce {
+    type Target = RuleSet;
+
+    fn deref(&self) -> &RuleSet {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RulesInForce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RulesInForce").finish_non_exhaustive()
+    }
 }
 
 /// Makes decisions against a swappable rule set and a store.
@@ -214,14 +233,16 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
 }
 
 /// Where a charge's policy comes from: the rule set, or a descriptor's override.
+/// `'r` is the rule set's lifetime (a decision borrows limit names for it), `'p` the request's
+/// (overrides' policies are built per request).
 #[derive(Clone, Copy)]
-enum Source<'r> {
+enum Source<'r, 'p> {
     Config(&'r Limit),
-    Override(&'r Policy, Reported),
+    Override(&'p Policy, Reported),
 }
 
-impl<'r> Source<'r> {
-    fn policy(&self) -> &'r Policy {
+impl<'r: 'p, 'p> Source<'r, 'p> {
+    fn policy(&self) -> &'p Policy {
         match *self {
             Source::Config(l) => &l.policy,
             Source::Override(p, _) => p,
@@ -230,10 +251,10 @@ impl<'r> Source<'r> {
 }
 
 /// One (descriptor, limit) pair and the distinct counter it charges.
-struct Planned<'r> {
+struct Planned<'r, 'p> {
     descriptor: usize,
     rule: Option<&'r Rule>,
-    source: Source<'r>,
+    source: Source<'r, 'p>,
     charge: usize,
     blocking: bool,
 }
@@ -332,15 +353,28 @@ impl<S: Store> Limiter<S> {
         &self.clock
     }
 
-    /// Decides `request` at the clock's current time.
-    pub async fn decide(&self, request: &Request<'_>) -> Decision {
-        self.decide_at(request, self.clock.now()).await
+    /// The rule set in force, for one or a few decisions: a [`Decision`] borrows the names of
+    /// its limits from it. Holding it does not hold up a reload; decisions made with it use the
+    /// rules it holds.
+    pub fn rules_in_force(&self) -> RulesInForce {
+        RulesInForce(self.rules.load())
     }
 
-    /// Decides `request` at `now`. A store failure is answered by the failure policy (and
-    /// counted and logged, rate-limited); it is never an error to the caller.
-    pub async fn decide_at(&self, request: &Request<'_>, now: Timestamp) -> Decision {
-        match self.decide_or_fail(request, now).await {
+    /// Decides `request` at the clock's current time under `rules` (from
+    /// [`Self::rules_in_force`]).
+    pub async fn decide<'r>(&self, rules: &'r RulesInForce, request: &Request<'_>) -> Decision<'r> {
+        self.decide_at(rules, request, self.clock.now()).await
+    }
+
+    /// Decides `request` at `now` under `rules`. A store failure is answered by the failure
+    /// policy (and counted and logged, rate-limited); it is never an error to the caller.
+    pub async fn decide_at<'r>(
+        &self,
+        rules: &'r RulesInForce,
+        request: &Request<'_>,
+        now: Timestamp,
+    ) -> Decision<'r> {
+        match self.decide_or_fail(&rules.0, request, now).await {
             Ok(d) => d,
             Err(e) => {
                 self.store_errors.record(&e, self.on_store_error, now);
@@ -359,12 +393,12 @@ impl<S: Store> Limiter<S> {
         }
     }
 
-    async fn decide_or_fail(
+    async fn decide_or_fail<'r>(
         &self,
+        rules: &'r RuleSet,
         request: &Request<'_>,
         now: Timestamp,
-    ) -> Result<Decision, DecideError> {
-        let rules = self.rules.load();
+    ) -> Result<Decision<'r>, DecideError> {
         let n = request.descriptors.len();
         let domain = rules.domain(request.domain);
         let address = request
@@ -413,7 +447,7 @@ impl<S: Store> Limiter<S> {
         } else {
             SmallVec::new()
         };
-        let mut planned: SmallVec<[Planned<'_>; 8]> = SmallVec::new();
+        let mut planned: SmallVec<[Planned<'_, '_>; 8]> = SmallVec::new();
         let mut counters = Counters::new();
         let enforce = |shadow: bool| {
             if rules.enabled && !rules.shadow && !shadow {
@@ -869,13 +903,13 @@ fn attach_stats(mut rules: RuleSet, stats: &Stats) -> RuleSet {
 
 /// Records that descriptor `index` is subject to `source`, counted in `key`.
 #[allow(clippy::too_many_arguments)]
-fn plan<'r>(
-    planned: &mut SmallVec<[Planned<'r>; 8]>,
-    counters: &mut Counters<'r>,
+fn plan<'r: 'p, 'p>(
+    planned: &mut SmallVec<[Planned<'r, 'p>; 8]>,
+    counters: &mut Counters<'p>,
     index: usize,
     rule: Option<&'r Rule>,
     hits: Hits,
-    source: Source<'r>,
+    source: Source<'r, 'p>,
     key: CounterKey,
     kind: ChargeKind,
 ) {
@@ -924,7 +958,7 @@ fn merge<'r>(counters: &mut Counters<'r>, charge: Charge<'r>) -> usize {
 
 /// Per-limit counts: a rejection is counted against the limit each over descriptor reports;
 /// a would-be rejection against every non-enforced limit that was over.
-fn count_limits(planned: &[Planned<'_>], verdicts: &[Verdict], decision: &Decision) {
+fn count_limits(planned: &[Planned<'_, '_>], verdicts: &[Verdict], decision: &Decision) {
     for p in planned {
         let Source::Config(limit) = p.source else {
             continue;
@@ -941,7 +975,7 @@ fn count_limits(planned: &[Planned<'_>], verdicts: &[Verdict], decision: &Decisi
             .statuses
             .get(p.descriptor)
             .and_then(|s| s.limit.as_ref())
-            .is_some_and(|r| Arc::ptr_eq(&r.name, &limit.name))
+            .is_some_and(|r| std::ptr::eq(r.name, &*limit.name))
         {
             limit.counts.over.fetch_add(1, Ordering::Relaxed);
         }
@@ -964,13 +998,17 @@ fn override_policy(o: LimitOverride) -> (Policy, Reported) {
     )
 }
 
-fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) -> Decision {
+fn summarise<'r>(
+    descriptors: usize,
+    planned: &[Planned<'r, '_>],
+    verdicts: &[Verdict],
+) -> Decision<'r> {
     let mut decision = Decision {
         statuses: SmallVec::with_capacity(descriptors),
         ..Decision::default()
     };
     for index in 0..descriptors {
-        let mut best: Option<(&Planned<'_>, &Verdict)> = None;
+        let mut best: Option<(&Planned<'r, '_>, &Verdict)> = None;
         let mut over = false;
         for p in planned.iter().filter(|p| p.descriptor == index) {
             let Some(v) = verdicts.get(p.charge) else {
@@ -997,8 +1035,8 @@ fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) 
             None => Status::UNLIMITED,
             Some((p, v)) => {
                 let (name, reported) = match p.source {
-                    Source::Config(l) => (l.name.clone(), l.reported),
-                    Source::Override(_, r) => (Arc::from(OVERRIDE_NAME), r),
+                    Source::Config(l) => (&*l.name, l.reported),
+                    Source::Override(_, r) => (OVERRIDE_NAME, r),
                 };
                 if over
                     && decision
@@ -1006,7 +1044,7 @@ fn summarise(descriptors: usize, planned: &[Planned<'_>], verdicts: &[Verdict]) 
                         .as_ref()
                         .is_none_or(|(t, _)| v.reset_after > *t)
                 {
-                    decision.retry = Some((v.reset_after, name.clone()));
+                    decision.retry = Some((v.reset_after, name));
                 }
                 let capacity = p.source.policy().capacity();
                 Status {

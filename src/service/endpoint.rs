@@ -116,7 +116,8 @@ async fn answer<S: Store>(
 ) -> Result<Response<Unary>, Status> {
     let message = unframe(body)?;
     let view = wire::decode_request(&message)?;
-    let decision = limiter.decide(&view).await;
+    let rules = limiter.rules_in_force();
+    let decision = limiter.decide(&rules, &view).await;
     drop(view);
 
     let mut out = BytesMut::with_capacity(PREFIX + 64 * decision.statuses.len().max(1));

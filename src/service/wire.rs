@@ -555,7 +555,7 @@ fn put_status(out: &mut impl BufMut, s: &Status) {
         put_len_key(out, 2, rate_limit_len(l));
         put_varint_field(out, 1, u64::from(l.reported.requests_per_unit));
         put_varint_field(out, 2, enum_value(rls::proto_unit(l.reported.unit) as i32));
-        put_str_field(out, 3, &l.name);
+        put_str_field(out, 3, l.name);
     }
     put_varint_field(out, 3, u64::from(rls::limit_remaining(s)));
     if let Some(secs) = rls::reset_secs(s) {
@@ -566,7 +566,6 @@ fn put_status(out: &mut impl BufMut, s: &Status) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use proptest::collection::vec;
     use proptest::prelude::*;
@@ -1201,13 +1200,15 @@ mod tests {
 
     // ---- Encoding ----
 
-    fn name() -> impl Strategy<Value = Arc<str>> {
+    /// Names live as long as the test process: a decision borrows them, and a proptest
+    /// strategy's values cannot borrow from one another.
+    fn name() -> impl Strategy<Value = &'static str> {
         prop_oneof![
             4 => "[a-z /0-9]{0,12}",
             1 => any::<String>(),
             1 => Just("a\"b\\c\u{1}\u{1f}é\n".to_string()),
         ]
-        .prop_map(Arc::from)
+        .prop_map(|s| &*s.leak())
     }
 
     fn nanos() -> impl Strategy<Value = u64> {
@@ -1241,7 +1242,7 @@ mod tests {
         ])
     }
 
-    fn status() -> impl Strategy<Value = Status> {
+    fn status() -> impl Strategy<Value = Status<'static>> {
         let limit = proptest::option::of(
             (name(), prop_oneof![Just(0u32), any::<u32>()], unit()).prop_map(
                 |(name, requests_per_unit, unit)| ReportedLimit {
@@ -1264,7 +1265,7 @@ mod tests {
         )
     }
 
-    fn decision() -> impl Strategy<Value = Decision> {
+    fn decision() -> impl Strategy<Value = Decision<'static>> {
         let blocked =
             proptest::option::of((any::<bool>(), nanos()).prop_map(|(permanent, remaining)| {
                 Blocked {
@@ -1299,13 +1300,13 @@ mod tests {
 
     #[test]
     fn an_over_limit_answer_encodes_into_bytes_mut() {
-        let name: Arc<str> = Arc::from("per \"minute\"");
+        let name = "per \"minute\"";
         let d = Decision {
             over: true,
             statuses: [Status {
                 over: true,
                 limit: Some(ReportedLimit {
-                    name: name.clone(),
+                    name,
                     reported: Reported {
                         requests_per_unit: 10,
                         unit: Unit::Minute,

@@ -146,6 +146,11 @@ impl MemoryStore {
             return Err(StoreError::BatchTooLarge(charges.len()));
         }
         let now = now.as_nanos();
+        // The commonest request: one counter.
+        if let ([charge], [verdict]) = (charges, &mut *verdicts) {
+            let mut map = self.shards[Self::shard_of(charge.key)].lock();
+            return Ok(self.apply_one(&mut map, charge, verdict, now));
+        }
         // The common case: every counter of the request in one shard (a client's counters share
         // their group, hence their shard): one lock and no bookkeeping.
         let first = charges.first().map_or(0, |c| Self::shard_of(c.key));
@@ -160,6 +165,41 @@ impl MemoryStore {
         let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 8]> =
             ids.iter().map(|&i| (i, self.shards[i].lock())).collect();
         Ok(self.apply_in(&mut guards.as_mut_slice(), charges, verdicts, now))
+    }
+
+    /// [`Self::apply_in`] for a batch of one: the counter is looked up once and updated in
+    /// place (a batch looks each up twice, to evaluate all before committing any).
+    fn apply_one(
+        &self,
+        map: &mut Shard,
+        charge: &Charge<'_>,
+        verdict: &mut Verdict,
+        now: u64,
+    ) -> bool {
+        let slot = map.get_mut(&charge.key.0);
+        let state = slot
+            .as_ref()
+            .filter(|c| c.expires_at > now)
+            .map(|c| c.state);
+        let out = evaluate(charge.policy, state, now, charge.hits);
+        *verdict = Verdict {
+            allowed: out.allowed,
+            remaining: out.remaining,
+            reset_after: out.reset_after,
+        };
+        // As in a batch: a denied counter is left as it was, a pure check of an unknown key
+        // leaves no trace.
+        if out.allowed && (state.is_some() || charge.hits != Hits::Take(0)) {
+            let cell = Cell {
+                state: out.state,
+                expires_at: out.expires_at,
+            };
+            match slot {
+                Some(c) => *c = cell,
+                None => self.put(map, charge.key.0, cell, now),
+            }
+        }
+        out.allowed || charge.kind != ChargeKind::Enforce
     }
 
     /// Evaluates and commits a batch whose shards are all locked in `shards`.
@@ -281,5 +321,93 @@ impl Store for MemoryStore {
     /// `apply` takes a shard lock and returns: it never waits.
     fn answers_at_once(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU64;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::limiter::algorithms::Policy;
+
+    const POLICIES: [Policy; 3] = [
+        Policy::SlidingWindow {
+            limit: 3,
+            window: NonZeroU64::new(1_000).unwrap(),
+        },
+        Policy::FixedWindow {
+            limit: 2,
+            window: NonZeroU64::new(700).unwrap(),
+        },
+        Policy::TokenBucket {
+            capacity: 2,
+            interval: NonZeroU64::new(300).unwrap(),
+        },
+    ];
+
+    fn hits() -> impl Strategy<Value = Hits> {
+        prop_oneof![
+            4 => (0u64..3).prop_map(Hits::Take),
+            1 => (1u64..3).prop_map(Hits::Return),
+        ]
+    }
+
+    fn kind() -> impl Strategy<Value = ChargeKind> {
+        prop_oneof![
+            Just(ChargeKind::Enforce),
+            Just(ChargeKind::Shadow),
+            Just(ChargeKind::Observe)
+        ]
+    }
+
+    proptest! {
+        /// A batch of one goes through `apply_one` (one lookup, updated in place); it must
+        /// decide and store exactly what the general batch path does, over any sequence of
+        /// charges, keys, times and a shard too small for all of them (evictions).
+        #[test]
+        fn a_single_charge_is_applied_as_a_batch_is(
+            ops in proptest::collection::vec(
+                (0u8..4, 0usize..3, hits(), kind(), 0u64..400),
+                1..60,
+            )
+        ) {
+            let options = MemoryStoreOptions { max_keys: 2 * SHARDS };
+            let (fast, general) = (MemoryStore::new(options), MemoryStore::new(options));
+            let mut now = 0u64;
+            for (key, policy, hits, kind, step) in ops {
+                now += step;
+                // Every key in shard 0, so the shard's bound of two keys is reached.
+                let charge = Charge {
+                    key: CounterKey(u128::from(key)),
+                    policy: &POLICIES[policy],
+                    hits,
+                    kind,
+                };
+                let mut v_fast = [Verdict::default()];
+                let committed_fast = fast
+                    .apply_locked(&[charge], &mut v_fast, Timestamp::from_nanos(now))
+                    .unwrap();
+                let mut v_general = [Verdict::default()];
+                let committed_general = {
+                    let mut guard = general.shards[0].lock();
+                    general.apply_in(&mut OneShard(&mut guard), &[charge], &mut v_general, now)
+                };
+                prop_assert_eq!(v_fast, v_general);
+                prop_assert_eq!(committed_fast, committed_general);
+                let cells = |s: &MemoryStore| {
+                    let mut c: Vec<_> = s.shards[0]
+                        .lock()
+                        .iter()
+                        .map(|(k, c)| (*k, c.state, c.expires_at))
+                        .collect();
+                    c.sort_by_key(|e| e.0);
+                    c
+                };
+                prop_assert_eq!(cells(&fast), cells(&general));
+            }
+        }
     }
 }
