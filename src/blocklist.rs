@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -229,6 +230,9 @@ const STATE_VERSION: u32 = 1;
 #[derive(Debug)]
 pub struct AccessList {
     snapshot: ArcSwap<Snapshot>,
+    /// Whether the snapshot holds nothing, readable without loading it: most deployments
+    /// block no one most of the time, and then a request costs one load here.
+    empty: AtomicBool,
     state: Mutex<State>,
     config_allowed: Mutex<Vec<IpNet>>,
     file: Option<PathBuf>,
@@ -274,6 +278,7 @@ impl AccessList {
         }
         let list = Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            empty: AtomicBool::new(false),
             state: Mutex::new(state),
             config_allowed: Mutex::new(config_allowed),
             file,
@@ -292,6 +297,7 @@ impl AccessList {
                 empty: true,
                 ..Snapshot::default()
             }),
+            empty: AtomicBool::new(true),
             state: Mutex::new(State::default()),
             config_allowed: Mutex::new(Vec::new()),
             file: None,
@@ -308,6 +314,10 @@ impl AccessList {
 
     /// Checks `address` (the client address entry) at `now`. Allowlist wins over blocks.
     pub fn check_at(&self, address: &str, now: Timestamp) -> Access {
+        // A request racing a change may see either side of it, as with the snapshot itself.
+        if self.empty.load(Ordering::Acquire) {
+            return Access::Normal;
+        }
         let snap = self.snapshot.load();
         if snap.empty {
             return Access::Normal;
@@ -627,7 +637,9 @@ impl AccessList {
             && snap.allow_nets.is_empty()
             && snap.block_exact.is_empty()
             && snap.block_nets.is_empty();
+        let empty = snap.empty;
         self.snapshot.store(std::sync::Arc::new(snap));
+        self.empty.store(empty, Ordering::Release);
     }
 }
 

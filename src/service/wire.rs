@@ -177,6 +177,13 @@ impl<'a> Reader<'a> {
     /// A base-128 varint of at most 10 bytes; like prost, the 10th may only hold bit 63 and
     /// overlong encodings are accepted.
     fn varint(&mut self) -> Result<u64, Problem> {
+        // Keys and lengths of a request are almost all one byte.
+        if let Some((&b, rest)) = self.rest.split_first()
+            && b < 0x80
+        {
+            self.rest = rest;
+            return Ok(u64::from(b));
+        }
         let mut value = 0;
         for (i, &b) in self.rest.iter().take(10).enumerate() {
             value |= u64::from(b & 0x7f) << (7 * i);
