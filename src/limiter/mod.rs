@@ -1078,6 +1078,54 @@ mod tests {
         .with_key_secret(b"test")
     }
 
+    fn ready<F: std::future::Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        match f
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("a MemoryStore decision waited"),
+        }
+    }
+
+    fn rules(limit: &str) -> RuleSet {
+        let yaml = format!(
+            "domains:\n  - name: d\n    client: [remote_address]\n    endpoints:\n      - path: /x\n        limits: [{limit}]\n"
+        );
+        crate::config::parse(&yaml, "test.yaml", |_| None)
+            .expect("valid config")
+            .rules
+    }
+
+    /// A decision borrows its limits' names from the rules it was made with: held across a
+    /// reload, those rules stay alive and keep answering; the next `rules_in_force` sees the new.
+    #[test]
+    fn rules_in_force_outlive_a_reload_and_decide_as_they_were() {
+        let l = limiter();
+        l.swap_rules(rules("10/minute"));
+        let request = Request {
+            domain: "d",
+            descriptors: smallvec::smallvec![Descriptor {
+                entries: smallvec::smallvec![("path", "/x"), ("remote_address", "10.0.0.1")],
+                hits: Hits::Take(1),
+                limit_override: None,
+            }],
+        };
+        let now = Timestamp::from_secs(30);
+        let before = l.rules_in_force();
+        l.swap_rules(rules("5/hour"));
+        let old = ready(l.decide_at(&before, &request, now));
+        let after = l.rules_in_force();
+        let new = ready(l.decide_at(&after, &request, now));
+        let reported = |d: &Decision<'_>| {
+            let limit = d.statuses[0].limit.as_ref().expect("a limit applies");
+            (limit.name.to_string(), limit.reported.requests_per_unit)
+        };
+        assert_eq!(reported(&old), ("per minute".to_string(), 10));
+        assert_eq!(reported(&new), ("per hour".to_string(), 5));
+    }
+
     #[test]
     fn short_and_long_inputs_hash_the_same_bytes() {
         let l = limiter();
