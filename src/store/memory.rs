@@ -177,29 +177,15 @@ impl MemoryStore {
         now: u64,
     ) -> bool {
         let slot = map.get_mut(&charge.key.0);
-        let state = slot
-            .as_ref()
-            .filter(|c| c.expires_at > now)
-            .map(|c| c.state);
-        let out = evaluate(charge.policy, state, now, charge.hits);
-        *verdict = Verdict {
-            allowed: out.allowed,
-            remaining: out.remaining,
-            reset_after: out.reset_after,
-        };
-        // As in a batch: a denied counter is left as it was, a pure check of an unknown key
-        // leaves no trace.
-        if out.allowed && (state.is_some() || charge.hits != Hits::Take(0)) {
-            let cell = Cell {
-                state: out.state,
-                expires_at: out.expires_at,
-            };
+        let judged = judge(charge, slot.as_deref(), now);
+        *verdict = judged.verdict;
+        if let Some(cell) = judged.write {
             match slot {
                 Some(c) => *c = cell,
                 None => self.put(map, charge.key.0, cell, now),
             }
         }
-        out.allowed || charge.kind != ChargeKind::Enforce
+        !judged.blocks
     }
 
     /// Evaluates and commits a batch whose shards are all locked in `shards`.
@@ -213,26 +199,13 @@ impl MemoryStore {
         let mut cells: SmallVec<[Option<Cell>; 8]> = SmallVec::with_capacity(charges.len());
         let mut commit = true;
         for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
-            let state = shards
+            let stored = shards
                 .shard(charge.key)
-                .and_then(|map| map.get(&charge.key.0))
-                .filter(|c| c.expires_at > now)
-                .map(|c| c.state);
-            let out = evaluate(charge.policy, state, now, charge.hits);
-            *verdict = Verdict {
-                allowed: out.allowed,
-                remaining: out.remaining,
-                reset_after: out.reset_after,
-            };
-            if !out.allowed && charge.kind == ChargeKind::Enforce {
-                commit = false;
-            }
-            // A pure check of an unknown key leaves no trace.
-            let writes = out.allowed && (state.is_some() || charge.hits != Hits::Take(0));
-            cells.push(writes.then_some(Cell {
-                state: out.state,
-                expires_at: out.expires_at,
-            }));
+                .and_then(|map| map.get(&charge.key.0));
+            let judged = judge(charge, stored, now);
+            *verdict = judged.verdict;
+            commit &= !judged.blocks;
+            cells.push(judged.write);
         }
 
         for (charge, cell) in charges.iter().zip(cells.iter()) {
@@ -260,6 +233,36 @@ impl MemoryStore {
             }
         }
         commit
+    }
+}
+
+/// What one charge decides, before anything is written.
+struct Judged {
+    verdict: Verdict,
+    /// The cell to store if the batch commits; `None` leaves the counter as it is (a denied
+    /// charge, or a pure check of an unknown key, which leaves no trace).
+    write: Option<Cell>,
+    /// A denial of an enforced limit: nothing of the batch is charged.
+    blocks: bool,
+}
+
+/// Evaluates `charge` against its stored cell (expired counts as absent).
+#[inline]
+fn judge(charge: &Charge<'_>, stored: Option<&Cell>, now: u64) -> Judged {
+    let state = stored.filter(|c| c.expires_at > now).map(|c| c.state);
+    let out = evaluate(charge.policy, state, now, charge.hits);
+    let writes = out.allowed && (state.is_some() || charge.hits != Hits::Take(0));
+    Judged {
+        verdict: Verdict {
+            allowed: out.allowed,
+            remaining: out.remaining,
+            reset_after: out.reset_after,
+        },
+        write: writes.then_some(Cell {
+            state: out.state,
+            expires_at: out.expires_at,
+        }),
+        blocks: !out.allowed && charge.kind == ChargeKind::Enforce,
     }
 }
 
