@@ -1,7 +1,8 @@
 //! IP blocks and the allowlist: who skips every limit, and who is turned away before any.
 //!
-//! The request path reads an immutable [`Snapshot`] through one atomic load (no lock) and
-//! parses the client address only when there is something to check. Writers (admin calls,
+//! The request path reads an immutable snapshot through one atomic load (no lock), or only
+//! an "empty" flag when there is nothing to check, and parses the client address only when
+//! there is. Writers (admin calls,
 //! automatic blocks, the sweeper) serialise on a mutex, edit the state, and publish a new
 //! snapshot; they are rare, so rebuilding the snapshot is fine.
 //!

@@ -127,7 +127,7 @@ pub enum Outcome {
     Blocked,
 }
 
-/// A set of decision counters, striped (see [`STRIPES`]). Relaxed ordering: each is an
+/// A set of decision counters, striped (one cache line per thread's stripe, 8 stripes). Relaxed ordering: each is an
 /// independent tally.
 #[derive(Debug, Default)]
 pub struct Counts {
