@@ -17,79 +17,26 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::cell::{Cell, OnceCell};
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
-use smallvec::smallvec;
 
-use sluice::clock::{ManualClock, Timestamp};
+use sluice::clock::Timestamp;
 use sluice::config;
-use sluice::limiter::algorithms::Hits;
 use sluice::limiter::path::{PathRouter, PathTemplate};
-use sluice::limiter::{Descriptor, Limiter, Request};
-use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use sluice::limiter::{Limiter, Request};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
 use sluice::service::wire::{decode_request, encode_response};
-use sluice::store::{MemoryStore, MemoryStoreOptions};
+use sluice::store::MemoryStore;
 
-/// 2026-01-01T00:00:00Z plus 30 s: mid-window, so sliding windows weigh a previous window.
-const NOW_SECS: u64 = 1_767_225_600 + 30;
+mod common;
 
-/// The load config of scripts/bench: domain `load`, endpoint `/bench`, 4e9/minute per client.
-const LOAD_YAML: &str = include_str!("load.yaml");
-/// The repository's default config (training and Talk2Me).
-const DEFAULT_YAML: &str = include_str!("../config/sluice.yaml");
-
-/// Same domain as `load.yaml` with a limit a hot key exhausts at once: every decision denies.
-const DENY_YAML: &str = "
-domains:
-  - name: load
-    client: [remote_address]
-    endpoints:
-      - path: /bench
-        limits: [10/minute]
-";
-
-/// Resolves a future that must be ready at once (every `MemoryStore` call is).
-fn ready<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("a MemoryStore decision waited"),
-    }
-}
-
-fn limiter(yaml: &str, max_keys: Option<usize>) -> Limiter<MemoryStore> {
-    let cfg = config::parse(yaml, "bench.yaml", |_| None).expect("bench config is valid");
-    let store = MemoryStore::new(MemoryStoreOptions {
-        max_keys: max_keys.unwrap_or(cfg.store.max_keys),
-    });
-    Limiter::new(
-        cfg.rules,
-        store,
-        Arc::new(ManualClock::new(Timestamp::from_secs(NOW_SECS))),
-    )
-}
-
-/// The request Envoy's filter sends: one descriptor of `(key, value)` entries, hits 1.
-fn request<'a>(domain: &'a str, entries: &[(&'a str, &'a str)]) -> Request<'a> {
-    Request {
-        domain,
-        descriptors: smallvec![Descriptor {
-            entries: entries.iter().copied().collect(),
-            hits: Hits::Take(1),
-            limit_override: None,
-        }],
-    }
-}
+use common::{
+    DEFAULT_YAML, DENY_YAML, LOAD_YAML, NOW_SECS, limiter, proto_request, ready, request,
+};
 
 /// Decides as the server does per call (the rule set loaded, then the decision); returns
 /// whether the request is over a limit. Never inlined, so that callgrind can count one call of
@@ -294,23 +241,6 @@ fn bench_path(c: &mut Criterion) {
         });
     }
     g.finish();
-}
-
-fn proto_request(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: domain.to_string(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| Entry {
-                    key: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
 }
 
 fn bench_service(c: &mut Criterion) {

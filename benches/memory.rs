@@ -15,30 +15,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::fmt::Write as _;
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Instant;
-
-use smallvec::smallvec;
 
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
-use sluice::limiter::algorithms::Hits;
-use sluice::limiter::{Descriptor, Limiter, Request};
+use sluice::limiter::Limiter;
 use sluice::store::{MemoryStore, MemoryStoreOptions, Store};
 
-const LOAD_YAML: &str = include_str!("load.yaml");
-const NOW_SECS: u64 = 1_767_225_600 + 30;
+mod common;
 
-fn ready<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("a MemoryStore decision waited"),
-    }
-}
+use common::{LOAD_YAML, NOW_SECS, ready, request};
 
 /// Resident set size in bytes, from `/proc/self/status`.
 fn rss_bytes() -> u64 {
@@ -62,14 +49,7 @@ fn fill(l: &Limiter<MemoryStore>, from: u64, to: u64, now: Timestamp) -> f64 {
     for i in from..to {
         client.clear();
         write!(client, "client-{i}").unwrap();
-        let r = Request {
-            domain: "load",
-            descriptors: smallvec![Descriptor {
-                entries: smallvec![("path", "/bench"), ("remote_address", client.as_str())],
-                hits: Hits::Take(1),
-                limit_override: None,
-            }],
-        };
+        let r = request("load", &[("path", "/bench"), ("remote_address", &client)]);
         let rules = l.rules_in_force();
         let d = ready(l.decide_at(&rules, &r, now));
         assert!(!d.over);

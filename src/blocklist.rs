@@ -1,10 +1,9 @@
 //! IP blocks and the allowlist: who skips every limit, and who is turned away before any.
 //!
-//! The request path reads an immutable snapshot through one atomic load (no lock), or only
-//! an "empty" flag when there is nothing to check, and parses the client address only when
-//! there is. Writers (admin calls,
-//! automatic blocks, the sweeper) serialise on a mutex, edit the state, and publish a new
-//! snapshot; they are rare, so rebuilding the snapshot is fine.
+//! The request path reads only an "empty" flag when there is nothing to check; otherwise an
+//! immutable snapshot through one atomic load (no lock), and parses the client address.
+//! Writers (admin calls, automatic blocks, the sweeper) serialise on a mutex, edit the state,
+//! and publish a new snapshot and the flag; they are rare, so rebuilding the snapshot is fine.
 //!
 //! Blocks and runtime allowlist entries survive restarts through a JSON state file written
 //! atomically (write to a temporary file, fsync, rename, fsync the directory). A state file that
@@ -138,7 +137,6 @@ pub enum Access {
 /// What the request path reads.
 #[derive(Debug, Default)]
 struct Snapshot {
-    empty: bool,
     allow_exact: HashSet<IpAddr>,
     allow_nets: Vec<IpNet>,
     block_exact: HashMap<IpAddr, (bool, Option<u64>)>,
@@ -294,10 +292,7 @@ impl AccessList {
     /// An in-memory list with nothing in it (no state file).
     pub fn empty() -> Self {
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                empty: true,
-                ..Snapshot::default()
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
             empty: AtomicBool::new(true),
             state: Mutex::new(State::default()),
             config_allowed: Mutex::new(Vec::new()),
@@ -320,9 +315,6 @@ impl AccessList {
             return Access::Normal;
         }
         let snap = self.snapshot.load();
-        if snap.empty {
-            return Access::Normal;
-        }
         let Ok(ip) = address.parse::<IpAddr>() else {
             return Access::Normal;
         };
@@ -634,11 +626,10 @@ impl AccessList {
                 snap.block_nets.push((b.net, b.permanent, b.expires_at));
             }
         }
-        snap.empty = snap.allow_exact.is_empty()
+        let empty = snap.allow_exact.is_empty()
             && snap.allow_nets.is_empty()
             && snap.block_exact.is_empty()
             && snap.block_nets.is_empty();
-        let empty = snap.empty;
         self.snapshot.store(std::sync::Arc::new(snap));
         self.empty.store(empty, Ordering::Release);
     }

@@ -127,8 +127,8 @@ pub enum Outcome {
     Blocked,
 }
 
-/// A set of decision counters, striped (one cache line per thread's stripe, 8 stripes). Relaxed ordering: each is an
-/// independent tally.
+/// A set of decision counters, striped (8 stripes, one cache line each; a thread adds to its
+/// own). Relaxed ordering: each is an independent tally.
 #[derive(Debug, Default)]
 pub struct Counts {
     stripes: [Stripe<CountCells>; STRIPES],

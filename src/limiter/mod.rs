@@ -1079,14 +1079,7 @@ mod tests {
     }
 
     fn ready<F: std::future::Future>(f: F) -> F::Output {
-        let mut f = std::pin::pin!(f);
-        match f
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-        {
-            std::task::Poll::Ready(v) => v,
-            std::task::Poll::Pending => panic!("a MemoryStore decision waited"),
-        }
+        crate::store::poll_once(std::pin::pin!(f)).expect("a MemoryStore decision never waits")
     }
 
     fn rules(limit: &str) -> RuleSet {

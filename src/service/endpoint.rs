@@ -18,9 +18,7 @@
 //! answers framing errors with `INTERNAL`; they are the caller's fault, and our rule is that
 //! malformed input is `INVALID_ARGUMENT`).
 
-use std::future::Future as _;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -29,7 +27,7 @@ use tonic::Status;
 
 use crate::limiter::Limiter;
 use crate::service::wire;
-use crate::store::Store;
+use crate::store::{Store, poll_once};
 
 /// The gRPC service name Envoy calls.
 pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -67,15 +65,11 @@ impl<S: Store> RlsEndpoint<S> {
         if !self.limiter.store().answers_at_once() {
             return Err(body);
         }
-        let answer = std::pin::pin!(answer(&self.limiter, body, start));
-        // No waker is needed: a store that answers at once never returns `Pending`.
-        let result = match answer.poll(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(result) => result,
-            Poll::Pending => {
+        let result =
+            poll_once(std::pin::pin!(answer(&self.limiter, body, start))).unwrap_or_else(|| {
                 tracing::error!("a store that answers at once did not; call refused");
                 Err(Status::internal("the decision did not complete"))
-            }
-        };
+            });
         Ok(result.unwrap_or_else(Status::into_http))
     }
 

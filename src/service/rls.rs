@@ -1,6 +1,7 @@
 //! `envoy.service.ratelimit.v3.RateLimitService`: validates a `RateLimitRequest`, borrows it into
-//! a [`limiter::Request`] (no copies of keys or values), asks the [`Limiter`](crate::limiter::Limiter), and writes the
-//! `RateLimitResponse` exactly as Envoy reads it: one status per descriptor in order, exact
+//! a [`limiter::Request`] (no copies of keys or values), asks the
+//! [`Limiter`](crate::limiter::Limiter), and writes the `RateLimitResponse` exactly as Envoy
+//! reads it: one status per descriptor in order, exact
 //! `current_limit`/`limit_remaining`/`duration_until_reset` (Envoy derives `X-RateLimit-*` from
 //! them), and on OVER_LIMIT a `retry-after` header and the seeds' JSON body.
 

@@ -573,7 +573,6 @@ fn put_status(out: &mut impl BufMut, s: &Status) {
 
 #[cfg(test)]
 mod tests {
-
     use proptest::collection::vec;
     use proptest::prelude::*;
     use prost::Message;

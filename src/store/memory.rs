@@ -6,10 +6,11 @@
 //! uncontended-ish mutex; distinct keys spread over [`SHARDS`] locks, so there is no global lock.
 //!
 //! Keys are already keyed hashes ([`CounterKey`]), so the maps use them directly as their hash.
-//! Each entry is a 16-byte key plus a 24-byte cell (state and expiry). Expired entries are dropped by
-//! [`MemoryStore::sweep_at`], which the server calls from a background task; when a shard is
-//! full (the configured `max_keys` bound) an insert first purges that shard's expired entries and
-//! otherwise evicts one live entry, so memory stays flat under a flood of new clients.
+//! Each entry is a 16-byte key plus a 24-byte cell (state and expiry). Expired entries are
+//! dropped by [`MemoryStore::sweep_at`], which the server calls from a background task; when a
+//! shard is full (the configured `max_keys` bound) an insert first purges that shard's expired
+//! entries and otherwise evicts one live entry, so memory stays flat under a flood of new
+//! clients.
 
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -153,6 +153,18 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Polls `f` once, with a waker that does nothing: its output if it is ready, `None` if it
+/// would wait. For the futures of a store that [answers at once](Store::answers_at_once),
+/// which are always ready, so no executor is needed (the decision listener, benches, tests).
+/// Pinned by the caller (`poll_once(pin!(future))`), so the future is built in place: a
+/// decision's future is large, and moving it costs a copy.
+pub fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    match f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Which counter store to run, from the config's `store:` section or `--store`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Backend {

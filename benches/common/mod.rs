@@ -1,0 +1,85 @@
+//! Fixtures shared by the in-process benches and `tests/allocations.rs` (which includes this
+//! file by path): the configs, a limiter over the memory store at a fixed time, and requests as
+//! Envoy's filter sends them. Not every user needs every item.
+#![allow(dead_code, clippy::expect_used)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use smallvec::smallvec;
+
+use sluice::clock::{ManualClock, Timestamp};
+use sluice::config;
+use sluice::limiter::algorithms::Hits;
+use sluice::limiter::{Descriptor, Limiter, Request};
+use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluice::store::{MemoryStore, MemoryStoreOptions, poll_once};
+
+/// 2026-01-01T00:00:00Z plus 30 s: mid-window, so sliding windows weigh a previous window.
+pub const NOW_SECS: u64 = 1_767_225_600 + 30;
+
+/// The load config of scripts/bench: domain `load`, endpoint `/bench`, 4e9/minute per client.
+pub const LOAD_YAML: &str = include_str!("../load.yaml");
+/// The repository's default config (training and Talk2Me).
+pub const DEFAULT_YAML: &str = include_str!("../../config/sluice.yaml");
+
+/// Same domain as `load.yaml` with a limit a hot key exhausts at once: every decision denies.
+pub const DENY_YAML: &str = "
+domains:
+  - name: load
+    client: [remote_address]
+    endpoints:
+      - path: /bench
+        limits: [10/minute]
+";
+
+/// Resolves a future that must be ready at once (every `MemoryStore` call is).
+pub fn ready<F: Future>(f: F) -> F::Output {
+    poll_once(std::pin::pin!(f)).expect("a MemoryStore decision never waits")
+}
+
+/// A limiter from `yaml` over a memory store of `max_keys` (default: the config's), its clock
+/// at [`NOW_SECS`].
+pub fn limiter(yaml: &str, max_keys: Option<usize>) -> Limiter<MemoryStore> {
+    let cfg = config::parse(yaml, "bench.yaml", |_| None).expect("bench config is valid");
+    let store = MemoryStore::new(MemoryStoreOptions {
+        max_keys: max_keys.unwrap_or(cfg.store.max_keys),
+    });
+    Limiter::new(
+        cfg.rules,
+        store,
+        Arc::new(ManualClock::new(Timestamp::from_secs(NOW_SECS))),
+    )
+}
+
+/// The request Envoy's filter sends: one descriptor of `(key, value)` entries, hits 1.
+pub fn request<'a>(domain: &'a str, entries: &[(&'a str, &'a str)]) -> Request<'a> {
+    Request {
+        domain,
+        descriptors: smallvec![Descriptor {
+            entries: entries.iter().copied().collect(),
+            hits: Hits::Take(1),
+            limit_override: None,
+        }],
+    }
+}
+
+/// The same request as the generated protobuf message.
+pub fn proto_request(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
