@@ -24,6 +24,7 @@
 //! adds a buffer task, reconnection and load balancing per call) or hyper's client (a channel
 //! to the connection's task and a task per request body): the generator shares the two cores of
 //! the benchmark machine with the server, so its cost per call caps the figures it reports.
+//! For the same reason each connection and its calls run on one task (see `beside`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt::Write as _;
@@ -39,6 +40,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use http_body_util::BodyExt as _;
 use prost::Message;
@@ -296,7 +299,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
 
 type Client = RateLimitServiceClient<Connection>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
+type H2Connection = h2::client::Connection<TcpStream, Bytes>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<(Client, H2Connection)> {
     // The server may still be starting: retry for up to 10 s.
     let deadline = Instant::now() + Duration::from_secs(10);
     let tcp = loop {
@@ -317,12 +322,76 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
         .handshake(tcp)
         .await
         .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
-    tokio::spawn(connection);
     let origin: http::Uri = format!("http://{addr}").parse()?;
-    Ok(RateLimitServiceClient::with_origin(
-        Connection(send),
-        origin,
+    Ok((
+        RateLimitServiceClient::with_origin(Connection(send), origin),
+        connection,
     ))
+}
+
+/// Runs `calls` on the caller's task, beside the connection they use, polled after them. Every
+/// request the calls queue in one wake-up then leaves in one write, and a reply wakes no other
+/// task. With the connection in a task of its own (as hyper and tonic run it), each request
+/// woke that task and went out in a `writev` of its own more often than not (strace: one per
+/// 4.7 calls at 512 in flight), CPU taken from the server on these shared cores.
+async fn beside<F: Future>(connection: &mut H2Connection, calls: F) -> F::Output {
+    let mut calls = std::pin::pin!(calls);
+    let mut open = true;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = calls.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        // A connection that ends (the server went away, or an error) fails the calls still on
+        // it, which count it; it is not polled again.
+        if open && Pin::new(&mut *connection).poll(cx).is_ready() {
+            open = false;
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One of a connection's calls in flight: calls `ShouldRateLimit` again as soon as the last
+/// reply is in, until `end`, and counts and times every reply after `measure_from`.
+async fn call_loop(
+    mut client: Client,
+    requests: Arc<Requests>,
+    counts: Arc<Counts>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    measure_from: Instant,
+    end: Instant,
+) {
+    loop {
+        let req = requests.next();
+        let sent = Instant::now();
+        if sent >= end {
+            break;
+        }
+        let result = client.should_rate_limit(req).await;
+        let done = Instant::now();
+        let recorded = sent >= measure_from && done <= end;
+        match result {
+            Ok(reply) => match check(reply.get_ref()) {
+                Ok(over) => {
+                    if !recorded {
+                        counts.warmup_calls.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let us = u64::try_from((done - sent).as_micros())
+                        .unwrap_or(u64::MAX)
+                        .clamp(1, 60_000_000);
+                    hist.lock().unwrap().record(us).unwrap();
+                    if over {
+                        counts.over_limit.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => counts.fail(format!("bad reply: {e}")),
+            },
+            Err(status) => counts.fail(format!("gRPC {:?}: {}", status.code(), status.message())),
+        }
+    }
 }
 
 fn pct(h: &Histogram<u64>, q: f64) -> f64 {
@@ -339,12 +408,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         channels.push(connect(addr).await?);
     }
     // One call first: the domain and path must reach a limit, or nothing is being measured.
-    let probe = channels[0]
-        .clone()
-        .should_rate_limit(request(&args.domain, &args.path, "probe".to_string()))
-        .await
-        .context("first ShouldRateLimit call")?
-        .into_inner();
+    let (client, connection) = &mut channels[0];
+    let probe = beside(
+        connection,
+        client
+            .clone()
+            .should_rate_limit(request(&args.domain, &args.path, "probe".to_string())),
+    )
+    .await
+    .context("first ShouldRateLimit call")?
+    .into_inner();
     check(&probe).map_err(|e| anyhow::anyhow!("first reply: {e}"))?;
     if probe.statuses[0].current_limit.is_none() {
         bail!(
@@ -357,8 +430,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let counts = Arc::new(Counts::default());
     let hists: Vec<Arc<Mutex<Histogram<u64>>>> = (0..args.connections)
         .map(|_| {
-            // 1 µs .. 60 s, 3 significant digits; one per connection (the lock is held only to
-            // record one value, so contention costs nothing next to a call).
+            // 1 µs .. 60 s, 3 significant digits; one per connection, whose calls all run on
+            // one task, so its lock is never contended.
             Arc::new(Mutex::new(
                 Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
             ))
@@ -368,49 +441,25 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
 
-    let mut tasks = Vec::with_capacity(args.connections * args.concurrency);
-    for (channel, hist) in channels.iter().zip(&hists) {
-        for _ in 0..args.concurrency {
-            let mut client = channel.clone();
-            let requests = requests.clone();
-            let counts = counts.clone();
-            let hist = hist.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let req = requests.next();
-                    let sent = Instant::now();
-                    if sent >= end {
-                        break;
-                    }
-                    let result = client.should_rate_limit(req).await;
-                    let done = Instant::now();
-                    let recorded = sent >= measure_from && done <= end;
-                    match result {
-                        Ok(reply) => match check(reply.get_ref()) {
-                            Ok(over) => {
-                                if !recorded {
-                                    counts.warmup_calls.fetch_add(1, Ordering::Relaxed);
-                                    continue;
-                                }
-                                let us = u64::try_from((done - sent).as_micros())
-                                    .unwrap_or(u64::MAX)
-                                    .clamp(1, 60_000_000);
-                                hist.lock().unwrap().record(us).unwrap();
-                                if over {
-                                    counts.over_limit.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    counts.ok.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Err(e) => counts.fail(format!("bad reply: {e}")),
-                        },
-                        Err(status) => {
-                            counts.fail(format!("gRPC {:?}: {}", status.code(), status.message()))
-                        }
-                    }
-                }
-            }));
-        }
+    // One task per connection, running its calls beside it (see `beside`).
+    let mut tasks = Vec::with_capacity(args.connections);
+    for ((channel, mut connection), hist) in channels.into_iter().zip(&hists) {
+        let calls: FuturesUnordered<_> = (0..args.concurrency)
+            .map(|_| {
+                call_loop(
+                    channel.clone(),
+                    requests.clone(),
+                    counts.clone(),
+                    hist.clone(),
+                    measure_from,
+                    end,
+                )
+            })
+            .collect();
+        drop(channel);
+        tasks.push(tokio::spawn(async move {
+            beside(&mut connection, calls.collect::<()>()).await;
+        }));
     }
     for t in tasks {
         t.await.context("load task panicked")?;
