@@ -381,3 +381,70 @@ async fn a_body_larger_than_the_window_is_read_whole() {
     assert!(m.contains("value: 2097152 bytes, at most 1024"), "{m}");
     srv.stop().await;
 }
+
+/// Many calls arriving together on one connection are taken as a batch and answered before the
+/// next read (src/service/connection.rs): more than the batch bound (256) and more than are held
+/// without spilling (16). Every call must get its own answer: a malformed one its error, a
+/// well-formed one a response with one status per descriptor it sent, from a client of its own.
+#[tokio::test]
+async fn a_burst_of_calls_on_one_connection_gets_each_its_own_answer() {
+    const CALLS: usize = 600;
+    let srv = TestServer::start_default().await;
+    let send = connect::<Full<Bytes>>(&srv).await;
+    let calls = (0..CALLS).map(|i| {
+        let mut send = send.clone();
+        let addr = srv.addr;
+        async move {
+            // Every fifth call is cut short (a 5-byte prefix announcing more than follows);
+            // the others carry 1 to 3 descriptors.
+            let descriptors = 1 + i % 3;
+            let ip = format!("10.7.{}.{}", i / 250, i % 250);
+            let message = request(
+                "training",
+                (0..descriptors)
+                    .map(|_| descriptor(&[("path", "/execute"), ("remote_address", &ip)]))
+                    .collect(),
+            )
+            .encode_to_vec();
+            let mut body = framed(&message);
+            if i % 5 == 0 {
+                body.truncate(body.len() - 1);
+            }
+            let req = http::Request::post(format!("http://{addr}{PATH}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let collected = body.collect().await.unwrap();
+            let status = parts
+                .headers
+                .get("grpc-status")
+                .or_else(|| collected.trailers().and_then(|t| t.get("grpc-status")))
+                .map(|v| v.to_str().unwrap().to_string());
+            let bytes = collected.to_bytes();
+            let statuses = bytes
+                .get(5..)
+                .and_then(|m| RateLimitResponse::decode(m).ok())
+                .map(|r| (r.overall_code, r.statuses.len()));
+            (i, descriptors, status, statuses)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert_eq!(answers.len(), CALLS);
+    for (i, descriptors, status, statuses) in answers {
+        if i % 5 == 0 {
+            assert_eq!(status.as_deref(), Some("3"), "call {i}: INVALID_ARGUMENT");
+            assert_eq!(statuses, None, "call {i}: no message with an error");
+        } else {
+            assert_eq!(status.as_deref(), Some("0"), "call {i}");
+            assert_eq!(
+                statuses,
+                Some((1, descriptors)),
+                "call {i}: OK, one status per descriptor"
+            );
+        }
+    }
+    srv.stop().await;
+}

@@ -32,6 +32,7 @@ use h2::{RecvStream, SendStream};
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt as _;
+use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt as _;
 
@@ -64,8 +65,6 @@ where
     // future woken on its own, so a connection with many slow calls costs nothing per frame
     // for the calls that frame is not for.
     let mut waiting: FuturesUnordered<Later> = FuturesUnordered::new();
-    // Streams accepted but not yet answered; kept across polls for its capacity.
-    let mut accepted: Vec<(Request<RecvStream>, SendResponse<Bytes>)> = Vec::new();
     let mut stop = std::pin::pin!(stop);
     let mut stopping = false;
     poll_fn(|cx| {
@@ -78,7 +77,12 @@ where
             // queued since the last one; then it hands over one stream. So the streams are
             // all taken before any is answered: answered one by one between accepts, each
             // answer went out in a write of its own (strace: one `writev` per ~2 calls), and
-            // this way the next `poll_accept` writes up to a batch of answers at once.
+            // this way the next `poll_accept` writes up to a batch of answers at once. A
+            // batch of up to 16 streams is held inline; a larger one spills to the heap once
+            // (one allocation for 17 calls or more) and gives the memory back when answered,
+            // so an idle connection holds nothing for the burst it once had.
+            let mut accepted: SmallVec<[(Request<RecvStream>, SendResponse<Bytes>); 16]> =
+                SmallVec::new();
             while accepted.len() < ACCEPT_BATCH {
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok(stream))) => accepted.push(stream),
@@ -88,7 +92,7 @@ where
                 }
             }
             let mut progress = !accepted.is_empty();
-            for (request, respond) in accepted.drain(..) {
+            for (request, respond) in accepted {
                 if request.uri().path() != SHOULD_RATE_LIMIT {
                     tokio::spawn(route(routes.clone(), request, respond));
                     continue;
