@@ -8,7 +8,8 @@
 //!
 //! Groups:
 //! - `decide/*`: `Limiter::decide_at` alone (a) hot key allowed and denied, also from two threads
-//!   at once, and two threads on clients of their own; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
+//!   at once; one thread cycling through 1,000 clients, two threads on 1,000 clients each, with
+//!   one store or a store each; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
 //! - `path/*`: (d) `PathRouter::lookup` on the default config's training templates.
 //! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
 //!   `decide` + `to_response`, and the same plus protobuf decode of the request and encode of
@@ -18,6 +19,7 @@
 
 use std::cell::{Cell, OnceCell};
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -30,12 +32,14 @@ use sluice::limiter::{Limiter, Request};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
 use sluice::service::wire::{decode_request, encode_response};
+use sluice::stats::Stats;
 use sluice::store::MemoryStore;
 
 mod common;
 
 use common::{
-    DEFAULT_YAML, DENY_YAML, LOAD_YAML, NOW_SECS, limiter, proto_request, ready, request,
+    DEFAULT_YAML, DENY_YAML, LOAD_YAML, NOW_SECS, limiter, limiter_sharing_stats, proto_request,
+    ready, request,
 };
 
 /// Decides as the server does per call (the rule set loaded, then the decision); returns
@@ -49,6 +53,30 @@ fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> bool {
 
 fn ip(i: u32) -> String {
     format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+}
+
+/// Wall time of `iters` decisions split over two threads, thread `t` deciding for its own
+/// `clients[t]` in turn with `limiters[t]`.
+fn two_threads(
+    limiters: [&Limiter<MemoryStore>; 2],
+    clients: &[Vec<String>; 2],
+    iters: u64,
+    now: Timestamp,
+) -> Duration {
+    let per_thread = iters.div_ceil(2);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for (l, clients) in limiters.into_iter().zip(clients) {
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    let client = &clients[(i % clients.len() as u64) as usize];
+                    let r = request("load", &[("path", "/bench"), ("remote_address", client)]);
+                    black_box(decide(l, black_box(&r), now));
+                }
+            });
+        }
+    });
+    start.elapsed()
 }
 
 fn bench_decide(c: &mut Criterion) {
@@ -114,30 +142,40 @@ fn bench_decide(c: &mut Criterion) {
         });
     });
 
-    // (a''') Two threads at once, each cycling through its own 1,000 clients: no counter is
-    // shared between them, so what they contend on is what every decision writes in common
-    // (statistics, reference counts). Reported per decision, as (a'').
+    // (a''') One thread cycling through 1,000 clients: the baseline of the next case.
     let l = limiter(LOAD_YAML, None);
-    let own: [Vec<String>; 2] = [(0..1000).map(ip).collect(), (1000..2000).map(ip).collect()];
-    g.bench_function("clients_allowed_2_threads", |b| {
-        b.iter_custom(|iters| {
-            let per_thread = iters.div_ceil(2);
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for clients in &own {
-                    let l = &l;
-                    s.spawn(move || {
-                        for i in 0..per_thread {
-                            let client = &clients[(i % 1000) as usize];
-                            let r =
-                                request("load", &[("path", "/bench"), ("remote_address", client)]);
-                            black_box(decide(l, black_box(&r), now));
-                        }
-                    });
-                }
-            });
-            start.elapsed()
+    let clients: Vec<String> = (0..1000).map(ip).collect();
+    let next = Cell::new(0usize);
+    g.bench_function("clients_allowed", |b| {
+        b.iter(|| {
+            let i = next.get();
+            next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
+            let r = request(
+                "load",
+                &[("path", "/bench"), ("remote_address", &clients[i])],
+            );
+            black_box(decide(&l, black_box(&r), now))
         });
+    });
+
+    // (a'''') Two threads at once, each cycling through its own 1,000 clients: no counter is
+    // shared between them, so what they contend on is what every decision writes in common
+    // (the store's shard locks, statistics). Reported per decision, as (a''). Then the same
+    // with a store for each thread (statistics still shared): the bound lock-free store cells
+    // could reach; the gap between the two is what the threads lose on the shard locks' cache
+    // lines, which both cores write.
+    let own: [Vec<String>; 2] = [(0..1000).map(ip).collect(), (1000..2000).map(ip).collect()];
+    let l = limiter(LOAD_YAML, None);
+    g.bench_function("clients_allowed_2_threads", |b| {
+        b.iter_custom(|iters| two_threads([&l, &l], &own, iters, now));
+    });
+    let stats = Arc::new(Stats::default());
+    let ls = [
+        limiter_sharing_stats(LOAD_YAML, stats.clone()),
+        limiter_sharing_stats(LOAD_YAML, stats),
+    ];
+    g.bench_function("clients_allowed_2_threads_own_stores", |b| {
+        b.iter_custom(|iters| two_threads([&ls[0], &ls[1]], &own, iters, now));
     });
 
     // (b) 1M distinct clients, pre-populated, visited in turn: every decision misses the caches.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use smallvec::smallvec;
 
+use sluice::blocklist::AccessList;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::algorithms::Hits;
@@ -15,6 +16,7 @@ use sluice::limiter::{Descriptor, Limiter, Request};
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluice::stats::Stats;
 use sluice::store::{MemoryStore, MemoryStoreOptions, poll_once};
 
 /// 2026-01-01T00:00:00Z plus 30 s: mid-window, so sliding windows weigh a previous window.
@@ -43,14 +45,25 @@ pub fn ready<F: Future>(f: F) -> F::Output {
 /// A limiter from `yaml` over a memory store of `max_keys` (default: the config's), its clock
 /// at [`NOW_SECS`].
 pub fn limiter(yaml: &str, max_keys: Option<usize>) -> Limiter<MemoryStore> {
+    build(yaml, max_keys, Arc::new(Stats::default()))
+}
+
+/// [`limiter`] counting into `stats`: several limiters, one set of statistics.
+pub fn limiter_sharing_stats(yaml: &str, stats: Arc<Stats>) -> Limiter<MemoryStore> {
+    build(yaml, None, stats)
+}
+
+fn build(yaml: &str, max_keys: Option<usize>, stats: Arc<Stats>) -> Limiter<MemoryStore> {
     let cfg = config::parse(yaml, "bench.yaml", |_| None).expect("bench config is valid");
     let store = MemoryStore::new(MemoryStoreOptions {
         max_keys: max_keys.unwrap_or(cfg.store.max_keys),
     });
-    Limiter::new(
+    Limiter::with_parts(
         cfg.rules,
         store,
         Arc::new(ManualClock::new(Timestamp::from_secs(NOW_SECS))),
+        Arc::new(AccessList::empty()),
+        stats,
     )
 }
 
