@@ -54,6 +54,15 @@ use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use sluice::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 
+/// `println!` that gives up quietly when stdout is gone (`sluice-load ... | head`) instead of
+/// panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sluice-load",
@@ -477,7 +486,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let in_flight = args.connections * args.concurrency;
     let first_failure = counts.first_failure.lock().unwrap().clone();
 
-    println!(
+    out!(
         "sluice-load: shape={} connections={} concurrency={} ({} in flight) warmup={}s duration={}s addr={}",
         args.shape.name(),
         args.connections,
@@ -487,11 +496,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         args.duration,
         addr
     );
-    println!(
+    out!(
         "  {calls} decisions in {:.1} s: {rate:.0} decisions/s; ok {ok}, over_limit {over}, failures {failures}",
         args.duration
     );
-    println!(
+    out!(
         "  latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
         pct(&all, 0.50),
         pct(&all, 0.90),
@@ -501,10 +510,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         all.mean() / 1000.0
     );
     if let Some(f) = &first_failure {
-        println!("  first failure: {f}");
+        out!("  first failure: {f}");
     }
     if args.json {
-        println!(
+        out!(
             "{{\"label\":{},\"shape\":\"{}\",\"connections\":{},\"concurrency\":{},\"in_flight\":{},\"warmup_s\":{},\"duration_s\":{},\"decisions\":{},\"ok\":{},\"over_limit\":{},\"failures\":{},\"decisions_per_s\":{:.1},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3},\"mean_ms\":{:.3},\"warmup_calls\":{},\"cpu_s\":{},\"first_failure\":{}}}",
             json_str(&args.label),
             args.shape.name(),
