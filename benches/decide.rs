@@ -55,6 +55,22 @@ fn ip(i: u32) -> String {
     format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
 }
 
+/// Decides for the next of `clients` (`next` holds whose turn it is).
+fn in_turn(
+    l: &Limiter<MemoryStore>,
+    clients: &[String],
+    next: &Cell<usize>,
+    now: Timestamp,
+) -> bool {
+    let i = next.get();
+    next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
+    let r = request(
+        "load",
+        &[("path", "/bench"), ("remote_address", &clients[i])],
+    );
+    black_box(decide(l, black_box(&r), now))
+}
+
 /// Wall time of `iters` decisions split over two threads, thread `t` deciding for its own
 /// `clients[t]` in turn with `limiters[t]`.
 fn two_threads(
@@ -147,15 +163,7 @@ fn bench_decide(c: &mut Criterion) {
     let clients: Vec<String> = (0..1000).map(ip).collect();
     let next = Cell::new(0usize);
     g.bench_function("clients_allowed", |b| {
-        b.iter(|| {
-            let i = next.get();
-            next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
-            let r = request(
-                "load",
-                &[("path", "/bench"), ("remote_address", &clients[i])],
-            );
-            black_box(decide(&l, black_box(&r), now))
-        });
+        b.iter(|| in_turn(&l, &clients, &next, now));
     });
 
     // (a'''') Two threads at once, each cycling through its own 1,000 clients: no counter is
@@ -197,15 +205,7 @@ fn bench_decide(c: &mut Criterion) {
             assert_eq!(sluice::store::Store::tracked_keys(l.store()), KEYS as usize);
             (l, clients)
         });
-        b.iter(|| {
-            let i = next.get();
-            next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
-            let r = request(
-                "load",
-                &[("path", "/bench"), ("remote_address", &clients[i])],
-            );
-            black_box(decide(l, black_box(&r), now))
-        });
+        b.iter(|| in_turn(l, clients, &next, now));
     });
     drop(populated);
 
