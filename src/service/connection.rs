@@ -10,7 +10,9 @@
 //! call whose body is still arriving, or that must wait on Redis, becomes a future in a
 //! [`FuturesUnordered`] polled beside the connection: woken on its own, so it holds up no other
 //! call, and many slow calls cost nothing on frames that are not theirs. Unary responses go to
-//! h2 as one HEADERS, one DATA and one trailers frame.
+//! h2 as one HEADERS, one DATA and one trailers frame. Every stream that is ready is taken
+//! before any is answered, so the answers of a batch leave in one write (answered one by one,
+//! each went out in a system call of its own).
 //!
 //! Every other path (health, reflection) is handed to tonic's router in a task of its own, with
 //! the request body and the response body piped through h2's flow control as hyper would.
