@@ -3,8 +3,9 @@
 //! allocator, which is why these tests are a binary of their own: nextest runs each test in a
 //! process of its own, so nothing else allocates while a test counts.
 //!
-//! A client's first decision does allocate (its counters and its statistics entry), and so does
-//! the server's response buffer; both are outside what is counted here. The configs, limiter
+//! A client's first decision does allocate (its counters and its statistics entry), and so do
+//! the server's response buffer and the response's header and trailer maps (h2 takes each by
+//! value, so they cannot be reused); these are outside what is counted here. The configs, limiter
 //! and requests are the in-process benches' (`benches/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -113,8 +114,8 @@ fn five_counters_rewritten_allocate_nothing() {
 }
 
 /// What the endpoint does per call between the request's bytes and the response's: decode,
-/// decide, encode into a buffer with room (the server's one allocation per call is that
-/// buffer, which is not counted here).
+/// decide, encode into a buffer with room (the server allocates that buffer per call, and the
+/// header maps h2 takes; they are not counted here).
 #[test]
 fn bytes_to_decision_to_bytes_allocates_nothing() {
     let l = limiter(LOAD_YAML, None);

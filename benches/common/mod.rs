@@ -13,11 +13,12 @@ use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::algorithms::Hits;
 use sluice::limiter::{Descriptor, Limiter, Request};
-use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::stats::Stats;
 use sluice::store::{MemoryStore, MemoryStoreOptions, poll_once};
+
+#[path = "../../tests/common/proto.rs"]
+mod proto;
 
 /// 2026-01-01T00:00:00Z plus 30 s: mid-window, so sliding windows weigh a previous window.
 pub const NOW_SECS: u64 = 1_767_225_600 + 30;
@@ -81,18 +82,5 @@ pub fn request<'a>(domain: &'a str, entries: &[(&'a str, &'a str)]) -> Request<'
 
 /// The same request as the generated protobuf message.
 pub fn proto_request(domain: &str, entries: &[(&str, &str)]) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: domain.to_string(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| Entry {
-                    key: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
+    proto::request(domain, vec![proto::descriptor(entries)])
 }

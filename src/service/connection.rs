@@ -94,35 +94,20 @@ where
                 }
             }
             let mut progress = !accepted.is_empty();
-            // The batch's calls were all taken off the connection now: one clock reading for
-            // them, and each call's latency includes its wait behind the others of the batch.
-            let taken = if progress { Some(Instant::now()) } else { None };
-            for (request, respond) in accepted {
-                if request.uri().path() != SHOULD_RATE_LIMIT {
-                    tokio::spawn(route(routes.clone(), request, respond));
-                    continue;
-                }
-                let (parts, body) = request.into_parts();
-                if let Err(status) = check_headers(&parts.headers) {
-                    send(respond, status.into_http());
-                    continue;
-                }
-                let mut call = Call {
-                    start: taken.unwrap_or_else(Instant::now),
-                    body,
-                    buf: BodyBuf::default(),
-                    respond,
-                };
-                // The connection has read every frame it has before handing over a stream, so
-                // the one message has usually arrived with the headers: then the call is
-                // answered here and now, with no future of its own.
-                match call.poll_body(cx) {
-                    Poll::Ready(Ok(())) => match call.answer_now(&endpoint) {
-                        Ok(()) => {}
-                        Err(later) => waiting.push(later),
-                    },
-                    Poll::Ready(Err(status)) => send(call.respond, status.into_http()),
-                    Poll::Pending => waiting.push(Box::pin(call.finish(endpoint.clone()))),
+            if progress {
+                // The batch's calls were all taken off the connection now: one clock reading
+                // for them, and each call's latency includes its wait behind the others.
+                let taken = Instant::now();
+                for (request, respond) in accepted {
+                    start_call(
+                        request,
+                        respond,
+                        taken,
+                        cx,
+                        &endpoint,
+                        &routes,
+                        &mut waiting,
+                    );
                 }
             }
             while let Poll::Ready(Some(())) = waiting.poll_next_unpin(cx) {
@@ -136,6 +121,46 @@ where
         }
     })
     .await
+}
+
+/// Starts one call taken off the connection at `taken`: a `ShouldRateLimit` call is answered
+/// at once when its body is whole and the store decides at once, else it joins `waiting`; any
+/// other path goes to tonic's router in a task of its own.
+fn start_call<S: Store>(
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    taken: Instant,
+    cx: &mut Context<'_>,
+    endpoint: &Arc<RlsEndpoint<S>>,
+    routes: &tonic::service::Routes,
+    waiting: &mut FuturesUnordered<Later>,
+) {
+    if request.uri().path() != SHOULD_RATE_LIMIT {
+        tokio::spawn(route(routes.clone(), request, respond));
+        return;
+    }
+    let (parts, body) = request.into_parts();
+    if let Err(status) = check_headers(&parts.headers) {
+        send(respond, status.into_http());
+        return;
+    }
+    let mut call = Call {
+        start: taken,
+        body,
+        buf: BodyBuf::default(),
+        respond,
+    };
+    // The connection has read every frame it has before handing over a stream, so the one
+    // message has usually arrived with the headers: then the call is answered here and now,
+    // with no future of its own.
+    match call.poll_body(cx) {
+        Poll::Ready(Ok(())) => match call.answer_now(endpoint) {
+            Ok(()) => {}
+            Err(later) => waiting.push(later),
+        },
+        Poll::Ready(Err(status)) => send(call.respond, status.into_http()),
+        Poll::Pending => waiting.push(Box::pin(call.finish(endpoint.clone()))),
+    }
 }
 
 /// Most streams taken before they are answered: bounds how long the first of a flood of calls

@@ -2,7 +2,10 @@
 //! it over gRPC with the generated Envoy client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod proto;
 pub mod redis;
+
+pub use proto::{descriptor, request};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,8 +16,6 @@ use sluice::blocklist::AccessList;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::Limiter;
-use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use sluice::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use sluice::proto::sluice::admin::v1::admin_client::AdminClient;
@@ -222,29 +223,6 @@ pub fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
         .iter()
         .find(|h| h.key == key)
         .map(|h| h.value.as_str())
-}
-
-/// A descriptor from `(key, value)` pairs.
-pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: k.to_string(),
-                value: v.to_string(),
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
-
-/// A request in `domain` with the given descriptors, `hits_addend` 0 as Envoy sends.
-pub fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: domain.to_string(),
-        descriptors,
-        hits_addend: 0,
-    }
 }
 
 /// The descriptor the sample Envoy sends for the training server.
