@@ -383,7 +383,7 @@ async fn a_body_larger_than_the_window_is_read_whole() {
 }
 
 /// Many calls arriving together on one connection are taken as a batch and answered before the
-/// next read (src/service/connection.rs): more than the batch bound (256) and more than are held
+/// next read (src/service/connection.rs): several times the batch bound (64) and more than are held
 /// without spilling (16). Every call must get its own answer: a malformed one its error, a
 /// well-formed one a response with one status per descriptor it sent, from a client of its own.
 #[tokio::test]

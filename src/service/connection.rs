@@ -164,8 +164,13 @@ fn start_call<S: Store>(
 }
 
 /// Most streams taken before they are answered: bounds how long the first of a flood of calls
-/// waits for its answer to be written, and the memory of the list.
-const ACCEPT_BATCH: usize = 256;
+/// waits for its answer to be written, and the memory of the list. 64 rather than a client's
+/// whole window (256 at first): with hundreds of calls in flight, the first 64 answers leave
+/// while the next 64 are decided, so the client reads them and sends more in the meantime,
+/// where a batch of the whole window made client and server wait for each other in turn.
+/// Measured in BENCHMARKS.md (sixth pass): h2load +13% with 2 workers, sluice-load at 512 in
+/// flight +11–31%; still one `writev` per ~64 answers.
+const ACCEPT_BATCH: usize = 64;
 
 /// What a call still to be answered does: one boxed future per call that has to wait.
 type Later = Pin<Box<dyn Future<Output = ()> + Send>>;
