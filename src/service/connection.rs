@@ -10,9 +10,9 @@
 //! call whose body is still arriving, or that must wait on Redis, becomes a future in a
 //! [`FuturesUnordered`] polled beside the connection: woken on its own, so it holds up no other
 //! call, and many slow calls cost nothing on frames that are not theirs. Unary responses go to
-//! h2 as one HEADERS, one DATA and one trailers frame. Every stream that is ready is taken
-//! before any is answered, so the answers of a batch leave in one write (answered one by one,
-//! each went out in a system call of its own).
+//! h2 as one HEADERS, one DATA and one trailers frame. The streams that are ready are taken
+//! (up to 64, `ACCEPT_BATCH`) before any is answered, so the answers of a batch leave in one
+//! write (answered one by one, each went out in a system call of its own).
 //!
 //! Every other path (health, reflection) is handed to tonic's router in a task of its own, with
 //! the request body and the response body piped through h2's flow control as hyper would.
@@ -76,13 +76,13 @@ where
         }
         loop {
             // Every `poll_accept` first reads every frame there is and flushes every frame
-            // queued since the last one; then it hands over one stream. So the streams are
-            // all taken before any is answered: answered one by one between accepts, each
-            // answer went out in a write of its own (strace: one `writev` per ~2 calls), and
-            // this way the next `poll_accept` writes up to a batch of answers at once. A
-            // batch of up to 16 streams is held inline; a larger one spills to the heap once
-            // (one allocation for 17 calls or more) and gives the memory back when answered,
-            // so an idle connection holds nothing for the burst it once had.
+            // queued since the last one; then it hands over one stream. So the ready streams
+            // are taken, up to ACCEPT_BATCH, before any is answered: answered one by one
+            // between accepts, each answer went out in a write of its own (strace: one
+            // `writev` per ~2 calls), and this way the next `poll_accept` writes a batch of
+            // answers at once. A batch of up to 16 streams is held inline; a larger one spills
+            // to the heap once (one allocation for 17 calls or more) and gives the memory back
+            // when answered, so an idle connection holds nothing for the burst it once had.
             let mut accepted: SmallVec<[(Request<RecvStream>, SendResponse<Bytes>); 16]> =
                 SmallVec::new();
             while accepted.len() < ACCEPT_BATCH {
