@@ -364,9 +364,9 @@ async fn beside<F: Future>(connection: &mut H2Connection, calls: F) -> F::Output
 /// reply is in, until `end`, and counts and times every reply after `measure_from`.
 async fn call_loop(
     mut client: Client,
-    requests: Arc<Requests>,
-    counts: Arc<Counts>,
-    hist: Arc<Mutex<Histogram<u64>>>,
+    requests: &Requests,
+    counts: &Counts,
+    hist: &Mutex<Histogram<u64>>,
     measure_from: Instant,
     end: Instant,
 ) {
@@ -437,46 +437,39 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     let counts = Arc::new(Counts::default());
-    let hists: Vec<Arc<Mutex<Histogram<u64>>>> = (0..args.connections)
-        .map(|_| {
-            // 1 µs .. 60 s, 3 significant digits; one per connection, whose calls all run on
-            // one task, so its lock is never contended.
-            Arc::new(Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-            ))
-        })
-        .collect();
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
 
-    // One task per connection, running its calls beside it (see `beside`).
+    // One task per connection, running its calls beside it (see `beside`); each returns its
+    // latencies.
     let mut tasks = Vec::with_capacity(args.connections);
-    for ((channel, mut connection), hist) in channels.into_iter().zip(&hists) {
-        let calls: FuturesUnordered<_> = (0..args.concurrency)
-            .map(|_| {
-                call_loop(
-                    channel.clone(),
-                    requests.clone(),
-                    counts.clone(),
-                    hist.clone(),
-                    measure_from,
-                    end,
-                )
-            })
-            .collect();
-        drop(channel);
+    for (channel, mut connection) in channels {
+        let (requests, counts, concurrency) = (requests.clone(), counts.clone(), args.concurrency);
         tasks.push(tokio::spawn(async move {
+            // 1 µs .. 60 s, 3 significant digits. Its calls all run on this task, so the lock
+            // is never contended; it is a lock only because the task must be `Send`.
+            let hist = Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap());
+            let calls: FuturesUnordered<_> = (0..concurrency)
+                .map(|_| {
+                    call_loop(
+                        channel.clone(),
+                        &requests,
+                        &counts,
+                        &hist,
+                        measure_from,
+                        end,
+                    )
+                })
+                .collect();
+            drop(channel);
             beside(&mut connection, calls.collect::<()>()).await;
+            hist.into_inner().unwrap()
         }));
     }
-    for t in tasks {
-        t.await.context("load task panicked")?;
-    }
-
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    for h in &hists {
-        all.add(&*h.lock().unwrap()).unwrap();
+    for t in tasks {
+        all.add(t.await.context("load task panicked")?).unwrap();
     }
     let ok = counts.ok.load(Ordering::Relaxed);
     let over = counts.over_limit.load(Ordering::Relaxed);
