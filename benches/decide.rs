@@ -84,10 +84,9 @@ fn two_threads(
     std::thread::scope(|s| {
         for (l, clients) in limiters.into_iter().zip(clients) {
             s.spawn(move || {
-                for i in 0..per_thread {
-                    let client = &clients[(i % clients.len() as u64) as usize];
-                    let r = request("load", &[("path", "/bench"), ("remote_address", client)]);
-                    black_box(decide(l, black_box(&r), now));
+                let next = Cell::new(0);
+                for _ in 0..per_thread {
+                    in_turn(l, clients, &next, now);
                 }
             });
         }
