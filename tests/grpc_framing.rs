@@ -382,9 +382,9 @@ async fn a_body_larger_than_the_window_is_read_whole() {
     srv.stop().await;
 }
 
-/// Many calls arriving together on one connection are taken as a batch and answered before the
-/// next read (src/service/connection.rs): several times the batch bound (64) and more than are held
-/// without spilling (16). Every call must get its own answer: a malformed one its error, a
+/// Many calls arriving together on one connection are taken in batches and answered before the
+/// next read (src/service/connection.rs): several times the batch bound (64), and more than are
+/// held without spilling (16). Every call must get its own answer: a malformed one its error, a
 /// well-formed one a response with one status per descriptor it sent, from a client of its own.
 #[tokio::test]
 async fn a_burst_of_calls_on_one_connection_gets_each_its_own_answer() {
