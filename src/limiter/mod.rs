@@ -23,7 +23,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::stats::{ClientRef, Outcome, Stats};
 use crate::store::{Charge, ChargeKind, CounterKey, FailurePolicy, Store, StoreError, Verdict};
 use algorithms::{Hits, Policy};
-use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, lookup};
+use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, bytes_eq, lookup, names_eq};
 
 /// Descriptors a request holds without allocating. Envoy's filter sends one descriptor per
 /// matching `rate_limits` entry (the sample config: one per request); a request and its
@@ -401,11 +401,14 @@ impl<S: Store> Limiter<S> {
     ) -> Result<Decision<'r>, DecideError> {
         let n = request.descriptors.len();
         let domain = rules.domain(request.domain);
-        let address = request
+        let address_at = request
             .descriptors
             .iter()
-            .find_map(|d| lookup(&d.entries, &rules.address_entry));
-        let client = domain.and_then(|d| self.client_of(d, request, address));
+            .enumerate()
+            .find_map(|(i, d)| Some((i, lookup(&d.entries, &rules.address_entry)?)));
+        let address = address_at.map(|(_, a)| a);
+        let client =
+            domain.and_then(|d| self.client_of(d, request, &rules.address_entry, address_at));
 
         match address.map(|a| self.access.check_at(a, now)) {
             Some(Access::Allowed) => {
@@ -628,25 +631,42 @@ impl<S: Store> Limiter<S> {
 
     /// The client of a request: the values of the domain's client entries in the first
     /// descriptor that has them all.
+    ///
+    /// `address_at` is the first descriptor with the address entry (named `address_entry`) and
+    /// its value: when that entry alone identifies clients, as it does by default, it is the
+    /// client's descriptor and value, not looked up again.
     fn client_of<'r>(
         &self,
         domain: &Domain,
         request: &'r Request<'_>,
-        address: Option<&'r str>,
+        address_entry: &str,
+        address_at: Option<(usize, &'r str)>,
     ) -> Option<ClientId<'r>> {
-        if domain.client.is_empty() {
-            return None;
+        let address = address_at.map(|(_, a)| a);
+        let id = |i: usize, d: &'r Descriptor<'_>, group: u64| ClientId {
+            hash: (u128::from(group) << 64) | u128::from(domain.tag),
+            descriptor: i,
+            group,
+            entries: &d.entries,
+            address,
+        };
+        match domain.client.as_slice() {
+            [] => None,
+            [name] if bytes_eq(name.as_bytes(), address_entry.as_bytes()) => {
+                let (i, value) = address_at?;
+                let d = request.descriptors.get(i)?;
+                Some(id(
+                    i,
+                    d,
+                    self.hash_client_values(std::iter::once(value.as_bytes())),
+                ))
+            }
+            names => request
+                .descriptors
+                .iter()
+                .enumerate()
+                .find_map(|(i, d)| Some(id(i, d, self.client_group(names, &d.entries)?))),
         }
-        request.descriptors.iter().enumerate().find_map(|(i, d)| {
-            let group = self.client_group(&domain.client, &d.entries)?;
-            Some(ClientId {
-                hash: (u128::from(group) << 64) | u128::from(domain.tag),
-                descriptor: i,
-                group,
-                entries: &d.entries,
-                address,
-            })
-        })
     }
 
     /// Creates an automatic block for `addr` (once: later triggers find it blocked).
@@ -756,16 +776,21 @@ impl<S: Store> Limiter<S> {
             // The common case: one client entry (address or id).
             [name] => {
                 let v = lookup(entries, name)?;
-                Some(self.hash_parts(TAG_CLIENT, std::iter::once(v.as_bytes())))
+                Some(self.hash_client_values(std::iter::once(v.as_bytes())))
             }
             _ => {
                 let values: SmallVec<[&[u8]; 4]> = names
                     .iter()
                     .map(|k| lookup(entries, k).map(str::as_bytes))
                     .collect::<Option<_>>()?;
-                Some(self.hash_parts(TAG_CLIENT, values.iter().copied()))
+                Some(self.hash_client_values(values.iter().copied()))
             }
         }
+    }
+
+    /// The client group of the values of a rule's client entries, in its order.
+    fn hash_client_values<'p>(&self, values: impl Iterator<Item = &'p [u8]> + Clone) -> u64 {
+        self.hash_parts(TAG_CLIENT, values)
     }
 
     /// The group half of `rule`'s counter keys for a descriptor: fixed for a rule shared by
@@ -780,7 +805,7 @@ impl<S: Store> Limiter<S> {
     ) -> Option<u64> {
         if rule.client.is_empty() {
             Some(rule.shared_group)
-        } else if rule.client.as_slice() == domain_client {
+        } else if names_eq(&rule.client, domain_client) {
             dgroup
         } else {
             self.client_group(&rule.client, entries)
