@@ -374,8 +374,14 @@ impl<S: Store> Limiter<S> {
         request: &Request<'_>,
         now: Timestamp,
     ) -> Decision<'r> {
-        match self.decide_or_fail(&rules.0, request, now).await {
-            Ok(d) => d,
+        // Filled in place: a decision is ~150 bytes, and returning it through each layer's
+        // future cost a `memcpy` call per layer.
+        let mut decision = Decision::default();
+        match self
+            .decide_or_fail(&rules.0, request, now, &mut decision)
+            .await
+        {
+            Ok(()) => decision,
             Err(e) => {
                 self.store_errors.record(&e, self.on_store_error, now);
                 let n = request.descriptors.len();
@@ -398,7 +404,8 @@ impl<S: Store> Limiter<S> {
         rules: &'r RuleSet,
         request: &Request<'_>,
         now: Timestamp,
-    ) -> Result<Decision<'r>, DecideError> {
+        decision: &mut Decision<'r>,
+    ) -> Result<(), DecideError> {
         let n = request.descriptors.len();
         let domain = rules.domain(request.domain);
         let address_at = request
@@ -413,26 +420,29 @@ impl<S: Store> Limiter<S> {
         match address.map(|a| self.access.check_at(a, now)) {
             Some(Access::Allowed) => {
                 self.record(domain, client.as_ref(), Outcome::Allowed, false, now);
-                return Ok(Decision::unlimited(n));
+                *decision = Decision::unlimited(n);
+                return Ok(());
             }
             Some(Access::Blocked {
                 permanent,
                 remaining,
             }) => {
                 self.record(domain, client.as_ref(), Outcome::Blocked, false, now);
-                return Ok(Decision::blocked(
+                *decision = Decision::blocked(
                     n,
                     Blocked {
                         permanent,
                         remaining,
                     },
-                ));
+                );
+                return Ok(());
             }
             Some(Access::Normal) | None => {}
         }
         let Some(domain) = domain else {
             self.stats.total.record(Outcome::Allowed, false);
-            return Ok(Decision::unlimited(n));
+            *decision = Decision::unlimited(n);
+            return Ok(());
         };
 
         // Overrides' policies live here for the whole request, so charges can borrow them like
@@ -535,8 +545,8 @@ impl<S: Store> Limiter<S> {
         if !counters.is_empty() {
             self.store.apply(&counters, &mut verdicts, now).await?;
         }
-        let decision = summarise(n, &planned, &verdicts);
-        count_limits(&planned, &verdicts, &decision);
+        summarise(n, &planned, &verdicts, decision);
+        count_limits(&planned, &verdicts, decision);
 
         if let (Some((i, limit)), Some(addr)) = (watch, address)
             && verdicts.get(i).is_some_and(|v| !v.allowed)
@@ -597,7 +607,7 @@ impl<S: Store> Limiter<S> {
             };
             rule.stats.record(outcome, near && !over);
         }
-        Ok(decision)
+        Ok(())
     }
 
     /// Counts a request's outcome overall, for its domain and for its client.
@@ -1023,15 +1033,15 @@ fn override_policy(o: LimitOverride) -> (Policy, Reported) {
     )
 }
 
+/// Fills `decision` (as [`Decision::default`] leaves it) with each descriptor's status and the
+/// request's outcome.
 fn summarise<'r>(
     descriptors: usize,
     planned: &[Planned<'r, '_>],
     verdicts: &[Verdict],
-) -> Decision<'r> {
-    let mut decision = Decision {
-        statuses: SmallVec::with_capacity(descriptors),
-        ..Decision::default()
-    };
+    decision: &mut Decision<'r>,
+) {
+    decision.statuses.reserve(descriptors);
     for index in 0..descriptors {
         let mut best: Option<(&Planned<'r, '_>, &Verdict)> = None;
         let mut over = false;
@@ -1085,7 +1095,6 @@ fn summarise<'r>(
         decision.over |= status.over;
         decision.statuses.push(status);
     }
-    decision
 }
 
 #[cfg(test)]
