@@ -2,7 +2,7 @@
 //! Exact (no window ever admits more than its limit), but a client can spend a whole window's
 //! quota at the end of one window and again at the start of the next.
 
-use super::{CellState, Hits, Outcome, clamp32};
+use super::{CellState, Hits, Outcome, clamp32, window_of};
 
 pub(super) fn evaluate(
     limit: u64,
@@ -11,8 +11,7 @@ pub(super) fn evaluate(
     now: u64,
     hits: Hits,
 ) -> Outcome {
-    let mut idx = now / w;
-    let mut elapsed = now % w;
+    let (mut idx, mut elapsed) = window_of(now, w, state.map(|s| s.a));
     let count = match state {
         Some(s) if s.a == idx => s.b,
         // The clock stepped back into an older window: keep counting in the newer one.

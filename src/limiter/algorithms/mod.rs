@@ -141,6 +141,38 @@ fn sat(v: u128) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }
 
+/// The window holding `now` and how far into it `now` is: `(now / w, now % w)`, given the
+/// window a counter was `stored` in.
+///
+/// A counter is nearly always read in the window it was written in, or the next: then the
+/// window's start is a multiplication away, and the hardware divide (tens of cycles, the
+/// costliest instruction of a decision) is not needed.
+#[inline]
+pub(super) fn window_of(now: u64, w: u64, stored: Option<u64>) -> (u64, u64) {
+    if let Some(a) = stored
+        && let Some(start) = a.checked_mul(w)
+        && let Some(into) = now.checked_sub(start)
+    {
+        if into < w {
+            return (a, into);
+        }
+        // `into >= w`, so window `a + 1` starts at or before `now` and its index fits.
+        if into - w < w {
+            return (a.saturating_add(1), into - w);
+        }
+    }
+    (now / w, now % w)
+}
+
+/// `a / b` with a 64-bit division when both fit (a 128-bit one is a library call).
+#[inline]
+fn div_u128(a: u128, b: u128) -> u128 {
+    match (u64::try_from(a), u64::try_from(b)) {
+        (Ok(a), Ok(b)) => u128::from(a.checked_div(b).unwrap_or(0)),
+        _ => a.checked_div(b).unwrap_or(0),
+    }
+}
+
 /// Counts are stored in 32 bits; limits never exceed `u32::MAX` (Envoy's `requests_per_unit`).
 fn clamp32(v: u64) -> u64 {
     v.min(u64::from(u32::MAX))

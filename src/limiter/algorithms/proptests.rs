@@ -135,3 +135,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The window from a stored one is the window by division, whatever was stored.
+    #[test]
+    fn window_of_is_the_division(
+        now in any::<u64>(),
+        w in prop_oneof![1u64..1000, Just(S), Just(60 * S), Just(86_400 * S), any::<u64>()],
+        stored in prop_oneof![Just(None), any::<u64>().prop_map(Some), (0u64..3).prop_map(Some)],
+        near in any::<bool>(),
+    ) {
+        prop_assume!(w > 0);
+        // Mostly the window `now` is in or the one before it, as counters are read.
+        let stored = match stored {
+            Some(d) if d < 3 && near => Some((now / w).saturating_sub(d)),
+            other => other,
+        };
+        prop_assert_eq!(window_of(now, w, stored), (now / w, now % w));
+    }
+
+    #[test]
+    fn div_u128_is_the_division(a in any::<u128>(), b in any::<u128>(), small in any::<bool>()) {
+        prop_assume!(b > 0);
+        let (a, b) = if small { (a >> 64, (b >> 64).max(1)) } else { (a, b) };
+        prop_assert_eq!(div_u128(a, b), a / b);
+    }
+}

@@ -10,7 +10,7 @@
 //! Arithmetic is scaled by `w` to stay in integers: `used = prev * (w - elapsed) + curr * w`, and
 //! a request of `h` hits is admitted when `used + h * w <= limit * w`.
 
-use super::{CellState, Hits, Outcome, clamp32, sat};
+use super::{CellState, Hits, Outcome, clamp32, sat, window_of};
 
 pub(super) fn evaluate(
     limit: u64,
@@ -19,8 +19,7 @@ pub(super) fn evaluate(
     now: u64,
     hits: Hits,
 ) -> Outcome {
-    let mut idx = now / w;
-    let mut elapsed = now % w;
+    let (mut idx, mut elapsed) = window_of(now, w, state.map(|s| s.a));
     let (prev, curr) = match state {
         None => (0, 0),
         Some(s) => {
@@ -70,9 +69,27 @@ pub(super) fn evaluate(
             b: (clamp32(p2) << 32) | clamp32(c2),
         },
         expires_at: idx.saturating_add(2).saturating_mul(w),
-        remaining: sat(cap.saturating_sub(used(p2, c2)) / wide),
+        remaining: remaining(limit, w, elapsed, p2, c2),
         reset_after: if allowed { w - elapsed } else { retry },
     }
+}
+
+/// Single hits left: `(limit * w - used) / w` (at least 0) with `used = prev * (w - elapsed) +
+/// curr * w`, which is `limit - curr - ceil(prev * (w - elapsed) / w)`. Without a previous count
+/// that needs no division; with one, a 64-bit one when the product fits (a 128-bit division is
+/// a library call).
+#[inline]
+fn remaining(limit: u64, w: u64, elapsed: u64, prev: u64, curr: u64) -> u64 {
+    let room = limit.saturating_sub(curr);
+    if prev == 0 {
+        return room;
+    }
+    let weight = w - elapsed;
+    let faded = match prev.checked_mul(weight) {
+        Some(b) => b.div_ceil(w),
+        None => sat((u128::from(prev) * u128::from(weight)).div_ceil(u128::from(w))),
+    };
+    room.saturating_sub(faded)
 }
 
 /// Nanoseconds from now until `h` hits would be admitted, given they are not admitted now.
@@ -106,6 +123,51 @@ fn retry_after(limit: u64, w: u64, elapsed: u64, prev: u64, curr: u64, h: u64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// `evaluate` as first written: the window and the remaining count by plain division.
+    /// The divisions were taken off the common path; this holds the results equal.
+    fn by_division(limit: u64, w: u64, state: Option<CellState>, now: u64, hits: Hits) -> Outcome {
+        let (idx, elapsed) = (now / w, now % w);
+        let mut o = evaluate(limit, w, state, now, hits);
+        let (p, c) = (o.state.b >> 32, o.state.b & u64::from(u32::MAX));
+        // The window (from the state's own index when the clock stepped back).
+        if state.is_none_or(|s| s.a <= idx) {
+            assert_eq!(o.state.a, idx);
+        }
+        let elapsed = if o.state.a == idx { elapsed } else { 0 };
+        let wide = u128::from(w);
+        let used = u128::from(p) * u128::from(w - elapsed) + u128::from(c) * wide;
+        o.remaining = sat((u128::from(limit) * wide).saturating_sub(used) / wide);
+        o
+    }
+
+    proptest! {
+        #[test]
+        fn window_and_remaining_equal_the_division(
+            limit in prop_oneof![0u64..20, Just(u64::from(u32::MAX)), Just(4_000_000_000u64)],
+            w_secs in prop_oneof![1u64..4, Just(60u64), Just(3_600), Just(86_400), Just(31_536_000)],
+            idx in any::<u64>(),
+            stored in prop_oneof![Just(None), (0u64..3, 0u64..(1 << 32), 0u64..(1 << 32)).prop_map(Some)],
+            back in any::<bool>(),
+            into in any::<u64>(),
+            h in 0u64..5,
+        ) {
+            let w = w_secs * S;
+            // Up to the last whole window before `u64::MAX` nanoseconds.
+            let idx = idx % (u64::MAX / w - 1);
+            let now = idx * w + into % w;
+            // A counter written this window, the last one, two ago, or (clock stepped back) the next.
+            let state = stored.map(|(ago, p, c)| CellState {
+                a: if back { idx + 1 } else { idx.saturating_sub(ago) },
+                b: (p << 32) | c,
+            });
+            let o = evaluate(limit, w, state, now, Hits::Take(h));
+            let reference = by_division(limit, w, state, now, Hits::Take(h));
+            prop_assert_eq!(o.remaining, reference.remaining);
+            prop_assert_eq!(o.state.a, reference.state.a);
+        }
+    }
 
     const S: u64 = 1_000_000_000;
     const W: u64 = 60 * S;

@@ -3,7 +3,7 @@
 //! pushed TAT is at most `capacity` intervals ahead of now. Exact: any span of `d` nanoseconds
 //! admits at most `capacity + d / interval` hits.
 
-use super::{CellState, Hits, Outcome, sat};
+use super::{CellState, Hits, Outcome, div_u128, sat};
 
 pub(super) fn evaluate(
     capacity: u64,
@@ -42,7 +42,7 @@ pub(super) fn evaluate(
             b: 0,
         },
         expires_at: sat(new_tat),
-        remaining: sat(tau.saturating_sub(in_use) / t),
+        remaining: sat(div_u128(tau.saturating_sub(in_use), t)),
         reset_after: sat(if allowed { in_use } else { reset_after }),
     }
 }
