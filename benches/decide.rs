@@ -28,7 +28,7 @@ use prost::Message;
 use sluice::clock::Timestamp;
 use sluice::config;
 use sluice::limiter::path::{PathRouter, PathTemplate};
-use sluice::limiter::{Limiter, Request};
+use sluice::limiter::{Decision, Limiter, Request};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
 use sluice::service::wire::{decode_request, encode_response};
@@ -48,7 +48,9 @@ use common::{
 #[inline(never)]
 fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> bool {
     let rules = l.rules_in_force();
-    black_box(ready(l.decide_at(&rules, r, now))).over
+    let mut decision = Decision::default();
+    ready(l.decide_into(&rules, r, now, &mut decision));
+    black_box(&decision).over
 }
 
 fn ip(i: u32) -> String {

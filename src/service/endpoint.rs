@@ -25,7 +25,7 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Response};
 use tonic::Status;
 
-use crate::limiter::Limiter;
+use crate::limiter::{Decision, Limiter};
 use crate::service::wire;
 use crate::store::{Store, poll_once};
 
@@ -111,7 +111,10 @@ async fn answer<S: Store>(
     let message = unframe(body)?;
     let view = wire::decode_request(&message)?;
     let rules = limiter.rules_in_force();
-    let decision = limiter.decide(&rules, &view).await;
+    let mut decision = Decision::default();
+    limiter
+        .decide_into(&rules, &view, limiter.clock().now(), &mut decision)
+        .await;
     drop(view);
 
     let mut out = BytesMut::with_capacity(PREFIX + 64 * decision.statuses.len().max(1));
