@@ -674,6 +674,10 @@ impl<S: Store> Limiter<S> {
     /// `address_at` is the first descriptor with the address entry (named `address_entry`) and
     /// its value: when that entry alone identifies clients, as it does by default, it is the
     /// client's descriptor and value, not looked up again.
+    ///
+    /// Inlined: returned through memory, its 128-bit hash was written as two halves and read
+    /// back whole at once, a load that waits for both stores (~5% of a hot decision).
+    #[inline(always)]
     fn client_of<'r>(
         &self,
         domain: &Domain,

@@ -137,27 +137,31 @@ impl MemoryStore {
         map.insert(key, cell);
     }
 
+    /// Applies a batch: `Some(committed)`, or `None` when it is larger than [`MAX_BATCH`]. An
+    /// `Option<bool>` rather than the trait's `Result` comes back in a register; the `Result`
+    /// came back through memory, written a byte at a time and read back whole, a load that
+    /// waits on those stores (~2% of a hot decision).
     fn apply_locked(
         &self,
         charges: &[Charge<'_>],
         verdicts: &mut [Verdict],
         now: Timestamp,
-    ) -> Result<bool, StoreError> {
+    ) -> Option<bool> {
         if charges.len() > MAX_BATCH {
-            return Err(StoreError::BatchTooLarge(charges.len()));
+            return None;
         }
         let now = now.as_nanos();
         // The commonest request: one counter.
         if let ([charge], [verdict]) = (charges, &mut *verdicts) {
             let mut map = self.shards[Self::shard_of(charge.key)].lock();
-            return Ok(self.apply_one(&mut map, charge, verdict, now));
+            return Some(self.apply_one(&mut map, charge, verdict, now));
         }
         // The common case: every counter of the request in one shard (a client's counters share
         // their group, hence their shard): one lock and no bookkeeping.
         let first = charges.first().map_or(0, |c| Self::shard_of(c.key));
         if charges.iter().all(|c| Self::shard_of(c.key) == first) {
             let mut guard = self.shards[first].lock();
-            return Ok(self.apply_in(&mut OneShard(&mut guard), charges, verdicts, now));
+            return Some(self.apply_in(&mut OneShard(&mut guard), charges, verdicts, now));
         }
         let mut ids: SmallVec<[usize; 8]> = charges.iter().map(|c| Self::shard_of(c.key)).collect();
         ids.sort_unstable();
@@ -165,7 +169,7 @@ impl MemoryStore {
         // Ascending shard order: any two batches lock shared shards in the same order.
         let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 8]> =
             ids.iter().map(|&i| (i, self.shards[i].lock())).collect();
-        Ok(self.apply_in(&mut guards.as_mut_slice(), charges, verdicts, now))
+        Some(self.apply_in(&mut guards.as_mut_slice(), charges, verdicts, now))
     }
 
     /// [`Self::apply_in`] for a batch of one: the counter is looked up once and updated in
@@ -301,6 +305,7 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         self.apply_locked(charges, verdicts, now)
+            .ok_or(StoreError::BatchTooLarge(charges.len()))
     }
 
     async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {
