@@ -17,7 +17,7 @@
 //!   `service::wire` instead of prost (`decode_request` + `decide` + `encode_response`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use prost::Message;
 use sluice::clock::Timestamp;
 use sluice::config;
 use sluice::limiter::path::{PathRouter, PathTemplate};
-use sluice::limiter::{Decision, Limiter, Request};
+use sluice::limiter::{Decision, Limiter, Request, RulesCache};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
 use sluice::service::wire::{decode_request, encode_response};
@@ -42,14 +42,30 @@ use common::{
     ready, request,
 };
 
-/// Decides as the server does per call (the rule set loaded, then the decision); returns
+/// A limiter as one connection of the server uses it: its calls load the rules in force through
+/// the connection's `RulesCache`. One per thread.
+struct Conn<'l> {
+    l: &'l Limiter<MemoryStore>,
+    rules: RefCell<RulesCache<'l>>,
+}
+
+impl<'l> Conn<'l> {
+    fn new(l: &'l Limiter<MemoryStore>) -> Self {
+        Self {
+            l,
+            rules: RefCell::new(l.rules_cache()),
+        }
+    }
+}
+
+/// Decides as the server does per call (the rules in force loaded, then the decision); returns
 /// whether the request is over a limit. Never inlined, so that callgrind can count one call of
 /// it alone (`--toggle-collect='decide::decide'`).
 #[inline(never)]
-fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> bool {
-    let rules = l.rules_in_force();
+fn decide(c: &Conn<'_>, r: &Request<'_>, now: Timestamp) -> bool {
+    let mut rules = c.rules.borrow_mut();
     let mut decision = Decision::default();
-    ready(l.decide_into(&rules, r, now, &mut decision));
+    ready(c.l.decide_into(rules.load(), r, now, &mut decision));
     black_box(&decision).over
 }
 
@@ -58,12 +74,7 @@ fn ip(i: u32) -> String {
 }
 
 /// Decides for the next of `clients` (`next` holds whose turn it is).
-fn in_turn(
-    l: &Limiter<MemoryStore>,
-    clients: &[String],
-    next: &Cell<usize>,
-    now: Timestamp,
-) -> bool {
+fn in_turn(l: &Conn<'_>, clients: &[String], next: &Cell<usize>, now: Timestamp) -> bool {
     let i = next.get();
     next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
     let r = request(
@@ -86,9 +97,9 @@ fn two_threads(
     std::thread::scope(|s| {
         for (l, clients) in limiters.into_iter().zip(clients) {
             s.spawn(move || {
-                let next = Cell::new(0);
+                let (l, next) = (Conn::new(l), Cell::new(0));
                 for _ in 0..per_thread {
-                    in_turn(l, clients, &next, now);
+                    in_turn(&l, clients, &next, now);
                 }
             });
         }
@@ -102,7 +113,8 @@ fn bench_decide(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
 
     // (a) One client, every iteration; 4e9/minute never denies.
-    let l = limiter(LOAD_YAML, None);
+    let lim = limiter(LOAD_YAML, None);
+    let l = Conn::new(&lim);
     g.bench_function("hot_allowed", |b| {
         b.iter(|| {
             let r = request(
@@ -116,7 +128,8 @@ fn bench_decide(c: &mut Criterion) {
     });
 
     // (a') The same client over its 10/minute: every decision is OVER_LIMIT (nothing stored).
-    let l = limiter(DENY_YAML, None);
+    let lim = limiter(DENY_YAML, None);
+    let l = Conn::new(&lim);
     let r = request(
         "load",
         &[("path", "/bench"), ("remote_address", "10.0.0.1")],
@@ -137,7 +150,7 @@ fn bench_decide(c: &mut Criterion) {
 
     // (a'') The hot key from two threads at once (one per core): the shard mutex and its cache
     // line bounce between cores. Reported per decision, i.e. wall time / total decisions.
-    let l = limiter(LOAD_YAML, None);
+    let lim = limiter(LOAD_YAML, None);
     g.bench_function("hot_allowed_2_threads", |b| {
         b.iter_custom(|iters| {
             let per_thread = iters.div_ceil(2);
@@ -145,6 +158,7 @@ fn bench_decide(c: &mut Criterion) {
             std::thread::scope(|s| {
                 for _ in 0..2 {
                     s.spawn(|| {
+                        let l = Conn::new(&lim);
                         for _ in 0..per_thread {
                             let r = request(
                                 "load",
@@ -160,7 +174,8 @@ fn bench_decide(c: &mut Criterion) {
     });
 
     // (a''') One thread cycling through 1,000 clients: the baseline of the next case.
-    let l = limiter(LOAD_YAML, None);
+    let lim = limiter(LOAD_YAML, None);
+    let l = Conn::new(&lim);
     let clients: Vec<String> = (0..1000).map(ip).collect();
     let next = Cell::new(0usize);
     g.bench_function("clients_allowed", |b| {
@@ -174,9 +189,9 @@ fn bench_decide(c: &mut Criterion) {
     // could reach; the gap between the two is what the threads lose on the shard locks' cache
     // lines, which both cores write.
     let own: [Vec<String>; 2] = [(0..1000).map(ip).collect(), (1000..2000).map(ip).collect()];
-    let l = limiter(LOAD_YAML, None);
+    let lim = limiter(LOAD_YAML, None);
     g.bench_function("clients_allowed_2_threads", |b| {
-        b.iter_custom(|iters| two_threads([&l, &l], &own, iters, now));
+        b.iter_custom(|iters| two_threads([&lim, &lim], &own, iters, now));
     });
     let stats = Arc::new(Stats::default());
     let ls = [
@@ -196,23 +211,27 @@ fn bench_decide(c: &mut Criterion) {
         let (l, clients) = populated.get_or_init(|| {
             let l = limiter(LOAD_YAML, Some(2 * KEYS as usize));
             let clients: Vec<String> = (0..KEYS).map(ip).collect();
+            let c = Conn::new(&l);
             for client in &clients {
                 decide(
-                    &l,
+                    &c,
                     &request("load", &[("path", "/bench"), ("remote_address", client)]),
                     now,
                 );
             }
             assert_eq!(sluice::store::Store::tracked_keys(l.store()), KEYS as usize);
+            drop(c);
             (l, clients)
         });
-        b.iter(|| in_turn(l, clients, &next, now));
+        let l = Conn::new(l);
+        b.iter(|| in_turn(&l, clients, &next, now));
     });
     drop(populated);
 
     // (c) Talk2Me /transcribe from the default config: 10/minute, 100/hour, burst 3 refilled 1
     // per 6 s, plus the domain's global 1000/minute and 10000/hour: five counters per decision.
-    let l = limiter(DEFAULT_YAML, None);
+    let lim = limiter(DEFAULT_YAML, None);
+    let l = Conn::new(&lim);
     let entries = [
         ("path", "/transcribe"),
         ("remote_address", "203.0.113.7"),
@@ -234,7 +253,8 @@ fn bench_decide(c: &mut Criterion) {
         });
     });
     // Time moving 60 s per call: every limit admits, every counter is written.
-    let l = limiter(DEFAULT_YAML, None);
+    let lim = limiter(DEFAULT_YAML, None);
+    let l = Conn::new(&lim);
     let t = Cell::new(NOW_SECS);
     g.bench_function("transcribe_5_counters_allowed", |b| {
         b.iter(|| {

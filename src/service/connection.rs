@@ -38,6 +38,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt as _;
 
+use crate::limiter::RulesCache;
 use crate::service::endpoint::{
     BodyBuf, RlsEndpoint, SHOULD_RATE_LIMIT, Unary, check_headers, unreadable,
 };
@@ -67,6 +68,11 @@ where
     // future woken on its own, so a connection with many slow calls costs nothing per frame
     // for the calls that frame is not for.
     let mut waiting: FuturesUnordered<Later> = FuturesUnordered::new();
+    let mut answerer = Answerer {
+        endpoint: &endpoint,
+        rules: endpoint.rules_cache(),
+        routes: &routes,
+    };
     let mut stop = std::pin::pin!(stop);
     let mut stopping = false;
     poll_fn(|cx| {
@@ -99,15 +105,7 @@ where
                 // for them, and each call's latency includes its wait behind the others.
                 let taken = Instant::now();
                 for (request, respond) in accepted {
-                    start_call(
-                        request,
-                        respond,
-                        taken,
-                        cx,
-                        &endpoint,
-                        &routes,
-                        &mut waiting,
-                    );
+                    start_call(request, respond, taken, cx, &mut answerer, &mut waiting);
                 }
             }
             while let Poll::Ready(Some(())) = waiting.poll_next_unpin(cx) {
@@ -123,6 +121,15 @@ where
     .await
 }
 
+/// What a connection answers its calls with.
+struct Answerer<'a, S> {
+    endpoint: &'a Arc<RlsEndpoint<S>>,
+    /// The connection's view of the rules in force.
+    rules: RulesCache<'a>,
+    /// Every other service of the listener (health, reflection).
+    routes: &'a tonic::service::Routes,
+}
+
 /// Starts one call taken off the connection at `taken`: a `ShouldRateLimit` call is answered
 /// at once when its body is whole and the store decides at once, else it joins `waiting`; any
 /// other path goes to tonic's router in a task of its own.
@@ -131,10 +138,14 @@ fn start_call<S: Store>(
     respond: SendResponse<Bytes>,
     taken: Instant,
     cx: &mut Context<'_>,
-    endpoint: &Arc<RlsEndpoint<S>>,
-    routes: &tonic::service::Routes,
+    answerer: &mut Answerer<'_, S>,
     waiting: &mut FuturesUnordered<Later>,
 ) {
+    let Answerer {
+        endpoint,
+        rules,
+        routes,
+    } = answerer;
     if request.uri().path() != SHOULD_RATE_LIMIT {
         tokio::spawn(route(routes.clone(), request, respond));
         return;
@@ -154,7 +165,7 @@ fn start_call<S: Store>(
     // message has usually arrived with the headers: then the call is answered here and now,
     // with no future of its own.
     match call.poll_body(cx) {
-        Poll::Ready(Ok(())) => match call.answer_now(endpoint) {
+        Poll::Ready(Ok(())) => match call.answer_now(endpoint, rules) {
             Ok(()) => {}
             Err(later) => waiting.push(later),
         },
@@ -202,8 +213,12 @@ impl Call {
 
     /// Answers a call whose body is whole, at once if the store decides at once; otherwise
     /// returns the future that waits on the store.
-    fn answer_now<S: Store>(self, endpoint: &Arc<RlsEndpoint<S>>) -> Result<(), Later> {
-        match endpoint.answer_now(self.buf.finish(), self.start) {
+    fn answer_now<S: Store>(
+        self,
+        endpoint: &Arc<RlsEndpoint<S>>,
+        rules: &mut RulesCache<'_>,
+    ) -> Result<(), Later> {
+        match endpoint.answer_now(self.buf.finish(), self.start, rules) {
             Ok(response) => {
                 send(self.respond, response);
                 Ok(())
@@ -221,7 +236,8 @@ impl Call {
     async fn finish<S: Store>(mut self, endpoint: Arc<RlsEndpoint<S>>) {
         match poll_fn(|cx| self.poll_body(cx)).await {
             Ok(()) => {
-                if let Err(later) = self.answer_now(&endpoint) {
+                // A call of its own, not in the connection's loop: the rules are loaded for it.
+                if let Err(later) = self.answer_now(&endpoint, &mut endpoint.rules_cache()) {
                     later.await;
                 }
             }

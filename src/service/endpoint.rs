@@ -25,7 +25,7 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Response};
 use tonic::Status;
 
-use crate::limiter::{Decision, Limiter};
+use crate::limiter::{Decision, Limiter, Rules, RulesCache};
 use crate::service::wire;
 use crate::store::{Store, poll_once};
 
@@ -57,27 +57,36 @@ impl<S: Store> RlsEndpoint<S> {
     /// Answers a call from its whole request body (one framed message), received since
     /// `start`, when the store decides at once (the memory store), with no future kept beyond
     /// this call; otherwise hands `body` back, for [`Self::answer`].
+    ///
+    /// `rules` is the connection's [`RulesCache`] (from [`Self::rules_cache`]).
     pub fn answer_now(
         &self,
         body: Bytes,
         start: std::time::Instant,
+        rules: &mut RulesCache<'_>,
     ) -> Result<Response<Unary>, Bytes> {
         if !self.limiter.store().answers_at_once() {
             return Err(body);
         }
-        let result =
-            poll_once(std::pin::pin!(answer(&self.limiter, body, start))).unwrap_or_else(|| {
-                tracing::error!("a store that answers at once did not; call refused");
-                Err(Status::internal("the decision did not complete"))
-            });
+        let answered = answer(&self.limiter, rules.load(), body, start);
+        let result = poll_once(std::pin::pin!(answered)).unwrap_or_else(|| {
+            tracing::error!("a store that answers at once did not; call refused");
+            Err(Status::internal("the decision did not complete"))
+        });
         Ok(result.unwrap_or_else(Status::into_http))
     }
 
     /// Answers a call from its whole request body, received since `start`.
     pub async fn answer(&self, body: Bytes, start: std::time::Instant) -> Response<Unary> {
-        answer(&self.limiter, body, start)
+        let rules = self.limiter.rules_in_force();
+        answer(&self.limiter, rules.rules(), body, start)
             .await
             .unwrap_or_else(Status::into_http)
+    }
+
+    /// The rules in force, as one connection's calls load them for [`Self::answer_now`].
+    pub fn rules_cache(&self) -> RulesCache<'_> {
+        self.limiter.rules_cache()
     }
 }
 
@@ -105,15 +114,15 @@ pub fn unreadable(error: impl std::fmt::Display) -> Status {
 /// Decides the call whose request body (one framed message) is `body`.
 async fn answer<S: Store>(
     limiter: &Limiter<S>,
+    rules: Rules<'_>,
     body: Bytes,
     start: std::time::Instant,
 ) -> Result<Response<Unary>, Status> {
     let message = unframe(body)?;
     let view = wire::decode_request(&message)?;
-    let rules = limiter.rules_in_force();
     let mut decision = Decision::default();
     limiter
-        .decide_into(&rules, &view, limiter.clock().now(), &mut decision)
+        .decide_into(rules, &view, limiter.clock().now(), &mut decision)
         .await;
     drop(view);
 
