@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use smallvec::smallvec;
+use smallvec::SmallVec;
 
 use sluice::blocklist::AccessList;
 use sluice::clock::{ManualClock, Timestamp};
@@ -69,15 +69,25 @@ fn build(yaml: &str, max_keys: Option<usize>, stats: Arc<Stats>) -> Limiter<Memo
 }
 
 /// The request Envoy's filter sends: one descriptor of `(key, value)` entries, hits 1.
+///
+/// Built in place and moved once, as `service::wire::decode_request` builds it: built as a
+/// literal (`smallvec![Descriptor { .. }]`), its ~380 bytes were copied three times, and those
+/// copies were ~20% of `decide/hot_allowed`'s time (perf, 2026-12-01).
+#[inline]
 pub fn request<'a>(domain: &'a str, entries: &[(&'a str, &'a str)]) -> Request<'a> {
-    Request {
+    let mut r = Request {
         domain,
-        descriptors: smallvec![Descriptor {
-            entries: entries.iter().copied().collect(),
-            hits: Hits::Take(1),
-            limit_override: None,
-        }],
+        descriptors: SmallVec::new(),
+    };
+    r.descriptors.push(Descriptor {
+        entries: SmallVec::new(),
+        hits: Hits::Take(1),
+        limit_override: None,
+    });
+    if let Some(d) = r.descriptors.first_mut() {
+        d.entries.extend(entries.iter().copied());
     }
+    r
 }
 
 /// The same request as the generated protobuf message.
