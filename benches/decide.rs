@@ -3,12 +3,13 @@
 //!
 //! Every limiter is built from config text with `sluice::config::parse`, over a `MemoryStore`,
 //! and decides at a fixed `Timestamp` (except where a case says otherwise). `MemoryStore`'s
-//! `apply` never waits, so each `decide_at` future is polled exactly once with a no-op waker: no
+//! `apply` never waits, so each decision's future is polled exactly once with a no-op waker: no
 //! executor is measured.
 //!
 //! Groups:
-//! - `decide/*`: `Limiter::decide_at` alone (a) hot key allowed and denied, also from two threads
-//!   at once; one thread cycling through 1,000 clients, two threads on 1,000 clients each, with
+//! - `decide/*`: the rules in force from a `RulesCache` and `Limiter::decide_into`, as a
+//!   decision connection of the server does per call: (a) hot key allowed and denied, also
+//!   from two threads at once; one thread cycling through 1,000 clients, two threads on 1,000 clients each, with
 //!   one store or a store each; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
 //! - `path/*`: (d) `PathRouter::lookup` on the default config's training templates.
 //! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
