@@ -9,8 +9,9 @@
 //! Groups:
 //! - `decide/*`: the rules in force from a `RulesCache` and `Limiter::decide_into`, as a
 //!   decision connection of the server does per call: (a) hot key allowed and denied, also
-//!   from two threads at once; one thread cycling through 1,000 clients, two threads on 1,000 clients each, with
-//!   one store or a store each; (b) 1M distinct keys; (c) Talk2Me `/transcribe` (three limits + two global ones).
+//!   from two threads at once; one thread cycling through 1,000 clients, two threads on 1,000
+//!   clients each, with one store or a store each; (b) 1M distinct keys; (c) Talk2Me
+//!   `/transcribe` (three limits + two global ones).
 //! - `path/*`: (d) `PathRouter::lookup` on the default config's training templates.
 //! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
 //!   `decide` + `to_response`, and the same plus protobuf decode of the request and encode of
