@@ -68,8 +68,8 @@ impl<S: Store> RlsEndpoint<S> {
         if !self.limiter.store().answers_at_once() {
             return Err(body);
         }
-        // Made where it is polled: the future holds a decision's working state (~1.7 KB), and
-        // moving it first copied all of it on every call.
+        // Made where it is polled: the future holds a decision's working state (over 1.5 KB),
+        // which a move would copy on every call.
         let answered = std::pin::pin!(answer(&self.limiter, rules.load(), body, start));
         let result = poll_once(answered).unwrap_or_else(|| {
             tracing::error!("a store that answers at once did not; call refused");
