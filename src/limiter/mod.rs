@@ -454,7 +454,7 @@ impl<S: Store> Limiter<S> {
     /// [`Self::decide_at`] into `decision` (which it overwrites), for the request path: a
     /// decision is ~150 bytes, and moving one out of a future copies it just after it was
     /// written, which costs more than its size suggests (the copy's wide loads wait for the
-    /// narrow stores that wrote it: ~15% of a hot decision's time went to such copies).
+    /// narrow stores that wrote it).
     pub async fn decide_into<'r>(
         &self,
         rules: Rules<'r>,
