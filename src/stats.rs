@@ -55,9 +55,10 @@ struct Stripe<T>(T);
 ///
 /// A thread claims a free stripe when it first records and gives it back when it exits, so an
 /// owner is the only writer of its stripe and adds with a plain load and store ([`add`]): a
-/// locked read-modify-write costs ~20 cycles, and a decision makes four of them. When all
-/// [`OWNED_STRIPES`] are taken, a thread adds atomically to the shared stripe. The server's
-/// decisions are recorded by its runtime's workers, one owned stripe each.
+/// locked read-modify-write costs ~20 cycles, and a call made three to six of them (overall,
+/// domain and endpoint counts, and the latency histogram). When all [`OWNED_STRIPES`] are
+/// taken, a thread adds atomically to the shared stripe. The server's decisions are recorded
+/// by its runtime's workers, one owned stripe each.
 fn stripe() -> (usize, bool) {
     let i = MINE
         .try_with(|m| {
