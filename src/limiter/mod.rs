@@ -431,10 +431,7 @@ impl<S: Store> Limiter<S> {
     /// Decides `request` at the clock's current time under `rules` (from
     /// [`Self::rules_in_force`]).
     pub async fn decide<'r>(&self, rules: &'r RulesInForce, request: &Request<'_>) -> Decision<'r> {
-        let mut decision = Decision::default();
-        self.decide_into(rules.rules(), request, self.clock.now(), &mut decision)
-            .await;
-        decision
+        self.decide_at(rules, request, self.clock.now()).await
     }
 
     /// Decides `request` at `now` under `rules`. A store failure is answered by the failure
