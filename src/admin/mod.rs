@@ -382,8 +382,7 @@ impl<S: Store> Admin for AdminService<S> {
             .collect();
         // A client never seen (or no longer tracked) whose identity is just its address.
         if clients.is_empty()
-            && domain.client.len() == 1
-            && domain.client[0] == rules.address_entry
+            && domain.identified_by(&rules.address_entry)
             && parse_net(&req.client).is_ok()
         {
             clients.push((vec![req.client.clone()], Some(req.client.clone())));

@@ -24,7 +24,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::stats::{ClientRef, Outcome, Stats};
 use crate::store::{Charge, ChargeKind, CounterKey, FailurePolicy, Store, StoreError, Verdict};
 use algorithms::{Hits, Policy};
-use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, bytes_eq, lookup, names_eq};
+use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, lookup, names_eq};
 
 /// Descriptors a request holds without allocating. Envoy's filter sends one descriptor per
 /// matching `rate_limits` entry (the sample config: one per request); a request and its
@@ -742,18 +742,18 @@ impl<S: Store> Limiter<S> {
             entries: &d.entries,
             address,
         };
-        match domain.client.as_slice() {
-            [] => None,
-            [name] if bytes_eq(name.as_bytes(), address_entry.as_bytes()) => {
-                let (i, value) = address_at?;
-                let d = request.descriptors.get(i)?;
-                Some(id(i, d, self.hash_one(TAG_CLIENT, value.as_bytes())))
-            }
-            names => request
+        if domain.client.is_empty() {
+            None
+        } else if domain.identified_by(address_entry) {
+            let (i, value) = address_at?;
+            let d = request.descriptors.get(i)?;
+            Some(id(i, d, self.hash_one(TAG_CLIENT, value.as_bytes())))
+        } else {
+            request
                 .descriptors
                 .iter()
                 .enumerate()
-                .find_map(|(i, d)| Some(id(i, d, self.client_group(names, &d.entries)?))),
+                .find_map(|(i, d)| Some(id(i, d, self.client_group(&domain.client, &d.entries)?)))
         }
     }
 

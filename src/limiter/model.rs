@@ -149,6 +149,13 @@ impl Domain {
         self.routes.lookup(value).and_then(|&i| self.rules.get(i))
     }
 
+    /// Whether entry `entry` alone identifies this domain's clients (as the address entry does
+    /// by default).
+    #[inline]
+    pub fn identified_by(&self, entry: &str) -> bool {
+        matches!(self.client.as_slice(), [name] if bytes_eq(name.as_bytes(), entry.as_bytes()))
+    }
+
     /// Conditional rules whose conditions all hold for `entries`.
     pub fn conditional<'s, 'e>(
         &'s self,
