@@ -35,7 +35,7 @@ use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
 use sluice::service::wire::{decode_request, encode_response};
 use sluice::stats::Stats;
-use sluice::store::{MemoryStore, poll_once};
+use sluice::store::MemoryStore;
 
 mod common;
 
@@ -67,14 +67,7 @@ impl<'l> Conn<'l> {
 fn decide(c: &Conn<'_>, r: &Request<'_>, now: Timestamp) -> bool {
     let mut rules = c.rules.borrow_mut();
     let mut decision = Decision::default();
-    // Polled where it is made: moved into `ready`, the 1.5 KB future was copied on every call.
-    let decided = poll_once(std::pin::pin!(c.l.decide_into(
-        rules.load(),
-        r,
-        now,
-        &mut decision
-    )));
-    assert!(decided.is_some(), "a MemoryStore decision never waits");
+    ready!(c.l.decide_into(rules.load(), r, now, &mut decision));
     black_box(&decision).over
 }
 
@@ -325,7 +318,7 @@ fn bench_service(c: &mut Criterion) {
         b.iter(|| {
             let view = to_request(black_box(&req)).unwrap();
             let rules = l.rules_in_force();
-            let d = ready(l.decide(&rules, &view));
+            let d = ready!(l.decide(&rules, &view));
             black_box(to_response(&d))
         });
     });
@@ -338,7 +331,7 @@ fn bench_service(c: &mut Criterion) {
             let req = RateLimitRequest::decode(black_box(bytes.as_slice())).unwrap();
             let view = to_request(&req).unwrap();
             let rules = l.rules_in_force();
-            let d = ready(l.decide(&rules, &view));
+            let d = ready!(l.decide(&rules, &view));
             out.clear();
             to_response(&d).encode(&mut out).unwrap();
             black_box(out.len())
@@ -348,7 +341,7 @@ fn bench_service(c: &mut Criterion) {
     // the response written from the decision into a reused buffer.
     let mut wire_out = bytes::BytesMut::with_capacity(256);
     let rules = l.rules_in_force();
-    let d = ready(l.decide(&rules, &decode_request(&bytes).unwrap()));
+    let d = ready!(l.decide(&rules, &decode_request(&bytes).unwrap()));
     let mut wire_bytes = Vec::new();
     encode_response(&d, &mut wire_bytes);
     assert_eq!(
@@ -360,7 +353,7 @@ fn bench_service(c: &mut Criterion) {
         b.iter(|| {
             let view = decode_request(black_box(bytes.as_slice())).unwrap();
             let rules = l.rules_in_force();
-            let d = ready(l.decide(&rules, &view));
+            let d = ready!(l.decide(&rules, &view));
             wire_out.clear();
             encode_response(&d, &mut wire_out);
             black_box(wire_out.len())
@@ -370,13 +363,13 @@ fn bench_service(c: &mut Criterion) {
     // Over the limit: the response carries retry-after, content-type and the JSON body.
     let l = limiter(DENY_YAML, None);
     for _ in 0..10 {
-        ready(l.decide(&l.rules_in_force(), &to_request(&req).unwrap()));
+        ready!(l.decide(&l.rules_in_force(), &to_request(&req).unwrap()));
     }
     g.bench_function("hot_denied", |b| {
         b.iter(|| {
             let view = to_request(black_box(&req)).unwrap();
             let rules = l.rules_in_force();
-            let d = ready(l.decide(&rules, &view));
+            let d = ready!(l.decide(&rules, &view));
             debug_assert!(d.over);
             black_box(to_response(&d))
         });
@@ -386,7 +379,7 @@ fn bench_service(c: &mut Criterion) {
             let req = RateLimitRequest::decode(black_box(bytes.as_slice())).unwrap();
             let view = to_request(&req).unwrap();
             let rules = l.rules_in_force();
-            let d = ready(l.decide(&rules, &view));
+            let d = ready!(l.decide(&rules, &view));
             out.clear();
             to_response(&d).encode(&mut out).unwrap();
             black_box(out.len())
@@ -396,7 +389,7 @@ fn bench_service(c: &mut Criterion) {
         b.iter(|| {
             let view = decode_request(black_box(bytes.as_slice())).unwrap();
             let rules = l.rules_in_force();
-            let d = ready(l.decide(&rules, &view));
+            let d = ready!(l.decide(&rules, &view));
             debug_assert!(d.over);
             wire_out.clear();
             encode_response(&d, &mut wire_out);

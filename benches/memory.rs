@@ -51,7 +51,7 @@ fn fill(l: &Limiter<MemoryStore>, from: u64, to: u64, now: Timestamp) -> f64 {
         write!(client, "client-{i}").unwrap();
         let r = request("load", &[("path", "/bench"), ("remote_address", &client)]);
         let rules = l.rules_in_force();
-        let d = ready(l.decide_at(&rules, &r, now));
+        let d = ready!(l.decide_at(&rules, &r, now));
         assert!(!d.over);
     }
     start.elapsed().as_nanos() as f64 / (to - from) as f64

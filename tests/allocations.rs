@@ -64,7 +64,7 @@ fn allocations_deciding(
 ) -> usize {
     allocations_in_calls(|i| {
         let rules = l.rules_in_force();
-        let d = ready(l.decide_at(&rules, black_box(r), at(i)));
+        let d = ready!(l.decide_at(&rules, black_box(r), at(i)));
         assert_eq!(d.over, over, "call {i}");
         black_box(&d);
     })
@@ -86,7 +86,7 @@ fn a_known_client_over_its_limit_allocates_nothing() {
     let r = request("load", &HOT);
     let now = Timestamp::from_secs(NOW_SECS);
     for _ in 0..10 {
-        ready(l.decide_at(&l.rules_in_force(), &r, now));
+        ready!(l.decide_at(&l.rules_in_force(), &r, now));
     }
     let n = allocations_deciding(&l, &r, |_| now, true);
     assert_eq!(n, 0, "allocations in {CALLS} decisions");
@@ -125,7 +125,7 @@ fn bytes_to_decision_to_bytes_allocates_nothing() {
     let n = allocations_in_calls(|_| {
         let request = decode_request(black_box(&bytes)).unwrap();
         let rules = l.rules_in_force();
-        let d = ready(l.decide_at(&rules, &request, now));
+        let d = ready!(l.decide_at(&rules, &request, now));
         out.clear();
         encode_response(&d, &mut out);
         black_box(&out);
