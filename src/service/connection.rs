@@ -38,7 +38,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt as _;
 
-use crate::limiter::RulesCache;
+use crate::limiter::{Rules, RulesCache};
 use crate::service::endpoint::{
     BodyBuf, RlsEndpoint, SHOULD_RATE_LIMIT, Unary, check_headers, unreadable,
 };
@@ -165,7 +165,7 @@ fn start_call<S: Store>(
     // message has usually arrived with the headers: then the call is answered here and now,
     // with no future of its own.
     match call.poll_body(cx) {
-        Poll::Ready(Ok(())) => match call.answer_now(endpoint, rules) {
+        Poll::Ready(Ok(())) => match call.answer_now(endpoint, rules.load()) {
             Ok(()) => {}
             Err(later) => waiting.push(later),
         },
@@ -216,7 +216,7 @@ impl Call {
     fn answer_now<S: Store>(
         self,
         endpoint: &Arc<RlsEndpoint<S>>,
-        rules: &mut RulesCache<'_>,
+        rules: Rules<'_>,
     ) -> Result<(), Later> {
         match endpoint.answer_now(self.buf.finish(), self.start, rules) {
             Ok(response) => {
@@ -235,12 +235,10 @@ impl Call {
     /// Waits for the rest of the body, then answers.
     async fn finish<S: Store>(mut self, endpoint: Arc<RlsEndpoint<S>>) {
         match poll_fn(|cx| self.poll_body(cx)).await {
-            Ok(()) => {
-                // A call of its own, not in the connection's loop: the rules are loaded for it.
-                if let Err(later) = self.answer_now(&endpoint, &mut endpoint.rules_cache()) {
-                    later.await;
-                }
-            }
+            Ok(()) => send(
+                self.respond,
+                endpoint.answer(self.buf.finish(), self.start).await,
+            ),
             Err(status) => send(self.respond, status.into_http()),
         }
     }

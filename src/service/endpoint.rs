@@ -58,19 +58,20 @@ impl<S: Store> RlsEndpoint<S> {
     /// `start`, when the store decides at once (the memory store), with no future kept beyond
     /// this call; otherwise hands `body` back, for [`Self::answer`].
     ///
-    /// `rules` is the connection's [`RulesCache`] (from [`Self::rules_cache`]).
+    /// `rules`: the rules in force, from the connection's [`RulesCache`] (see
+    /// [`Self::rules_cache`]).
     pub fn answer_now(
         &self,
         body: Bytes,
         start: std::time::Instant,
-        rules: &mut RulesCache<'_>,
+        rules: Rules<'_>,
     ) -> Result<Response<Unary>, Bytes> {
         if !self.limiter.store().answers_at_once() {
             return Err(body);
         }
         // Made where it is polled: the future holds a decision's working state (over 1.5 KB),
         // which a move would copy on every call.
-        let answered = std::pin::pin!(answer(&self.limiter, rules.load(), body, start));
+        let answered = std::pin::pin!(answer(&self.limiter, rules, body, start));
         let result = poll_once(answered).unwrap_or_else(|| {
             tracing::error!("a store that answers at once did not; call refused");
             Err(Status::internal("the decision did not complete"))
