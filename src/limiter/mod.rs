@@ -828,9 +828,10 @@ impl<S: Store> Limiter<S> {
         sip::hash_tagged(self.keys.0, self.keys.1, tag, value)
     }
 
-    /// Keyed hash of a domain-separation `tag` and length-prefixed `parts`. Short inputs (the
-    /// usual client address or id) are laid out on the stack and hashed in one call, which is
-    /// about half the work of feeding SipHash piece by piece.
+    /// Keyed hash of a domain-separation `tag` and length-prefixed `parts`, for several parts
+    /// (a client named by several entries, an override's key; one part goes through
+    /// [`Self::hash_one`]). Short inputs are laid out on the stack and hashed in one call, about
+    /// half the work of feeding SipHash piece by piece.
     fn hash_parts<'p>(&self, tag: u8, parts: impl Iterator<Item = &'p [u8]> + Clone) -> u64 {
         let mut buf = [0u8; 128];
         let mut len = 1;
