@@ -543,8 +543,8 @@ mod tests {
         assert_eq!(claim(&owners), SHARED);
     }
 
-    /// Threads come and go (a runtime's blocking pool, a test harness): stripes are reused,
-    /// and counts stay exact across owners.
+    /// Threads come and go (a runtime's blocking pool, a test harness): whoever owns a stripe
+    /// at the time, and whether a thread owns one or shares, counts stay exact.
     #[test]
     fn counts_stay_exact_as_stripe_owners_change() {
         let counts = Counts::default();
