@@ -8,7 +8,7 @@
 //!
 //! Client names are formatted into one reused buffer, so the only memory that grows is the
 //! store's. RSS counts what the allocator took from the OS: it includes the hash tables' spare
-//! capacity (hashbrown keeps at most 7/8 of its buckets full and doubles) and is rounded to
+//! capacity (a shard's table doubles when three quarters full) and is rounded to
 //! pages, which is what an operator sees. Also times a decision in both regimes.
 //!
 //! Prints a human summary and one `MEMORY_JSON {...}` line for scripts/bench.

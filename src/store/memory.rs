@@ -1,25 +1,26 @@
-//! The in-memory store: counters in a fixed number of mutex-guarded hash-map shards.
+//! The in-memory store: counters in a fixed number of mutex-guarded table shards.
 //!
 //! Why not one `DashMap`: a request touches several counters and must charge all of them or
 //! none, atomically. With our own shards we lock exactly the shards a batch needs, in ascending
 //! order (so two batches can never deadlock), evaluate, then commit or not. A hot key costs one
 //! uncontended-ish mutex; distinct keys spread over [`SHARDS`] locks, so there is no global lock.
 //!
-//! Keys are already keyed hashes ([`CounterKey`]), so the maps use them directly as their hash.
-//! Each entry is a 16-byte key plus a 24-byte cell (state and expiry). Expired entries are
+//! Keys are already keyed hashes ([`CounterKey`]), so each shard's [`CounterTable`] uses them
+//! directly as its index: a lookup's first probe reads the entry itself, one cache miss when the
+//! store has outgrown the caches. Each entry is a 16-byte key plus a 24-byte cell (state and
+//! expiry), stored inline. Expired entries are
 //! dropped by [`MemoryStore::sweep_at`], which the server calls from a background task; when a
 //! shard is full (the configured `max_keys` bound) an insert first purges that shard's expired
 //! entries and otherwise evicts one live entry, so memory stays flat under a flood of new
 //! clients.
 
-use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hashbrown::HashMap;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Charge, ChargeKind, CounterKey, PreHashed, Store, StoreError, Verdict};
+use super::table::CounterTable;
+use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
 use crate::clock::Timestamp;
 use crate::limiter::algorithms::{CellState, Hits, evaluate};
 
@@ -49,13 +50,13 @@ impl Default for MemoryStoreOptions {
 }
 
 /// One counter's state and when it may be forgotten.
-#[derive(Debug, Clone, Copy)]
-struct Cell {
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Cell {
     state: CellState,
     expires_at: u64,
 }
 
-type Shard = HashMap<u128, Cell, BuildHasherDefault<PreHashed>>;
+type Shard = CounterTable<Cell>;
 
 /// Sharded in-memory counters. See the module docs.
 pub struct MemoryStore {
@@ -87,7 +88,7 @@ impl MemoryStore {
         }
     }
 
-    /// The shard of a key: the high bits, independent of the low bits the map hashes with.
+    /// The shard of a key: the high bits, independent of the low bits a table indexes with.
     fn shard_of(key: CounterKey) -> usize {
         (key.0 >> (128 - SHARDS.trailing_zeros())) as usize
     }
@@ -108,27 +109,28 @@ impl MemoryStore {
 
     /// Inserts or replaces `key`, keeping the shard within its share of `max_keys`.
     fn put(&self, map: &mut Shard, key: u128, cell: Cell, now: u64) {
-        if let Some(slot) = map.get_mut(&key) {
+        if let Some(slot) = map.get_mut(key) {
             *slot = cell;
             return;
         }
         if map.len() >= self.per_shard_cap {
-            // Full: make room in O(1). Look at a few entries (hash order, which clients cannot
-            // predict under a keyed hash) and drop the first expired one, else the one expiring
-            // soonest (its client starts afresh). The sweeper purges expired entries in bulk;
-            // scanning the whole shard here would cost every new client tens of microseconds.
+            // Full: make room in O(1). Look at a few entries (in slot order from the new key's
+            // home, which clients cannot predict under a keyed hash) and drop the first expired
+            // one, else the one expiring soonest (its client starts afresh). The sweeper purges
+            // expired entries in bulk; scanning the whole shard here would cost every new client
+            // tens of microseconds.
             let mut victim: Option<(u128, u64)> = None;
-            for (k, c) in map.iter().take(EVICTION_SAMPLE) {
+            for (k, c) in map.iter_from(key).take(EVICTION_SAMPLE) {
                 if c.expires_at <= now {
-                    victim = Some((*k, 0));
+                    victim = Some((k, 0));
                     break;
                 }
                 if victim.is_none_or(|(_, e)| c.expires_at < e) {
-                    victim = Some((*k, c.expires_at));
+                    victim = Some((k, c.expires_at));
                 }
             }
             if let Some((k, expires_at)) = victim {
-                map.remove(&k);
+                map.remove(k);
                 if expires_at > now {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -181,7 +183,7 @@ impl MemoryStore {
         verdict: &mut Verdict,
         now: u64,
     ) -> bool {
-        let slot = map.get_mut(&charge.key.0);
+        let slot = map.get_mut(charge.key.0);
         let judged = judge(charge, slot.as_deref(), now);
         *verdict = judged.verdict;
         if let Some(cell) = judged.write {
@@ -206,7 +208,7 @@ impl MemoryStore {
         for (charge, verdict) in charges.iter().zip(verdicts.iter_mut()) {
             let stored = shards
                 .shard(charge.key)
-                .and_then(|map| map.get(&charge.key.0));
+                .and_then(|map| map.get(charge.key.0));
             let judged = judge(charge, stored, now);
             *verdict = judged.verdict;
             commit &= !judged.blocks;
@@ -228,7 +230,7 @@ impl MemoryStore {
                     && let Some(map) = shards.shard(charge.key)
                 {
                     let state = map
-                        .get(&charge.key.0)
+                        .get(charge.key.0)
                         .filter(|c| c.expires_at > now)
                         .map(|c| c.state);
                     let out = evaluate(charge.policy, state, now, Hits::Take(0));
@@ -310,7 +312,7 @@ impl Store for MemoryStore {
 
     async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {
         for &key in keys {
-            self.shards[Self::shard_of(key)].lock().remove(&key.0);
+            self.shards[Self::shard_of(key)].lock().remove(key.0);
         }
         Ok(())
     }
@@ -410,7 +412,7 @@ mod tests {
                     let mut c: Vec<_> = s.shards[0]
                         .lock()
                         .iter()
-                        .map(|(k, c)| (*k, c.state, c.expires_at))
+                        .map(|(k, c)| (k, c.state, c.expires_at))
                         .collect();
                     c.sort_by_key(|e| e.0);
                     c

@@ -13,6 +13,7 @@
 pub mod memory;
 pub mod redis;
 pub mod redis_sync;
+pub mod table;
 
 use std::future::Future;
 
