@@ -39,6 +39,11 @@ use sluice::store::MemoryStore;
 
 mod common;
 
+/// The server's allocator (src/main.rs): where the store's tables land, and on what pages,
+/// is the allocator's choice, and the million-key case depends on it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use common::{
     DEFAULT_YAML, DENY_YAML, LOAD_YAML, NOW_SECS, limiter, limiter_sharing_stats, proto_request,
     ready, request,

@@ -25,6 +25,10 @@ use sluice::store::{MemoryStore, MemoryStoreOptions, Store};
 
 mod common;
 
+/// The server's allocator (src/main.rs), so RSS is what an operator of the binary sees.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use common::{LOAD_YAML, NOW_SECS, ready, request};
 
 /// Resident set size in bytes, from `/proc/self/status`.

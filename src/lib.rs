@@ -10,7 +10,7 @@
 //! - [`limiter`]: the decision: match descriptors to rules, read the clock once, ask the store.
 //!   [`limiter::algorithms`] holds sliding window, fixed window and token bucket as pure functions.
 //! - [`store`]: the [`store::Store`] trait, its in-memory and Redis backends, and the replication
-//!   of blocks through Redis.
+//!   of blocks through Redis. [`store::table`] is the in-memory store's hash table.
 //! - [`service`]: Envoy proto <-> domain types, request validation, gRPC status mapping.
 //! - [`server`]: wiring of gRPC services (rate limit, health, reflection), background tasks and
 //!   graceful shutdown. The caller binds the listeners and owns shutdown.

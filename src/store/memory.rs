@@ -77,13 +77,14 @@ impl std::fmt::Debug for MemoryStore {
 impl MemoryStore {
     /// An empty store.
     pub fn new(options: MemoryStoreOptions) -> Self {
+        let per_shard_cap = options.max_keys.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard::default()))
+            .map(|_| Mutex::new(Shard::with_max_len(per_shard_cap)))
             .collect::<Vec<_>>()
             .into_boxed_slice();
         Self {
             shards,
-            per_shard_cap: options.max_keys.div_ceil(SHARDS).max(1),
+            per_shard_cap,
             evictions: AtomicU64::new(0),
         }
     }
@@ -372,6 +373,48 @@ mod tests {
             Just(ChargeKind::Shadow),
             Just(ChargeKind::Observe)
         ]
+    }
+
+    /// Charges one hit of a fixed window of `window` ns to `key` at `now`.
+    fn charge_at(store: &MemoryStore, key: u128, window: u64, now: u64) {
+        let policy = Policy::FixedWindow {
+            limit: 5,
+            window: NonZeroU64::new(window).unwrap(),
+        };
+        let charge = Charge {
+            key: CounterKey(key),
+            policy: &policy,
+            hits: Hits::Take(1),
+            kind: ChargeKind::Enforce,
+        };
+        let mut v = [Verdict::default()];
+        assert_eq!(
+            store.apply_locked(&[charge], &mut v, Timestamp::from_nanos(now)),
+            Some(true)
+        );
+    }
+
+    /// A full shard makes room by dropping an expired counter when it sees one (not an
+    /// eviction: it no longer mattered), else the live counter expiring soonest (counted).
+    #[test]
+    fn a_full_shard_drops_an_expired_counter_first_else_the_soonest_expiring() {
+        // Two counters per shard; keys 1 to 4 all fall in shard 0.
+        let store = MemoryStore::new(MemoryStoreOptions {
+            max_keys: 2 * SHARDS,
+        });
+        let keys = || {
+            let mut k: Vec<u128> = store.shards[0].lock().iter().map(|(k, _)| k).collect();
+            k.sort_unstable();
+            k
+        };
+        charge_at(&store, 1, 1_000, 0); // expires at 1,000
+        charge_at(&store, 2, 2_000, 0); // expires at 2,000
+        charge_at(&store, 3, 4_000, 10); // both live: key 1 goes
+        assert_eq!(keys(), [2, 3]);
+        assert_eq!(store.evictions(), 1);
+        charge_at(&store, 4, 4_000, 2_500); // key 2 has expired: it goes, key 3 stays
+        assert_eq!(keys(), [3, 4]);
+        assert_eq!(store.evictions(), 1);
     }
 
     proptest! {
