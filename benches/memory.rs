@@ -6,10 +6,12 @@
 //! time (so nothing expires and nothing is swept), then decides for 1M more distinct clients
 //! (the store is full of live counters: each new one evicts one) and reads it again.
 //!
-//! Client names are formatted into one reused buffer, so the only memory that grows is the
-//! store's. RSS counts what the allocator took from the OS: it includes the hash tables' spare
-//! capacity (a shard's table doubles when three quarters full) and is rounded to
-//! pages, which is what an operator sees. Also times a decision in both regimes.
+//! Client names are formatted into one reused buffer, so the memory that grows is the store's
+//! and the statistics' (at most 100,000 clients). RSS counts what the allocator took from the
+//! OS, with mimalloc as in the binary: it includes the tables' spare capacity (a shard's table
+//! doubles when three quarters full, up to what its share of `max_keys` needs), the tables it
+//! outgrew that the allocator keeps for reuse, and rounding to pages, which is what an
+//! operator sees. Also times a decision in both regimes.
 //!
 //! Prints a human summary and one `MEMORY_JSON {...}` line for scripts/bench.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
