@@ -8,11 +8,11 @@
 //! Keys are already keyed hashes ([`CounterKey`]), so each shard's [`CounterTable`] uses them
 //! directly as its index: a lookup's first probe reads the entry itself, one cache miss when the
 //! store has outgrown the caches. Each entry is a 16-byte key plus a 24-byte cell (state and
-//! expiry), stored inline. Expired entries are
-//! dropped by [`MemoryStore::sweep_at`], which the server calls from a background task; when a
-//! shard is full (the configured `max_keys` bound) an insert first purges that shard's expired
-//! entries and otherwise evicts one live entry, so memory stays flat under a flood of new
-//! clients.
+//! expiry), stored inline, and a shard's table grows no larger than its share of `max_keys`
+//! needs. Expired entries are dropped by [`MemoryStore::sweep_at`], which the server calls from
+//! a background task. When a shard is full (its share of the configured `max_keys`), an insert
+//! first drops an expired entry among a few it looks at, else the live one expiring soonest, so
+//! memory stays flat under a flood of new clients.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
