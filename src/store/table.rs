@@ -42,7 +42,8 @@ impl<V> Slot<V> {
 /// A map from `u128` keys (uniformly distributed: keyed hashes) to `V`. See the module docs.
 #[derive(Debug, Clone)]
 pub struct CounterTable<V> {
-    /// Empty, or a power of two long.
+    /// Empty, or a power of two long until it reaches `max_slots`, then that (or doublings of
+    /// it).
     slots: Box<[Slot<V>]>,
     /// Occupied slots, plus one if `zero` holds a value.
     len: usize,
