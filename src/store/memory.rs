@@ -110,10 +110,15 @@ impl MemoryStore {
 
     /// Inserts or replaces `key`, keeping the shard within its share of `max_keys`.
     fn put(&self, map: &mut Shard, key: u128, cell: Cell, now: u64) {
-        if let Some(slot) = map.get_mut(key) {
-            *slot = cell;
-            return;
+        match map.get_mut(key) {
+            Some(slot) => *slot = cell,
+            None => self.put_new(map, key, cell, now),
         }
+    }
+
+    /// Adds `key`, just looked up and not found, keeping the shard within its share of
+    /// `max_keys`.
+    fn put_new(&self, map: &mut Shard, key: u128, cell: Cell, now: u64) {
         if map.len() >= self.per_shard_cap {
             // Full: make room in O(1). Look at a few entries (in slot order from the new key's
             // home, which clients cannot predict under a keyed hash) and drop the first expired
@@ -137,7 +142,7 @@ impl MemoryStore {
                 }
             }
         }
-        map.insert(key, cell);
+        map.insert_new(key, cell);
     }
 
     /// Applies a batch: `Some(committed)`, or `None` when it is larger than [`MAX_BATCH`]. An
@@ -176,7 +181,8 @@ impl MemoryStore {
     }
 
     /// [`Self::apply_in`] for a batch of one: the counter is looked up once and updated in
-    /// place (a batch looks each up twice, to evaluate all before committing any).
+    /// place, or added without looking again (a batch looks each up twice, to evaluate all
+    /// before committing any).
     fn apply_one(
         &self,
         map: &mut Shard,
@@ -190,7 +196,7 @@ impl MemoryStore {
         if let Some(cell) = judged.write {
             match slot {
                 Some(c) => *c = cell,
-                None => self.put(map, charge.key.0, cell, now),
+                None => self.put_new(map, charge.key.0, cell, now),
             }
         }
         !judged.blocks

@@ -158,13 +158,24 @@ impl<V: Copy + Default> CounterTable<V> {
 
     /// Sets `key`'s value; returns the value it replaced.
     pub fn insert(&mut self, key: u128, value: V) -> Option<V> {
-        if key == 0 {
-            let old = self.zero.replace(value);
-            self.len += usize::from(old.is_none());
-            return old;
-        }
         if let Some(v) = self.get_mut(key) {
             return Some(std::mem::replace(v, value));
+        }
+        self.insert_new(key, value);
+        None
+    }
+
+    /// Adds `key`, which the caller has just looked up and not found: [`Self::insert`] without
+    /// a second lookup.
+    pub fn insert_new(&mut self, key: u128, value: V) {
+        debug_assert!(
+            self.get(key).is_none(),
+            "insert_new of a key already present"
+        );
+        if key == 0 {
+            self.zero = Some(value);
+            self.len += 1;
+            return;
         }
         if (self.len + 1) * 4 > self.slots.len() * 3 {
             self.grow();
@@ -175,7 +186,6 @@ impl<V: Copy + Default> CounterTable<V> {
             value,
         });
         self.len += 1;
-        None
     }
 
     /// Puts an entry whose key is not in the table into it, displacing entries nearer their
@@ -288,26 +298,26 @@ impl<V: Copy + Default> CounterTable<V> {
         }
     }
 
-    /// Every entry, in slot order.
+    /// Every entry: key 0's, then the slots in order.
     pub fn iter(&self) -> impl Iterator<Item = (u128, &V)> {
-        self.zero.iter().map(|v| (0, v)).chain(
-            self.slots
-                .iter()
-                .filter(|s| !s.is_empty())
-                .map(|s| (s.key(), &s.value)),
-        )
+        self.entries_from(0)
     }
 
-    /// Entries in slot order from `key`'s home slot on, wrapping around: a sample of the table
-    /// that starts somewhere no client can predict, as keys are keyed hashes.
+    /// Every entry: key 0's, then the slots in order from `key`'s home slot on, wrapping
+    /// around. Its first few are a sample of the table that starts somewhere no client can
+    /// predict, as keys are keyed hashes.
     pub fn iter_from(&self, key: u128) -> impl Iterator<Item = (u128, &V)> {
-        let at = self.home(key as u64);
+        self.entries_from(self.home(key as u64))
+    }
+
+    fn entries_from(&self, at: usize) -> impl Iterator<Item = (u128, &V)> {
         let (before, after) = self.slots.split_at(at.min(self.slots.len()));
-        after
+        let slots = after
             .iter()
             .chain(before)
             .filter(|s| !s.is_empty())
-            .map(|s| (s.key(), &s.value))
+            .map(|s| (s.key(), &s.value));
+        self.zero.iter().map(|v| (0, v)).chain(slots)
     }
 }
 
@@ -420,8 +430,10 @@ mod tests {
                 let mut expected: Vec<(u128, u64)> = model.iter().map(|(k, v)| (*k, *v)).collect();
                 expected.sort_unstable();
                 prop_assert_eq!(&seen, &expected);
-                let from: Vec<u128> = table.iter_from(k_of(&expected)).map(|(k, _)| k).collect();
-                prop_assert_eq!(from.len(), table.slots.iter().filter(|s| !s.is_empty()).count());
+                let mut from: Vec<(u128, u64)> =
+                    table.iter_from(k_of(&expected)).map(|(k, v)| (k, *v)).collect();
+                from.sort_unstable();
+                prop_assert_eq!(&from, &expected);
             }
             // Keys never inserted are absent.
             for k in [1u128 << 100, 7, u128::MAX] {
