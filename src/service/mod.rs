@@ -10,5 +10,6 @@
 
 pub mod connection;
 pub mod endpoint;
+pub mod http2;
 pub mod rls;
 pub mod wire;
