@@ -69,6 +69,10 @@ struct ServeArgs {
     /// (`rediss://` for TLS), or several URLs separated by commas (Redis Cluster seeds).
     #[arg(long, env = "SLUICE_STORE")]
     store: Option<String>,
+    /// HTTP/2 of the decision listener: `native` (sluice's own, for unary gRPC) or `h2` (the
+    /// h2 crate, as before; kept as a fallback).
+    #[arg(long, default_value = "native", env = "SLUICE_HTTP2")]
+    http2: sluice::server::Http2,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,6 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         reload_interval: args.reload_interval,
         state_file: args.state_file,
         store: args.store,
+        http2: args.http2,
     };
     // Built by hand so that `check` starts no runtime; it sizes itself from TOKIO_WORKER_THREADS.
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -29,8 +29,8 @@ use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::sluice::admin::v1::admin_server::AdminServer;
-use crate::service::connection;
 use crate::service::endpoint::{RlsEndpoint, SERVICE_NAME};
+use crate::service::{connection, http2};
 use crate::store::Store;
 
 /// Listeners the server runs on, already bound.
@@ -56,6 +56,32 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// Clients idle this long are dropped from per-client statistics.
     pub client_idle: Duration,
+    /// Which HTTP/2 implementation serves the decision listener.
+    pub http2: Http2,
+}
+
+/// The decision listener's HTTP/2: our own, specialised for unary gRPC (the default), or the
+/// `h2` crate, kept for one release as a fallback an operator can switch to (`--http2 h2`)
+/// should a client meet a difference between the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http2 {
+    /// [`crate::service::http2`].
+    #[default]
+    Native,
+    /// The `h2` crate ([`crate::service::connection`]).
+    H2,
+}
+
+impl std::str::FromStr for Http2 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Http2::Native),
+            "h2" => Ok(Http2::H2),
+            other => Err(format!("{other:?} is neither `native` nor `h2`")),
+        }
+    }
 }
 
 impl Default for Options {
@@ -65,6 +91,7 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
             client_idle: Duration::from_secs(3600),
+            http2: Http2::default(),
         }
     }
 }
@@ -152,6 +179,7 @@ pub async fn run<S: Store>(
         listeners.grpc,
         RlsEndpoint::new(limiter.clone()),
         routes.prepare(),
+        options.http2,
         stopped(stop_rx.clone()),
     );
     let admin = match listeners.admin {
@@ -236,6 +264,7 @@ async fn serve_decisions<S: Store>(
     listener: TcpListener,
     endpoint: RlsEndpoint<S>,
     routes: tonic::service::Routes,
+    http2: Http2,
     shutdown: impl Future<Output = ()>,
 ) {
     let endpoint = Arc::new(endpoint);
@@ -264,9 +293,17 @@ async fn serve_decisions<S: Store>(
         let stop = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let connection = connection::serve(tcp, endpoint.clone(), routes.clone(), stop);
+        let (endpoint, routes) = (endpoint.clone(), routes.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let ended = match http2 {
+                Http2::Native => http2::conn::serve(tcp, endpoint, routes, stop)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Http2::H2 => connection::serve(tcp, endpoint, routes, stop)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "decision connection ended with an error");
             }
         });

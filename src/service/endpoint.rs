@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Response};
 use tonic::Status;
@@ -79,6 +79,27 @@ impl<S: Store> RlsEndpoint<S> {
         Ok(result.unwrap_or_else(Status::into_http))
     }
 
+    /// Like [`Self::answer_now`], for the decision listener's own HTTP/2: decides from the
+    /// body where it lies (in the connection's read buffer) and appends the framed response
+    /// message to `out`. `None` when the store would wait (Redis): the caller then copies the
+    /// body and calls [`Self::answer`].
+    pub fn answer_now_into(
+        &self,
+        body: &[u8],
+        start: std::time::Instant,
+        rules: Rules<'_>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), Status>> {
+        if !self.limiter.store().answers_at_once() {
+            return None;
+        }
+        let answered = std::pin::pin!(answer_into(&self.limiter, rules, body, start, out));
+        Some(poll_once(answered).unwrap_or_else(|| {
+            tracing::error!("a store that answers at once did not; call refused");
+            Err(Status::internal("the decision did not complete"))
+        }))
+    }
+
     /// Answers a call from its whole request body, received since `start`.
     pub async fn answer(&self, body: Bytes, start: std::time::Instant) -> Response<Unary> {
         let rules = self.limiter.rules_in_force();
@@ -121,32 +142,48 @@ async fn answer<S: Store>(
     body: Bytes,
     start: std::time::Instant,
 ) -> Result<Response<Unary>, Status> {
+    let mut out = Vec::with_capacity(PREFIX + 64);
+    answer_into(limiter, rules, &body, start, &mut out).await?;
+    let mut response = Response::new(Unary {
+        data: Some(Bytes::from(out)),
+        trailers: true,
+    });
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+/// Decides the call whose request body (one framed message) is `body`, and appends the framed
+/// response message to `out`; on an error `out` is left as it was.
+async fn answer_into<S: Store>(
+    limiter: &Limiter<S>,
+    rules: Rules<'_>,
+    body: &[u8],
+    start: std::time::Instant,
+    out: &mut Vec<u8>,
+) -> Result<(), Status> {
     let message = unframe(body)?;
-    let view = wire::decode_request(&message)?;
+    let view = wire::decode_request(message)?;
     let mut decision = Decision::default();
     limiter
         .decide_into(rules, &view, limiter.clock().now(), &mut decision)
         .await;
     drop(view);
 
-    let mut out = BytesMut::with_capacity(PREFIX + 64 * decision.statuses.len().max(1));
+    let at = out.len();
+    out.reserve(PREFIX + 64 * decision.statuses.len().max(1));
     out.put_bytes(0, PREFIX);
-    wire::encode_response(&decision, &mut out);
-    let len = u32::try_from(out.len() - PREFIX)
-        .map_err(|_| Status::internal("response larger than 4 GiB"))?;
-    if let Some(prefix) = out.get_mut(1..PREFIX) {
+    wire::encode_response(&decision, out);
+    let Ok(len) = u32::try_from(out.len() - at - PREFIX) else {
+        out.truncate(at);
+        return Err(Status::internal("response larger than 4 GiB"));
+    };
+    if let Some(prefix) = out.get_mut(at + 1..at + PREFIX) {
         prefix.copy_from_slice(&len.to_be_bytes());
     }
-
-    let mut response = Response::new(Unary {
-        data: Some(out.freeze()),
-        trailers: true,
-    });
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     limiter.stats().latency.observe(start.elapsed());
-    Ok(response)
+    Ok(())
 }
 
 /// A request body as it arrives: refused as soon as it is known to be too large, and kept as
@@ -208,12 +245,12 @@ fn check_size(body: &[u8]) -> Result<(), Status> {
 }
 
 /// The one uncompressed gRPC message of a whole request body, without its prefix.
-fn unframe(mut buf: Bytes) -> Result<Bytes, Status> {
-    check_size(&buf)?;
+fn unframe(buf: &[u8]) -> Result<&[u8], Status> {
+    check_size(buf)?;
     if buf.is_empty() {
         return Err(bad_body("no gRPC message (empty body)"));
     }
-    let Some(declared) = declared_len(&buf) else {
+    let Some(declared) = declared_len(buf) else {
         return Err(bad_body("ended inside the 5-byte gRPC message prefix"));
     };
     match buf.first() {
@@ -239,8 +276,7 @@ fn unframe(mut buf: Bytes) -> Result<Bytes, Status> {
     if buf.len() > total {
         return Err(bad_body("more than one message in a unary call"));
     }
-    buf.advance(PREFIX);
-    Ok(buf)
+    Ok(buf.get(PREFIX..).unwrap_or_default())
 }
 
 /// The message length a gRPC prefix declares, once its five bytes are there.
@@ -253,7 +289,8 @@ fn bad_body(problem: &str) -> Status {
     Status::invalid_argument(format!("request body: {problem}"))
 }
 
-fn too_large(len: usize) -> Status {
+/// The status of a request message larger than [`MAX_REQUEST_BYTES`].
+pub fn too_large(len: usize) -> Status {
     Status::out_of_range(format!(
         "Error, decoded message length too large: found {len} bytes, the limit is: {MAX_REQUEST_BYTES} bytes"
     ))

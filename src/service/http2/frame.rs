@@ -1,0 +1,213 @@
+//! HTTP/2 frames (RFC 9113 section 4 and 6): the 9-byte header, and the constants the
+//! connection needs. Frames are read in place from the connection's read buffer; nothing here
+//! allocates.
+
+/// What every client connection starts with (RFC 9113 3.4).
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes of a frame header.
+pub const HEAD_LEN: usize = 9;
+
+/// Frame types.
+pub mod kind {
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const PRIORITY: u8 = 0x2;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PUSH_PROMISE: u8 = 0x5;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const CONTINUATION: u8 = 0x9;
+}
+
+/// Frame flags.
+pub mod flag {
+    /// DATA, HEADERS.
+    pub const END_STREAM: u8 = 0x1;
+    /// SETTINGS, PING.
+    pub const ACK: u8 = 0x1;
+    /// HEADERS, CONTINUATION.
+    pub const END_HEADERS: u8 = 0x4;
+    /// DATA, HEADERS.
+    pub const PADDED: u8 = 0x8;
+    /// HEADERS.
+    pub const PRIORITY: u8 = 0x20;
+}
+
+/// SETTINGS identifiers (RFC 9113 6.5.2).
+pub mod setting {
+    pub const HEADER_TABLE_SIZE: u16 = 0x1;
+    pub const ENABLE_PUSH: u16 = 0x2;
+    pub const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    pub const MAX_FRAME_SIZE: u16 = 0x5;
+    pub const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+}
+
+/// Error codes (RFC 9113 7), for RST_STREAM and GOAWAY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reason(pub u32);
+
+impl Reason {
+    pub const NO_ERROR: Reason = Reason(0x0);
+    pub const PROTOCOL_ERROR: Reason = Reason(0x1);
+    pub const INTERNAL_ERROR: Reason = Reason(0x2);
+    pub const FLOW_CONTROL_ERROR: Reason = Reason(0x3);
+    pub const STREAM_CLOSED: Reason = Reason(0x5);
+    pub const FRAME_SIZE_ERROR: Reason = Reason(0x6);
+    pub const REFUSED_STREAM: Reason = Reason(0x7);
+    pub const CANCEL: Reason = Reason(0x8);
+    pub const COMPRESSION_ERROR: Reason = Reason(0x9);
+    pub const ENHANCE_YOUR_CALM: Reason = Reason(0xb);
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.0 {
+            0x0 => "NO_ERROR",
+            0x1 => "PROTOCOL_ERROR",
+            0x2 => "INTERNAL_ERROR",
+            0x3 => "FLOW_CONTROL_ERROR",
+            0x4 => "SETTINGS_TIMEOUT",
+            0x5 => "STREAM_CLOSED",
+            0x6 => "FRAME_SIZE_ERROR",
+            0x7 => "REFUSED_STREAM",
+            0x8 => "CANCEL",
+            0x9 => "COMPRESSION_ERROR",
+            0xa => "CONNECT_ERROR",
+            0xb => "ENHANCE_YOUR_CALM",
+            0xc => "INADEQUATE_SECURITY",
+            0xd => "HTTP_1_1_REQUIRED",
+            other => return write!(f, "error code {other:#x}"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// A frame's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Payload length.
+    pub len: usize,
+    pub kind: u8,
+    pub flags: u8,
+    /// The stream, without the reserved bit.
+    pub stream: u32,
+}
+
+impl Head {
+    /// Reads a frame header from its 9 bytes.
+    pub fn parse(b: &[u8; HEAD_LEN]) -> Head {
+        let [l0, l1, l2, kind, flags, s0, s1, s2, s3] = *b;
+        Head {
+            len: usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2),
+            kind,
+            flags,
+            stream: u32::from_be_bytes([s0, s1, s2, s3]) & STREAM_MASK,
+        }
+    }
+
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// A stream identifier's 31 bits.
+pub const STREAM_MASK: u32 = 0x7fff_ffff;
+
+/// Largest flow-control window (RFC 9113 6.9.1).
+pub const MAX_WINDOW: i64 = 0x7fff_ffff;
+
+/// Appends a frame header. `len` must fit in 24 bits (the callers' frames are bounded by the
+/// peer's SETTINGS_MAX_FRAME_SIZE, at most 2^24 - 1).
+pub fn put_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
+    let len = (len as u32).to_be_bytes();
+    let stream = (stream & STREAM_MASK).to_be_bytes();
+    out.extend_from_slice(&[
+        len[1], len[2], len[3], kind, flags, stream[0], stream[1], stream[2], stream[3],
+    ]);
+}
+
+/// Writes the length of the frame whose header starts at `at`, once its payload is written.
+pub fn patch_len(out: &mut [u8], at: usize, len: usize) {
+    let len = (len as u32).to_be_bytes();
+    if let Some(field) = out.get_mut(at..at + 3) {
+        field.copy_from_slice(&len[1..4]);
+    }
+}
+
+/// Appends a RST_STREAM frame.
+pub fn put_reset(out: &mut Vec<u8>, stream: u32, reason: Reason) {
+    put_head(out, 4, kind::RST_STREAM, 0, stream);
+    out.extend_from_slice(&reason.0.to_be_bytes());
+}
+
+/// Appends a WINDOW_UPDATE frame.
+pub fn put_window_update(out: &mut Vec<u8>, stream: u32, increment: u32) {
+    put_head(out, 4, kind::WINDOW_UPDATE, 0, stream);
+    out.extend_from_slice(&(increment & STREAM_MASK).to_be_bytes());
+}
+
+/// Appends a GOAWAY frame.
+pub fn put_goaway(out: &mut Vec<u8>, last_stream: u32, reason: Reason, debug: &[u8]) {
+    put_head(out, 8 + debug.len(), kind::GOAWAY, 0, 0);
+    out.extend_from_slice(&(last_stream & STREAM_MASK).to_be_bytes());
+    out.extend_from_slice(&reason.0.to_be_bytes());
+    out.extend_from_slice(debug);
+}
+
+/// A big-endian u32 at the start of `b`, if there are four bytes.
+pub fn be_u32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// The payload of a DATA or HEADERS frame without its padding: `None` when the pad length
+/// is missing or not smaller than the payload (a PROTOCOL_ERROR, RFC 9113 6.1).
+pub fn unpad(head: &Head, payload: &[u8]) -> Option<usize> {
+    if !head.has(flag::PADDED) {
+        return Some(0);
+    }
+    let pad = usize::from(*payload.first()?);
+    (pad < payload.len()).then_some(pad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_round_trips() {
+        let mut out = Vec::new();
+        put_head(&mut out, 0x01_02_03, kind::HEADERS, 0x25, 0x8000_0007);
+        let head = Head::parse(out.as_slice().try_into().unwrap());
+        assert_eq!(
+            head,
+            Head {
+                len: 0x01_02_03,
+                kind: kind::HEADERS,
+                flags: 0x25,
+                stream: 7
+            }
+        );
+        patch_len(&mut out, 0, 40);
+        assert_eq!(Head::parse(out.as_slice().try_into().unwrap()).len, 40);
+    }
+
+    #[test]
+    fn padding_must_be_shorter_than_the_payload() {
+        let padded = Head {
+            len: 4,
+            kind: kind::DATA,
+            flags: flag::PADDED,
+            stream: 1,
+        };
+        assert_eq!(unpad(&padded, &[2, b'a', 0, 0]), Some(2));
+        assert_eq!(unpad(&padded, &[3, 0, 0, 0]), Some(3));
+        assert_eq!(unpad(&padded, &[4, 0, 0, 0]), None);
+        assert_eq!(unpad(&padded, &[]), None);
+        let plain = Head { flags: 0, ..padded };
+        assert_eq!(unpad(&plain, &[9]), Some(0));
+    }
+}
