@@ -461,6 +461,12 @@ impl<'a, S: Store> State<'a, S> {
                     return Err(conn_err(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
                 if payload.len() != 5 {
+                    if self.idle(head.stream) {
+                        return Err(conn_err(
+                            Reason::FRAME_SIZE_ERROR,
+                            "PRIORITY length is not 5",
+                        ));
+                    }
                     self.reset(head.stream, Reason::FRAME_SIZE_ERROR);
                 }
                 Ok(())
@@ -600,7 +606,7 @@ impl<'a, S: Store> State<'a, S> {
                 ));
             }
         } else {
-            if head.stream > self.last_stream {
+            if self.idle(head.stream) {
                 return Err(conn_err(
                     Reason::PROTOCOL_ERROR,
                     "WINDOW_UPDATE on an idle stream",
@@ -639,7 +645,7 @@ impl<'a, S: Store> State<'a, S> {
                 "RST_STREAM length is not 4",
             ));
         }
-        if head.stream > self.last_stream {
+        if self.idle(head.stream) {
             return Err(conn_err(
                 Reason::PROTOCOL_ERROR,
                 "RST_STREAM on an idle stream",
@@ -658,7 +664,7 @@ impl<'a, S: Store> State<'a, S> {
         if head.stream == 0 {
             return Err(conn_err(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        if head.stream > self.last_stream {
+        if self.idle(head.stream) {
             return Err(conn_err(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         // All of a DATA frame counts against the windows, padding included (RFC 9113 6.9.1).
@@ -1143,6 +1149,12 @@ impl<'a, S: Store> State<'a, S> {
                 i += 1;
             }
         }
+    }
+
+    /// A stream the client has not opened: above the last it opened, or even (a server's,
+    /// and this server opens none).
+    fn idle(&self, id: u32) -> bool {
+        id > self.last_stream || id.is_multiple_of(2)
     }
 
     /// Sends RST_STREAM for a stream that has no state here.
