@@ -224,8 +224,12 @@ impl<'b> Cursor<'b> {
     }
 
     /// Reads a string literal (RFC 7541 5.2); Huffman-coded ones are decoded onto the end of
-    /// `scratch`.
-    fn string(&mut self, scratch: &mut Vec<u8>) -> Result<Src<'b>, HpackError> {
+    /// `scratch`, or copied there from `memo` when the same code was decoded lately.
+    fn string(
+        &mut self,
+        scratch: &mut Vec<u8>,
+        memo: &mut HuffmanMemo,
+    ) -> Result<Src<'b>, HpackError> {
         let huffman = self.block.get(self.pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
         let len = self.integer(7)?;
         let bytes = usize::try_from(len)
@@ -238,8 +242,68 @@ impl<'b> Cursor<'b> {
             return Ok(Src::Slice(bytes));
         }
         let start = scratch.len();
-        huffman::decode(bytes, scratch)?;
+        if let Some(decoded) = memo.get(bytes) {
+            scratch.extend_from_slice(decoded);
+        } else {
+            huffman::decode(bytes, scratch)?;
+            memo.put(bytes, scratch.get(start..).unwrap_or_default());
+        }
         Ok(Src::Scratch(start, scratch.len() - start))
+    }
+}
+
+/// The last few Huffman-coded strings decoded, and what they decoded to.
+///
+/// Why: clients do not index every field. nghttp2 (h2load, and Envoy's default codec) never
+/// indexes `:path`, so every call's path arrives as the same Huffman-coded literal, and decoding
+/// it, four bits a step, was a quarter of the server's CPU per call under h2load (perf). The
+/// same code always decodes to the same string, so a hit is a compare and a copy.
+#[derive(Debug)]
+struct HuffmanMemo {
+    /// (code, decoded) pairs; an empty code is an empty slot.
+    slots: [(Vec<u8>, Vec<u8>); MEMO_SLOTS],
+    /// The slot the next miss replaces.
+    next: usize,
+}
+
+/// Strings remembered: a path, an authority, a user agent and one more.
+const MEMO_SLOTS: usize = 4;
+/// Longest code remembered: a request path and the like, not whole cookies. The slots are
+/// allocated at this size up front, so remembering never allocates.
+const MEMO_MAX_CODE: usize = 128;
+
+impl HuffmanMemo {
+    fn new() -> Self {
+        Self {
+            // A code of n bytes decodes to at most 8n / 5 bytes (codes are 5 bits or more).
+            slots: std::array::from_fn(|_| {
+                (
+                    Vec::with_capacity(MEMO_MAX_CODE),
+                    Vec::with_capacity(MEMO_MAX_CODE * 8 / 5 + 1),
+                )
+            }),
+            next: 0,
+        }
+    }
+
+    fn get(&self, code: &[u8]) -> Option<&[u8]> {
+        self.slots
+            .iter()
+            .find(|(c, _)| !c.is_empty() && c.as_slice() == code)
+            .map(|(_, decoded)| decoded.as_slice())
+    }
+
+    fn put(&mut self, code: &[u8], decoded: &[u8]) {
+        if code.is_empty() || code.len() > MEMO_MAX_CODE {
+            return;
+        }
+        if let Some((c, d)) = self.slots.get_mut(self.next) {
+            c.clear();
+            c.extend_from_slice(code);
+            d.clear();
+            d.extend_from_slice(decoded);
+        }
+        self.next = (self.next + 1) % MEMO_SLOTS;
     }
 }
 
@@ -261,6 +325,7 @@ pub struct Decoder {
     arena_limit: usize,
     /// Huffman-decoded names and values of the field being decoded.
     scratch: Vec<u8>,
+    memo: HuffmanMemo,
 }
 
 impl Decoder {
@@ -278,6 +343,7 @@ impl Decoder {
             arena: Vec::with_capacity(arena_limit.min(MAX_RESERVED_ARENA)),
             arena_limit,
             scratch: Vec::with_capacity(256),
+            memo: HuffmanMemo::new(),
         }
     }
 
@@ -351,14 +417,14 @@ impl Decoder {
         self.scratch.clear();
         let name_index = cur.integer(prefix_bits)?;
         let name = if name_index == 0 {
-            cur.string(&mut self.scratch)?
+            cur.string(&mut self.scratch, &mut self.memo)?
         } else if let Some(&(name, _)) = static_entry(name_index) {
             Src::Slice(name)
         } else {
             let entry = self.dynamic_entry(name_index)?;
             Src::Arena(entry.start, entry.name_len)
         };
-        let value = cur.string(&mut self.scratch)?;
+        let value = cur.string(&mut self.scratch, &mut self.memo)?;
         field(
             resolve(name, &self.scratch, &self.arena)?,
             resolve(value, &self.scratch, &self.arena)?,
@@ -1193,6 +1259,39 @@ mod tests {
 
     fn blocks() -> impl Strategy<Value = Vec<Fields>> {
         prop::collection::vec(prop::collection::vec(header(), 0..12), 1..10)
+    }
+
+    /// Huffman-coded literals repeated across blocks come back the same whether decoded or
+    /// remembered: six values over four memo slots (so slots are replaced), one a prefix of
+    /// another, one empty, one longer than the memo keeps.
+    #[test]
+    fn remembered_huffman_strings_decode_as_decoded_ones() {
+        let long = "x".repeat(300);
+        let values: [&str; 6] = [
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            "/envoy.service.ratelimit.v3.RateLimitService/Should",
+            "",
+            "grpc-go/1.60",
+            "sluice",
+            &long,
+        ];
+        let mut decoder = Decoder::new(4096);
+        for round in 0..40usize {
+            let mut block = Vec::new();
+            let mut expected = Vec::new();
+            for k in 0..3 {
+                let value = values[(round * 5 + k * 7) % values.len()];
+                // Literal without indexing, name `:path` (static 4), value Huffman-coded.
+                block.push(0x04);
+                TestEncoder::string(value.as_bytes(), true, &mut block);
+                expected.push((b":path".to_vec(), value.as_bytes().to_vec()));
+            }
+            assert_eq!(
+                decode(&mut decoder, &block).unwrap(),
+                expected,
+                "round {round}"
+            );
+        }
     }
 
     /// A test encoder that uses every representation HPACK has, chosen by `choices`, with a
