@@ -3,12 +3,12 @@
 //! the tests run exactly the same code (tests bind `127.0.0.1:0`).
 //!
 //! - decisions listener: `RateLimitService`, health, reflection (v1 and v1alpha). Served on
-//!   the `h2` crate directly ([`connection`]): `ShouldRateLimit` goes straight to
-//!   [`RlsEndpoint`], anything else to tonic's router. tonic's own server would run every call
-//!   through its layers (connection info, `grpc-timeout`, error recovery), axum's routing,
-//!   boxed bodies and hyper's task per stream: about a quarter of the server's work per call,
-//!   for nothing this listener needs;
-//! - admin listener: `sluice.admin.v1.Admin` behind the token check, health, reflection;
+//!   sluice's own HTTP/2 for unary gRPC ([`http2`]; `--http2 h2` serves it on the `h2` crate
+//!   instead, [`connection`]): `ShouldRateLimit` goes straight to [`RlsEndpoint`], anything
+//!   else to tonic's router. tonic's own server would run every call through its layers
+//!   (connection info, `grpc-timeout`, error recovery), axum's routing, boxed bodies and
+//!   hyper's task per stream, and h2 itself was three quarters of what was left per call;
+////! - admin listener: `sluice.admin.v1.Admin` behind the token check, health, reflection;
 //! - background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
 
 use std::future::Future;

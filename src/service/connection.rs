@@ -1,4 +1,6 @@
-//! One decision-listener connection, served on the `h2` crate directly.
+//! One decision-listener connection, served on the `h2` crate directly: `--http2 h2`, the
+//! fallback to sluice's own HTTP/2 ([`crate::service::http2`], the default), kept for one
+//! release in case a client meets a difference between the two.
 //!
 //! Why not hyper: hyper spawns a task per stream, wraps every body, and checks and strips
 //! connection headers on every response; callgrind put that at about a seventh of the server's
