@@ -178,6 +178,43 @@ mod native {
     conformance_tests!(crate::start(sluice::server::Http2::Native));
 }
 
+/// Not an RFC point but sluice's own bound: request bodies that arrive in pieces are kept
+/// until whole, at most twice the largest message (4 MiB) per connection. Three calls that
+/// each declare a 4 MiB message and send 3 MiB of it: the third is reset with
+/// ENHANCE_YOUR_CALM once the connection holds 8 MiB, and the connection carries on.
+#[tokio::test]
+async fn bodies_arriving_in_pieces_are_bounded_per_connection() {
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let srv = start(sluice::server::Http2::Native).await;
+    let mut conn = Conn::open(srv.addr).await;
+    let chunk = vec![0u8; DEFAULT_MAX_FRAME];
+    for stream in [1, 3, 5] {
+        let mut bytes = header_frames(stream, &request_block(RLS), false, DEFAULT_MAX_FRAME);
+        // gRPC prefix: uncompressed, 4 MiB declared.
+        let mut first = vec![0, 0x00, 0x40, 0x00, 0x00];
+        first.extend_from_slice(&chunk[..DEFAULT_MAX_FRAME - 5]);
+        bytes.extend(data(stream, 0, &first));
+        for _ in 1..192 {
+            bytes.extend(data(stream, 0, &chunk));
+        }
+        conn.send(&bytes).await;
+    }
+    loop {
+        match conn.event().await {
+            Event::Reset { stream: 5, code } => {
+                assert_eq!(code, ENHANCE_YOUR_CALM);
+                break;
+            }
+            e @ (Event::Reset { .. } | Event::GoAway { .. } | Event::Closed) => {
+                panic!("expected stream 5 reset with ENHANCE_YOUR_CALM, got {e:?}")
+            }
+            _ => {}
+        }
+    }
+    conn.call_ok(7).await;
+    srv.stop().await;
+}
+
 /// A server as [`TestServer::start_default`] starts one (the repository's config, the memory
 /// store, the clock at [`T0`]), with only its decision listener, on the HTTP/2 `http2`.
 struct Server {

@@ -64,6 +64,10 @@ const READ_BUF: usize = 64 * 1024;
 const FLUSH_EVERY: usize = 64;
 /// Stop reading while this much output waits for the socket.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Bytes of bodies arriving in pieces a connection keeps at once: two of the largest message.
+const MAX_HELD: usize = 2 * (crate::service::endpoint::MAX_REQUEST_BYTES + 5);
+/// Calls to tonic's router (health, reflection) open at once on a connection.
+const MAX_FALLBACKS: usize = 16;
 /// Bytes of request body a reflection or health call may have queued unread.
 const MAX_QUEUED_BODY: usize = 1024 * 1024;
 /// Streams reset by us that are remembered, so that what the client sent on them before it saw
@@ -301,6 +305,8 @@ struct State<'a, S> {
     /// Calls waiting on the store (Redis), by stream.
     waiting: FuturesUnordered<Later>,
     fallbacks: usize,
+    /// Bytes of request bodies kept until whole, over all streams.
+    held: usize,
     /// When the current read arrived: each call's latency starts there.
     taken: Instant,
     /// Calls answered since output was last written.
@@ -396,6 +402,7 @@ impl<'a, S: Store> State<'a, S> {
             reset_lately: VecDeque::with_capacity(RESET_MEMORY),
             waiting: FuturesUnordered::new(),
             fallbacks: 0,
+            held: 0,
             taken: Instant::now(),
             answered: 0,
             shutdown: Shutdown::Running,
@@ -693,12 +700,19 @@ impl<'a, S: Store> State<'a, S> {
         let id = head.stream;
         match self.streams.get_mut(&id) {
             Some(Stream::Call { body, length, .. }) if !end => {
+                if self.held + data.len() > MAX_HELD {
+                    // Bodies arriving in pieces are kept until whole: bounded per connection,
+                    // or a client could hold 1,024 streams of 4 MiB each.
+                    self.reset_open(id, Reason::ENHANCE_YOUR_CALM);
+                    return Ok(());
+                }
                 body.extend_from_slice(data);
+                self.held += data.len();
                 let len = body.len();
                 if length.is_some_and(|n| len as u64 > n) {
                     self.reset_open(id, Reason::PROTOCOL_ERROR);
                 } else if len > crate::service::endpoint::MAX_REQUEST_BYTES + 5 {
-                    self.streams.remove(&id);
+                    self.remove(id);
                     let status = crate::service::endpoint::too_large(len - 5);
                     self.send_status(id, 0, status, false);
                 } else if !payload.is_empty() {
@@ -712,7 +726,7 @@ impl<'a, S: Store> State<'a, S> {
                     mut body,
                     window,
                     length,
-                }) = self.streams.remove(&id)
+                }) = self.remove(id)
                 {
                     if length.is_some_and(|n| (body.len() + data.len()) as u64 != n) {
                         // A request whose DATA is not its content-length is malformed
@@ -943,7 +957,7 @@ impl<'a, S: Store> State<'a, S> {
                     body,
                     window,
                     length,
-                }) = self.streams.remove(&id)
+                }) = self.remove(id)
                 {
                     if length.is_some_and(|n| body.len() as u64 != n) {
                         self.reset(id, Reason::PROTOCOL_ERROR);
@@ -1179,9 +1193,19 @@ impl<'a, S: Store> State<'a, S> {
 
     /// Drops a stream's state (the client reset it, or we did).
     fn forget(&mut self, id: u32) {
-        if let Some(Stream::Fallback(_)) = self.streams.remove(&id) {
-            self.fallbacks -= 1;
+        self.remove(id);
+    }
+
+    /// Removes a stream's state, and what it counted for: the bytes of a body kept, a router
+    /// call.
+    fn remove(&mut self, id: u32) -> Option<Stream> {
+        let stream = self.streams.remove(&id);
+        match &stream {
+            Some(Stream::Call { body, .. }) => self.held -= body.len(),
+            Some(Stream::Fallback(_)) => self.fallbacks -= 1,
+            _ => {}
         }
+        stream
     }
 
     /// Hands a stream to tonic's router (health, reflection).
@@ -1191,6 +1215,10 @@ impl<'a, S: Store> State<'a, S> {
         end: bool,
         cx: &mut Context<'_>,
     ) -> Result<(), ConnError> {
+        if self.fallbacks >= MAX_FALLBACKS {
+            self.reset(id, Reason::REFUSED_STREAM);
+            return Ok(());
+        }
         let request = match self.fields.http_request() {
             Ok(request) => request,
             Err(()) => {
