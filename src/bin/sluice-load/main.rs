@@ -20,11 +20,13 @@
 //! `--write-request FILE` writes the hot request as one gRPC message (5-byte prefix: flag 0 and
 //! big-endian length, then the protobuf) for `h2load -d FILE` and exits.
 //!
-//! The generated client runs over a bare `h2` connection rather than a tonic `Channel` (which
-//! adds a buffer task, reconnection and load balancing per call) or hyper's client (a channel
-//! to the connection's task and a task per request body): the generator shares the two cores of
-//! the benchmark machine with the server, so its cost per call caps the figures it reports.
-//! For the same reason each connection and its calls run on one task (see `beside`).
+//! The generated client runs over a minimal HTTP/2 client of our own (`client`, on the server's
+//! frame and HPACK code) rather than a tonic `Channel` (which adds a buffer task, reconnection
+//! and load balancing per call), hyper's client (a channel to the connection's task and a task
+//! per request body) or the `h2` crate (about 45% of the generator's CPU per call): the
+//! generator shares the two cores of the benchmark machine with the server, so its cost per
+//! call caps the figures it reports. For the same reason each connection and its calls run on
+//! one task (see `beside`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt::Write as _;
@@ -34,19 +36,18 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
-use http_body_util::BodyExt as _;
 use prost::Message;
-use sluice::service::connection::H2Body;
 use tokio::net::TcpStream;
+
+mod client;
 
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -96,7 +97,8 @@ struct Args {
     /// Value of the descriptor's `path` entry.
     #[arg(long, default_value = "/bench")]
     path: String,
-    /// Tokio worker threads of the generator (default: one per core).
+    /// Threads of the generator, each with its share of the connections (default: one per
+    /// core, at most one per connection).
     #[arg(long)]
     threads: Option<usize>,
     /// Also print one JSON object with every figure (last line).
@@ -269,48 +271,9 @@ fn resolve_loopback(addr: &str) -> anyhow::Result<SocketAddr> {
     Ok(addrs[0])
 }
 
-/// One HTTP/2 connection (the `h2` crate, no hyper) as the service the generated client calls
-/// through. The request (its headers and its one message) is handed to h2 from the caller's
-/// task: hyper's client would pass each call through a channel to the connection's task and
-/// spawn a task to send its body, which on these two shared cores is CPU the server does not
-/// get.
-#[derive(Clone)]
-struct Connection(h2::client::SendRequest<Bytes>);
+type Client = RateLimitServiceClient<client::Connection>;
 
-type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<H2Body>, h2::Error>> + Send>>;
-
-impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = http::Response<H2Body>;
-    type Error = h2::Error;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> ResponseFuture {
-        let (parts, body) = request.into_parts();
-        let sent = self
-            .0
-            .send_request(http::Request::from_parts(parts, ()), false);
-        Box::pin(async move {
-            let (response, mut stream) = sent?;
-            // A unary request body is one message: sent whole, ending the stream.
-            match body.collect().await {
-                Ok(body) => stream.send_data(body.to_bytes(), true)?,
-                Err(_) => stream.send_reset(h2::Reason::INTERNAL_ERROR),
-            }
-            Ok(response.await?.map(H2Body::new))
-        })
-    }
-}
-
-type Client = RateLimitServiceClient<Connection>;
-
-type H2Connection = h2::client::Connection<TcpStream, Bytes>;
-
-async fn connect(addr: SocketAddr) -> anyhow::Result<(Client, H2Connection)> {
+async fn connect(addr: SocketAddr) -> anyhow::Result<(Client, client::Driver)> {
     // The server may still be starting: retry for up to 10 s.
     let deadline = Instant::now() + Duration::from_secs(10);
     let tcp = loop {
@@ -322,19 +285,11 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<(Client, H2Connection)> {
         }
     };
     tcp.set_nodelay(true)?;
-    // hyper's client windows (5 MiB, 2 MiB per stream). They also size h2's budget for small
-    // DATA frames held unread (half the connection window): with h2's 64 KiB default, a few
-    // hundred buffered replies would count as a flood and the client would end the connection.
-    let (send, connection) = h2::client::Builder::new()
-        .initial_connection_window_size(5 * 1024 * 1024)
-        .initial_window_size(2 * 1024 * 1024)
-        .handshake(tcp)
-        .await
-        .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
+    let (connection, driver) = client::handshake(tcp);
     let origin: http::Uri = format!("http://{addr}").parse()?;
     Ok((
-        RateLimitServiceClient::with_origin(Connection(send), origin),
-        connection,
+        RateLimitServiceClient::with_origin(connection, origin),
+        driver,
     ))
 }
 
@@ -343,10 +298,14 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<(Client, H2Connection)> {
 /// task. With the connection in a task of its own (as hyper and tonic run it), each request
 /// woke that task and went out in a `writev` of its own more often than not (strace: one per
 /// 4.7 calls at 512 in flight), CPU taken from the server on these shared cores.
-async fn beside<F: Future>(connection: &mut H2Connection, calls: F) -> F::Output {
+async fn beside<F: Future>(connection: &mut client::Driver, calls: F) -> F::Output {
     let mut calls = std::pin::pin!(calls);
     let mut open = true;
     std::future::poll_fn(|cx| {
+        if open {
+            // The calls' requests are written by the poll below: they need not wake the task.
+            connection.will_poll();
+        }
         if let Poll::Ready(out) = calls.as_mut().poll(cx) {
             return Poll::Ready(out);
         }
@@ -412,17 +371,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let addr = resolve_loopback(&args.addr)?;
     let requests = Arc::new(Requests::new(&args));
 
-    let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        channels.push(connect(addr).await?);
-    }
     // One call first: the domain and path must reach a limit, or nothing is being measured.
-    let (client, connection) = &mut channels[0];
+    let (mut client, mut connection) = connect(addr).await?;
     let probe = beside(
-        connection,
-        client
-            .clone()
-            .should_rate_limit(request(&args.domain, &args.path, "probe".to_string())),
+        &mut connection,
+        client.should_rate_limit(request(&args.domain, &args.path, "probe".to_string())),
     )
     .await
     .context("first ShouldRateLimit call")?
@@ -435,41 +388,74 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             args.path
         );
     }
+    drop(connection);
 
     let counts = Arc::new(Counts::default());
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
 
-    // One task per connection, running its calls beside it (see `beside`); each returns its
-    // latencies.
-    let mut tasks = Vec::with_capacity(args.connections);
-    for (channel, mut connection) in channels {
+    // Each thread runs a runtime of its own with its share of the connections, each connection
+    // one task with its calls beside it (see `beside`). With one multi-threaded runtime, the
+    // connections' tasks were woken where their I/O was polled and mostly ran on one thread:
+    // one core's worth of calls whatever --threads said.
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, args.connections);
+    let mut workers = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let mine = (t..args.connections).step_by(threads).count();
         let (requests, counts, concurrency) = (requests.clone(), counts.clone(), args.concurrency);
-        tasks.push(tokio::spawn(async move {
-            // 1 µs .. 60 s, 3 significant digits. Its calls all run on this task, so the lock
-            // is never contended; it is a lock only because the task must be `Send`.
-            let hist = Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap());
-            let calls: FuturesUnordered<_> = (0..concurrency)
-                .map(|_| {
-                    call_loop(
-                        channel.clone(),
-                        &requests,
-                        &counts,
-                        &hist,
-                        measure_from,
-                        end,
-                    )
+        workers.push(std::thread::spawn(
+            move || -> anyhow::Result<Histogram<u64>> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let mut channels = Vec::with_capacity(mine);
+                    for _ in 0..mine {
+                        channels.push(connect(addr).await?);
+                    }
+                    let loads = channels.into_iter().map(|(channel, mut connection)| {
+                        let (requests, counts) = (&requests, &counts);
+                        async move {
+                            // 1 µs .. 60 s, 3 significant digits. Its calls all run on this
+                            // thread, so the lock is never contended.
+                            let hist =
+                                Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap());
+                            let calls: FuturesUnordered<_> = (0..concurrency)
+                                .map(|_| {
+                                    call_loop(
+                                        channel.clone(),
+                                        requests,
+                                        counts,
+                                        &hist,
+                                        measure_from,
+                                        end,
+                                    )
+                                })
+                                .collect();
+                            drop(channel);
+                            beside(&mut connection, calls.collect::<()>()).await;
+                            hist.into_inner().unwrap()
+                        }
+                    });
+                    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                    for h in futures_util::future::join_all(loads).await {
+                        all.add(h).unwrap();
+                    }
+                    Ok(all)
                 })
-                .collect();
-            drop(channel);
-            beside(&mut connection, calls.collect::<()>()).await;
-            hist.into_inner().unwrap()
-        }));
+            },
+        ));
     }
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    for t in tasks {
-        all.add(t.await.context("load task panicked")?).unwrap();
+    for w in workers {
+        let h = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        all.add(h).unwrap();
     }
     let ok = counts.ok.load(Ordering::Relaxed);
     let over = counts.over_limit.load(Ordering::Relaxed);
@@ -603,11 +589,11 @@ fn main() -> ExitCode {
         if args.shape == Shape::Clients && args.clients == 0 {
             bail!("--clients must be at least 1");
         }
-        let mut rt = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = args.threads {
-            rt.worker_threads(n.max(1));
-        }
-        rt.enable_all().build()?.block_on(run(args))
+        // Set-up and the first call only; the load runs on threads of its own (see `run`).
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args))
     })();
     match result {
         Ok(true) => ExitCode::SUCCESS,
