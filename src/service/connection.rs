@@ -335,16 +335,9 @@ async fn pipe(mut body: tonic::body::Body, mut stream: SendStream<Bytes>) -> Res
     stream.send_data(Bytes::new(), true)
 }
 
-/// An h2 body (a request's here, a response's in sluice-load) as an [`http_body::Body`]: data
-/// is released back to the peer's flow-control window as soon as it is handed on.
-pub struct H2Body(RecvStream);
-
-impl H2Body {
-    /// Wraps a received h2 body.
-    pub fn new(stream: RecvStream) -> Self {
-        Self(stream)
-    }
-}
+/// A request's h2 body as an [`http_body::Body`]: data is released back to the peer's
+/// flow-control window as soon as it is handed on.
+struct H2Body(RecvStream);
 
 impl Body for H2Body {
     type Data = Bytes;
