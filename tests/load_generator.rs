@@ -117,3 +117,83 @@ domains:
     assert_eq!(json_field(line, "failures"), 0.0, "{line}");
     srv.stop().await;
 }
+
+/// `--raw` (pre-encoded frames, no gRPC client): every shape is answered and counted as the
+/// server counted it, and OVER_LIMIT answers are told from OK ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_calls_are_checked_and_counted_as_the_server_counts_them() {
+    let srv = TestServer::start(include_str!("../benches/load.yaml")).await;
+    let addr = srv.addr.to_string();
+    let mut counted = 0.0;
+    for shape in ["hot", "clients", "unique"] {
+        let (code, stdout, stderr) = load(&[
+            "--raw",
+            "--addr",
+            &addr,
+            "--shape",
+            shape,
+            "--connections",
+            "2",
+            "--concurrency",
+            "64",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .await;
+        assert_eq!(code, 0, "{shape}: {stderr}");
+        let line = stdout.lines().last().unwrap();
+        assert!(json_field(line, "decisions") > 0.0, "{shape}: {line}");
+        assert_eq!(json_field(line, "failures"), 0.0, "{shape}: {line}");
+        assert_eq!(json_field(line, "over_limit"), 0.0, "{shape}: {line}");
+        counted += json_field(line, "decisions") + json_field(line, "warmup_calls");
+    }
+    // The server decided every call the generator counted, plus the three probes (made
+    // through the generated client) and the calls cut off at the end of each run.
+    let (_, body) = http_get(srv.http_addr, "/metrics").await;
+    let decided = metric(&body, "sluice_decision_duration_seconds_count").unwrap();
+    assert!(
+        decided >= counted + 3.0,
+        "server {decided}, generator {counted}"
+    );
+    srv.stop().await;
+
+    let srv = TestServer::start(
+        "
+domains:
+  - name: load
+    client: [remote_address]
+    endpoints:
+      - path: /bench
+        limits: [5/minute]
+",
+    )
+    .await;
+    let addr = srv.addr.to_string();
+    let (code, stdout, stderr) = load(&[
+        "--raw",
+        "--addr",
+        &addr,
+        "--shape",
+        "hot",
+        "--connections",
+        "1",
+        "--concurrency",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+        "--json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let line = stdout.lines().last().unwrap();
+    assert!(json_field(line, "over_limit") > 0.0, "{line}");
+    // 5 a minute for the one client (the probe is a client of its own).
+    assert!(json_field(line, "ok") <= 5.0, "{line}");
+    assert_eq!(json_field(line, "failures"), 0.0, "{line}");
+    srv.stop().await;
+}

@@ -17,6 +17,11 @@
 //! Use a config where the hot key is not simply denied, such as `benches/load.yaml`
 //! (4e9/minute). Only loopback addresses are accepted.
 //!
+//! `--raw` sends the calls as pre-encoded HTTP/2 frames on bare connections instead (module
+//! `raw`): about a tenth of the generated client's cost per call, so that the server, not the
+//! client, is what a run measures (how much a second worker thread buys, say). It checks less
+//! per answer: HTTP 200, `grpc-status: 0`, `overall_code` OK or OVER_LIMIT.
+//!
 //! `--write-request FILE` writes the hot request as one gRPC message (5-byte prefix: flag 0 and
 //! big-endian length, then the protobuf) for `h2load -d FILE` and exits.
 //!
@@ -48,6 +53,7 @@ use prost::Message;
 use tokio::net::TcpStream;
 
 mod client;
+mod raw;
 
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -107,6 +113,11 @@ struct Args {
     /// Free text copied into the JSON (run labels for scripts/bench).
     #[arg(long, default_value = "")]
     label: String,
+    /// Calls as pre-encoded HTTP/2 frames on bare connections, with no gRPC client: what the
+    /// server can take when the client is not the bottleneck (see `raw`). Checks less per
+    /// answer: HTTP 200, grpc-status 0, overall_code OK or OVER_LIMIT.
+    #[arg(long)]
+    raw: bool,
     /// Write the hot request as a gRPC-framed message to FILE (for h2load -d) and exit.
     #[arg(long, value_name = "FILE")]
     write_request: Option<PathBuf>,
@@ -407,11 +418,37 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for t in 0..threads {
         let mine = (t..args.connections).step_by(threads).count();
         let (requests, counts, concurrency) = (requests.clone(), counts.clone(), args.concurrency);
+        let raw = args.raw;
         workers.push(std::thread::spawn(
             move || -> anyhow::Result<Histogram<u64>> {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
+                if raw {
+                    return rt.block_on(async move {
+                        let load = raw::Load {
+                            addr,
+                            requests: &requests,
+                            counts: &counts,
+                            concurrency,
+                            measure_from,
+                            end,
+                        };
+                        let loads = (0..mine).map(|_| async {
+                            let mut hist =
+                                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                            if let Err(e) = raw::run_connection(&load, &mut hist).await {
+                                load.counts.fail(format!("{e:#}"));
+                            }
+                            hist
+                        });
+                        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                        for h in futures_util::future::join_all(loads).await {
+                            all.add(h).unwrap();
+                        }
+                        Ok(all)
+                    });
+                }
                 rt.block_on(async move {
                     let mut channels = Vec::with_capacity(mine);
                     for _ in 0..mine {
