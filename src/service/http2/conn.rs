@@ -865,14 +865,14 @@ impl<'a, S: Store> State<'a, S> {
             .decode(block, |name, value| fields.push(name, value))
             .map_err(|_| conn_err(Reason::COMPRESSION_ERROR, "undecodable header block"))?;
 
-        if id <= self.last_stream {
-            return self.on_trailers(id, end, cx);
-        }
         if id.is_multiple_of(2) {
             return Err(conn_err(
                 Reason::PROTOCOL_ERROR,
                 "a client opened an even stream",
             ));
+        }
+        if id <= self.last_stream {
+            return self.on_trailers(id, end, cx);
         }
         self.last_stream = id;
         if let Shutdown::Final(last) = self.shutdown
