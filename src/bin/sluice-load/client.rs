@@ -1104,71 +1104,37 @@ impl Inner {
     }
 
     fn on_settings(&mut self, head: Head, payload: &[u8]) -> Result<(), Violation> {
-        if head.stream != 0 {
-            return Err(violation(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
-        }
-        if head.has(flag::ACK) {
-            if !payload.is_empty() {
-                return Err(violation(
-                    Reason::FRAME_SIZE_ERROR,
-                    "SETTINGS ACK with a payload",
-                ));
-            }
+        let settings = frame::settings(&head, payload).map_err(|(r, d)| violation(r, d))?;
+        if settings.ack {
             return Ok(());
         }
-        if !payload.len().is_multiple_of(6) {
+        if settings.enable_push.is_some_and(|v| v != 0) {
             return Err(violation(
-                Reason::FRAME_SIZE_ERROR,
-                "SETTINGS length is not a multiple of 6",
+                Reason::PROTOCOL_ERROR,
+                "a server's ENABLE_PUSH is not 0",
             ));
         }
-        for entry in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([entry[0], entry[1]]);
-            let value = frame::be_u32(&entry[2..]).unwrap_or(0);
-            match id {
-                setting::ENABLE_PUSH if value != 0 => {
+        if let Some(value) = settings.max_concurrent_streams {
+            self.max_streams = usize::try_from(value).unwrap_or(usize::MAX);
+        }
+        if let Some(value) = settings.initial_window_size {
+            let new = i64::from(value);
+            // Stream windows are kept as differences from this value, so they move with it
+            // (RFC 9113 6.9.2).
+            for &slot in self.streams.values() {
+                if new + self.calls[slot as usize].send_window > frame::MAX_WINDOW {
                     return Err(violation(
-                        Reason::PROTOCOL_ERROR,
-                        "a server's ENABLE_PUSH is not 0",
+                        Reason::FLOW_CONTROL_ERROR,
+                        "a stream's window above 2^31-1",
                     ));
                 }
-                setting::MAX_CONCURRENT_STREAMS => {
-                    self.max_streams = usize::try_from(value).unwrap_or(usize::MAX);
-                }
-                setting::INITIAL_WINDOW_SIZE => {
-                    let new = i64::from(value);
-                    if new > frame::MAX_WINDOW {
-                        return Err(violation(
-                            Reason::FLOW_CONTROL_ERROR,
-                            "INITIAL_WINDOW_SIZE above 2^31-1",
-                        ));
-                    }
-                    // Stream windows are kept as differences from this value, so they move
-                    // with it (RFC 9113 6.9.2).
-                    for &slot in self.streams.values() {
-                        if new + self.calls[slot as usize].send_window > frame::MAX_WINDOW {
-                            return Err(violation(
-                                Reason::FLOW_CONTROL_ERROR,
-                                "a stream's window above 2^31-1",
-                            ));
-                        }
-                    }
-                    self.peer_initial_window = new;
-                }
-                setting::MAX_FRAME_SIZE => {
-                    if !(16_384..=16_777_215).contains(&value) {
-                        return Err(violation(
-                            Reason::PROTOCOL_ERROR,
-                            "MAX_FRAME_SIZE out of range",
-                        ));
-                    }
-                    self.peer_max_frame = value as usize;
-                }
-                // HEADER_TABLE_SIZE: our header blocks use no dynamic table. The rest is
-                // advisory or unknown.
-                _ => {}
             }
+            self.peer_initial_window = new;
         }
+        if let Some(value) = settings.max_frame_size {
+            self.peer_max_frame = value as usize;
+        }
+        // HEADER_TABLE_SIZE: our header blocks use no dynamic table.
         frame::put_head(&mut self.out, 0, kind::SETTINGS, flag::ACK, 0);
         self.got_settings = true;
         self.flush_blocked();
@@ -1177,12 +1143,7 @@ impl Inner {
     }
 
     fn on_ping(&mut self, head: Head, payload: &[u8]) -> Result<(), Violation> {
-        if head.stream != 0 {
-            return Err(violation(Reason::PROTOCOL_ERROR, "PING on a stream"));
-        }
-        if payload.len() != 8 {
-            return Err(violation(Reason::FRAME_SIZE_ERROR, "PING length is not 8"));
-        }
+        frame::check_ping(&head, payload).map_err(|(r, d)| violation(r, d))?;
         if !head.has(flag::ACK) {
             frame::put_head(&mut self.out, 8, kind::PING, flag::ACK, 0);
             self.out.extend_from_slice(payload);

@@ -504,77 +504,35 @@ impl<'a, S: Store> State<'a, S> {
     }
 
     fn on_settings(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream != 0 {
-            return Err(conn_err(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
-        }
-        if head.has(flag::ACK) {
-            if !payload.is_empty() {
-                return Err(conn_err(
-                    Reason::FRAME_SIZE_ERROR,
-                    "SETTINGS ACK with a payload",
-                ));
-            }
+        let settings = frame::settings(&head, payload).map_err(|(r, d)| conn_err(r, d))?;
+        if settings.ack {
             return Ok(());
         }
-        if !payload.len().is_multiple_of(6) {
-            return Err(conn_err(
-                Reason::FRAME_SIZE_ERROR,
-                "SETTINGS length is not a multiple of 6",
-            ));
-        }
-        for entry in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([entry[0], entry[1]]);
-            let value = frame::be_u32(&entry[2..]).unwrap_or(0);
-            match id {
-                setting::ENABLE_PUSH if value > 1 => {
-                    return Err(conn_err(Reason::PROTOCOL_ERROR, "ENABLE_PUSH above 1"));
+        if let Some(value) = settings.initial_window_size {
+            // Every stream's window moves by the difference (RFC 9113 6.9.2): ours are kept
+            // as differences from this value, so they move with it.
+            let new = i64::from(value);
+            for stream in self.streams.values_mut() {
+                if new + *stream.window() > frame::MAX_WINDOW {
+                    return Err(conn_err(
+                        Reason::FLOW_CONTROL_ERROR,
+                        "a stream's window above 2^31-1",
+                    ));
                 }
-                setting::INITIAL_WINDOW_SIZE => {
-                    if i64::from(value) > frame::MAX_WINDOW {
-                        return Err(conn_err(
-                            Reason::FLOW_CONTROL_ERROR,
-                            "INITIAL_WINDOW_SIZE above 2^31-1",
-                        ));
-                    }
-                    // Every stream's window moves by the difference (RFC 9113 6.9.2): ours
-                    // are kept as differences from this value, so they move with it.
-                    let new = i64::from(value);
-                    for stream in self.streams.values_mut() {
-                        if new + *stream.window() > frame::MAX_WINDOW {
-                            return Err(conn_err(
-                                Reason::FLOW_CONTROL_ERROR,
-                                "a stream's window above 2^31-1",
-                            ));
-                        }
-                    }
-                    self.peer_initial_window = new;
-                }
-                setting::MAX_FRAME_SIZE => {
-                    if !(16_384..=16_777_215).contains(&value) {
-                        return Err(conn_err(
-                            Reason::PROTOCOL_ERROR,
-                            "MAX_FRAME_SIZE out of range",
-                        ));
-                    }
-                    self.peer_max_frame = value as usize;
-                }
-                // HEADER_TABLE_SIZE: our encoder never uses the dynamic table.
-                // MAX_CONCURRENT_STREAMS: a server opens none. The rest is advisory.
-                _ => {}
             }
+            self.peer_initial_window = new;
         }
+        if let Some(value) = settings.max_frame_size {
+            self.peer_max_frame = value as usize;
+        }
+        // MAX_CONCURRENT_STREAMS: a server opens none.
         frame::put_head(&mut self.out, 0, kind::SETTINGS, flag::ACK, 0);
         self.flush_parked();
         Ok(())
     }
 
     fn on_ping(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream != 0 {
-            return Err(conn_err(Reason::PROTOCOL_ERROR, "PING on a stream"));
-        }
-        if payload.len() != 8 {
-            return Err(conn_err(Reason::FRAME_SIZE_ERROR, "PING length is not 8"));
-        }
+        frame::check_ping(&head, payload).map_err(|(r, d)| conn_err(r, d))?;
         if head.has(flag::ACK) {
             if payload == SHUTDOWN_PING && self.shutdown == Shutdown::Announced {
                 // Every stream the client opened before it saw our first GOAWAY is here.

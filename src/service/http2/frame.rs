@@ -158,6 +158,81 @@ pub fn put_goaway(out: &mut Vec<u8>, last_stream: u32, reason: Reason, debug: &[
     out.extend_from_slice(debug);
 }
 
+/// What a SETTINGS frame says (RFC 9113 6.5.2), the settings either end acts on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// An acknowledgement of ours, carrying nothing.
+    pub ack: bool,
+    pub enable_push: Option<u32>,
+    pub max_concurrent_streams: Option<u32>,
+    pub initial_window_size: Option<u32>,
+    pub max_frame_size: Option<u32>,
+}
+
+/// Reads a SETTINGS frame, with the checks RFC 9113 6.5 asks of every endpoint: on stream 0;
+/// an ACK empty; a length that is a multiple of 6; ENABLE_PUSH 0 or 1, INITIAL_WINDOW_SIZE at
+/// most 2^31-1, MAX_FRAME_SIZE from 16,384 to 2^24-1. A setting given twice takes the last
+/// value. `Err`: the connection error and what was wrong.
+pub fn settings(head: &Head, payload: &[u8]) -> Result<Settings, (Reason, &'static str)> {
+    if head.stream != 0 {
+        return Err((Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+    }
+    if head.has(flag::ACK) {
+        if !payload.is_empty() {
+            return Err((Reason::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+        }
+        return Ok(Settings {
+            ack: true,
+            ..Settings::default()
+        });
+    }
+    if !payload.len().is_multiple_of(6) {
+        return Err((
+            Reason::FRAME_SIZE_ERROR,
+            "SETTINGS length is not a multiple of 6",
+        ));
+    }
+    let mut out = Settings::default();
+    for entry in payload.chunks_exact(6) {
+        let (id, value) = entry.split_at(2);
+        let id = u16::from_be_bytes([id[0], id[1]]);
+        let value = be_u32(value).unwrap_or(0);
+        match id {
+            setting::ENABLE_PUSH if value > 1 => {
+                return Err((Reason::PROTOCOL_ERROR, "ENABLE_PUSH above 1"));
+            }
+            setting::ENABLE_PUSH => out.enable_push = Some(value),
+            setting::MAX_CONCURRENT_STREAMS => out.max_concurrent_streams = Some(value),
+            setting::INITIAL_WINDOW_SIZE if i64::from(value) > MAX_WINDOW => {
+                return Err((
+                    Reason::FLOW_CONTROL_ERROR,
+                    "INITIAL_WINDOW_SIZE above 2^31-1",
+                ));
+            }
+            setting::INITIAL_WINDOW_SIZE => out.initial_window_size = Some(value),
+            setting::MAX_FRAME_SIZE if !(16_384..=16_777_215).contains(&value) => {
+                return Err((Reason::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
+            }
+            setting::MAX_FRAME_SIZE => out.max_frame_size = Some(value),
+            // HEADER_TABLE_SIZE: neither end's encoder uses the dynamic table. The rest is
+            // advisory or unknown (ignored, RFC 9113 6.5.2).
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a PING frame (RFC 9113 6.7): on stream 0, 8 bytes. `Err`: the connection error.
+pub fn check_ping(head: &Head, payload: &[u8]) -> Result<(), (Reason, &'static str)> {
+    if head.stream != 0 {
+        return Err((Reason::PROTOCOL_ERROR, "PING on a stream"));
+    }
+    if payload.len() != 8 {
+        return Err((Reason::FRAME_SIZE_ERROR, "PING length is not 8"));
+    }
+    Ok(())
+}
+
 /// A big-endian u32 at the start of `b`, if there are four bytes.
 pub fn be_u32(b: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
@@ -193,6 +268,60 @@ mod tests {
         );
         patch_len(&mut out, 0, 40);
         assert_eq!(Head::parse(out.as_slice().try_into().unwrap()).len, 40);
+    }
+
+    #[test]
+    fn settings_are_read_and_checked() {
+        let head = |flags, stream| Head {
+            len: 0,
+            kind: kind::SETTINGS,
+            flags,
+            stream,
+        };
+        let entries = |list: &[(u16, u32)]| {
+            let mut out = Vec::new();
+            for (id, value) in list {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&value.to_be_bytes());
+            }
+            out
+        };
+        let ok = entries(&[
+            (setting::INITIAL_WINDOW_SIZE, 10),
+            (setting::MAX_FRAME_SIZE, 20_000),
+            (setting::INITIAL_WINDOW_SIZE, 0x7fff_ffff),
+            (setting::MAX_CONCURRENT_STREAMS, 7),
+            (0x99, 1),
+        ]);
+        assert_eq!(
+            settings(&head(0, 0), &ok),
+            Ok(Settings {
+                ack: false,
+                enable_push: None,
+                max_concurrent_streams: Some(7),
+                initial_window_size: Some(0x7fff_ffff),
+                max_frame_size: Some(20_000),
+            })
+        );
+        assert_eq!(settings(&head(flag::ACK, 0), &[]).map(|s| s.ack), Ok(true));
+        let code = |h: Head, p: &[u8]| settings(&h, p).err().map(|e| e.0);
+        assert_eq!(code(head(0, 1), &ok), Some(Reason::PROTOCOL_ERROR));
+        assert_eq!(
+            code(head(flag::ACK, 0), &ok),
+            Some(Reason::FRAME_SIZE_ERROR)
+        );
+        assert_eq!(code(head(0, 0), &ok[..7]), Some(Reason::FRAME_SIZE_ERROR));
+        for (bad, reason) in [
+            ((setting::ENABLE_PUSH, 2), Reason::PROTOCOL_ERROR),
+            (
+                (setting::INITIAL_WINDOW_SIZE, 0x8000_0000),
+                Reason::FLOW_CONTROL_ERROR,
+            ),
+            ((setting::MAX_FRAME_SIZE, 16_383), Reason::PROTOCOL_ERROR),
+            ((setting::MAX_FRAME_SIZE, 1 << 24), Reason::PROTOCOL_ERROR),
+        ] {
+            assert_eq!(code(head(0, 0), &entries(&[bad])), Some(reason), "{bad:?}");
+        }
     }
 
     #[test]
