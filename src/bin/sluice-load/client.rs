@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -418,7 +418,7 @@ struct Inner {
     calls: Vec<Call>,
     free: Vec<u32>,
     /// Open streams, to their calls' slots.
-    streams: HashMap<u32, u32, BuildHasherDefault<StreamIdHasher>>,
+    streams: HashMap<u32, u32, BuildHasherDefault<frame::StreamIdHasher>>,
     /// Streams open (counted against the server's MAX_CONCURRENT_STREAMS).
     active: usize,
     /// Calls waiting for a stream, in order.
@@ -1391,26 +1391,6 @@ impl FieldCache {
             self.values.push(value.clone());
         }
         Some(value)
-    }
-}
-
-/// Stream ids are small, odd and increasing, and ours: a multiply spreads them well enough.
-#[derive(Default)]
-struct StreamIdHasher(u64);
-
-impl Hasher for StreamIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 

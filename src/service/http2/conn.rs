@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -296,7 +296,7 @@ struct State<'a, S> {
     recv_unacked: u32,
     /// Highest stream the peer opened.
     last_stream: u32,
-    streams: HashMap<u32, Stream, BuildHasherDefault<StreamIdHasher>>,
+    streams: HashMap<u32, Stream, BuildHasherDefault<frame::StreamIdHasher>>,
     /// Streams whose answer waits for a window, in the order they stopped.
     parked: VecDeque<u32>,
     /// Streams we reset lately: frames the client sent on them before it saw the reset are
@@ -1565,27 +1565,5 @@ impl Fields {
             .uri(uri.build().map_err(|_| ())?)
             .body(())
             .map_err(|_| ())
-    }
-}
-
-/// Stream ids are small, odd and increasing: a multiply spreads them well enough, and is
-/// cheaper than SipHash for a key the client picks but cannot use to collide many streams
-/// (they must increase, and at most [`MAX_STREAMS`] are kept).
-#[derive(Default)]
-struct StreamIdHasher(u64);
-
-impl Hasher for StreamIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }

@@ -2,6 +2,8 @@
 //! connection needs. Frames are read in place from the connection's read buffer; nothing here
 //! allocates.
 
+use std::hash::Hasher;
+
 /// What every client connection starts with (RFC 9113 3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -246,6 +248,28 @@ pub fn unpad(head: &Head, payload: &[u8]) -> Option<usize> {
     }
     let pad = usize::from(*payload.first()?);
     (pad < payload.len()).then_some(pad)
+}
+
+/// Stream ids are small, odd and increasing: a multiply spreads them well enough, and is
+/// cheaper than SipHash for a key the client picks but cannot use to collide many streams
+/// (they must increase, and a server keeps a bounded number).
+#[derive(Default)]
+pub struct StreamIdHasher(u64);
+
+impl Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 #[cfg(test)]
