@@ -215,64 +215,9 @@ async fn bodies_arriving_in_pieces_are_bounded_per_connection() {
     srv.stop().await;
 }
 
-/// A server as [`TestServer::start_default`] starts one (the repository's config, the memory
-/// store, the clock at [`T0`]), with only its decision listener, on the HTTP/2 `http2`.
-struct Server {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start(http2: sluice::server::Http2) -> Server {
-    use sluice::blocklist::AccessList;
-    use sluice::clock::{ManualClock, Timestamp};
-    use sluice::limiter::Limiter;
-    use sluice::server::{self, Listeners, Options};
-    use sluice::stats::Stats;
-    use sluice::store::{MemoryStore, MemoryStoreOptions};
-    use std::sync::Arc;
-
-    let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
-    let cfg = sluice::config::parse(&text, "config/sluice.yaml", |_| None).unwrap();
-    let store = MemoryStore::new(MemoryStoreOptions {
-        max_keys: cfg.store.max_keys,
-    });
-    let access = AccessList::open(None, cfg.rules.allowlist.clone()).unwrap();
-    let limiter = Arc::new(Limiter::with_parts(
-        cfg.rules,
-        store,
-        Arc::new(ManualClock::new(Timestamp::from_secs(T0))),
-        Arc::new(access),
-        Arc::new(Stats::new(cfg.max_clients)),
-    ));
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let listeners = Listeners {
-        grpc,
-        admin: None,
-        http: None,
-    };
-    let options = Options {
-        sweep_interval: Duration::from_secs(3600),
-        http2,
-        ..Options::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server::run(listeners, limiter, options, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server runs");
-    });
-    Server { addr, stop, task }
-}
-
-impl Server {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
+/// A server as [`TestServer::start_default`] starts one, on the HTTP/2 `http2`.
+async fn start(http2: sluice::server::Http2) -> TestServer {
+    TestServer::start_default_on(http2).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,33 +13,16 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use prost::Message;
-use sluice::blocklist::AccessList;
-use sluice::clock::{ManualClock, Timestamp};
-use sluice::limiter::Limiter;
 use sluice::service::endpoint::RlsEndpoint;
 use sluice::service::http2::{conn, frame, hpack};
-use sluice::stats::Stats;
-use sluice::store::{MemoryStore, MemoryStoreOptions};
+use sluice::store::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RLS: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 const HEALTH: &str = "/grpc.health.v1.Health/Check";
 
 fn endpoint() -> Arc<RlsEndpoint<MemoryStore>> {
-    let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
-    let cfg = sluice::config::parse(&text, "config/sluice.yaml", |_| None).unwrap();
-    let store = MemoryStore::new(MemoryStoreOptions {
-        max_keys: cfg.store.max_keys,
-    });
-    let access = AccessList::open(None, cfg.rules.allowlist.clone()).unwrap();
-    let limiter = Arc::new(Limiter::with_parts(
-        cfg.rules,
-        store,
-        Arc::new(ManualClock::new(Timestamp::from_secs(T0))),
-        Arc::new(access),
-        Arc::new(Stats::new(cfg.max_clients)),
-    ));
-    Arc::new(RlsEndpoint::new(limiter))
+    Arc::new(RlsEndpoint::new(default_limiter()))
 }
 
 fn put_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {

@@ -4,35 +4,17 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
-/// Runs sluice-load with `args` off the test's runtime (the server under test shares it):
-/// exit code, stdout, stderr.
-async fn load(args: &[&str]) -> (i32, String, String) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
-            .args(&args)
-            .output()
-            .expect("sluice-load runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-fn json_field(line: &str, key: &str) -> f64 {
-    let start = line.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
-    let rest = &line[start..];
-    let end = rest.find([',', '}']).unwrap();
-    rest[..end].parse().unwrap()
-}
+/// The load domain with a limit the hot client soon exceeds.
+const FIVE_A_MINUTE: &str = "
+domains:
+  - name: load
+    client: [remote_address]
+    endpoints:
+      - path: /bench
+        limits: [5/minute]
+";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shape_is_decided_by_the_server_and_counted() {
@@ -62,7 +44,7 @@ async fn every_shape_is_decided_by_the_server_and_counted() {
             "0",
             "--json",
         ];
-        let (code, stdout, stderr) = load(&args).await;
+        let (code, stdout, stderr) = sluice_load(&args).await;
         assert_eq!(code, 0, "{shape}: {stderr}");
         let line = stdout.lines().last().unwrap();
         assert!(json_field(line, "decisions") > 0.0, "{shape}: {line}");
@@ -77,25 +59,15 @@ async fn every_shape_is_decided_by_the_server_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_no_limit_matches_is_refused_and_over_limit_replies_are_counted() {
-    let srv = TestServer::start(
-        "
-domains:
-  - name: load
-    client: [remote_address]
-    endpoints:
-      - path: /bench
-        limits: [5/minute]
-",
-    )
-    .await;
+    let srv = TestServer::start(FIVE_A_MINUTE).await;
     let addr = srv.addr.to_string();
     let (code, _, stderr) =
-        load(&["--addr", &addr, "--path", "/elsewhere", "--duration", "0.2"]).await;
+        sluice_load(&["--addr", &addr, "--path", "/elsewhere", "--duration", "0.2"]).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("matches no limit"), "{stderr}");
 
     // One hot client over 5/minute: the generator sees OVER_LIMIT replies and counts them.
-    let (code, stdout, stderr) = load(&[
+    let (code, stdout, stderr) = sluice_load(&[
         "--addr",
         &addr,
         "--shape",
@@ -126,7 +98,7 @@ async fn raw_calls_are_checked_and_counted_as_the_server_counts_them() {
     let addr = srv.addr.to_string();
     let mut counted = 0.0;
     for shape in ["hot", "clients", "unique"] {
-        let (code, stdout, stderr) = load(&[
+        let (code, stdout, stderr) = sluice_load(&[
             "--raw",
             "--addr",
             &addr,
@@ -160,19 +132,9 @@ async fn raw_calls_are_checked_and_counted_as_the_server_counts_them() {
     );
     srv.stop().await;
 
-    let srv = TestServer::start(
-        "
-domains:
-  - name: load
-    client: [remote_address]
-    endpoints:
-      - path: /bench
-        limits: [5/minute]
-",
-    )
-    .await;
+    let srv = TestServer::start(FIVE_A_MINUTE).await;
     let addr = srv.addr.to_string();
-    let (code, stdout, stderr) = load(&[
+    let (code, stdout, stderr) = sluice_load(&[
         "--raw",
         "--addr",
         &addr,

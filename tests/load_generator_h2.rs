@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,35 +22,10 @@ use sluice::service::http2::hpack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Runs sluice-load with `args` off the test's runtime: exit code, stdout, stderr.
-async fn load(args: &[&str]) -> (i32, String, String) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
-            .args(&args)
-            .output()
-            .expect("sluice-load runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-fn json_field(line: &str, key: &str) -> f64 {
-    let start = line.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
-    let rest = &line[start..];
-    let end = rest.find([',', '}']).unwrap();
-    rest[..end].parse().unwrap()
-}
-
 /// Runs sluice-load for 0.3 s against `addr`: exit code, the JSON line, stderr.
 async fn run(addr: SocketAddr, shape: &str, connections: &str, concurrency: &str) -> (i32, String) {
     let addr = addr.to_string();
-    let (code, stdout, stderr) = load(&[
+    let (code, stdout, stderr) = sluice_load(&[
         "--addr",
         &addr,
         "--shape",
@@ -78,55 +52,18 @@ async fn run(addr: SocketAddr, shape: &str, connections: &str, concurrency: &str
 // ---------------------------------------------------------------------------------------------
 // Against the server, on each of its HTTP/2 implementations.
 
-struct Server {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// A server on benches/load.yaml with only its decision listener, on the HTTP/2 `http2`.
-async fn start(http2: sluice::server::Http2) -> Server {
-    use sluice::blocklist::AccessList;
-    use sluice::clock::{ManualClock, Timestamp};
-    use sluice::limiter::Limiter;
-    use sluice::server::{self, Listeners, Options};
-    use sluice::stats::Stats;
-    use sluice::store::{MemoryStore, MemoryStoreOptions};
-
+/// A server on benches/load.yaml, its decision listener on the HTTP/2 `http2`.
+async fn start(http2: sluice::server::Http2) -> TestServer {
     let cfg =
         sluice::config::parse(include_str!("../benches/load.yaml"), "load.yaml", |_| None).unwrap();
-    let store = MemoryStore::new(MemoryStoreOptions {
-        max_keys: cfg.store.max_keys,
-    });
-    let access = AccessList::open(None, cfg.rules.allowlist.clone()).unwrap();
-    let limiter = Arc::new(Limiter::with_parts(
-        cfg.rules,
-        store,
-        Arc::new(ManualClock::new(Timestamp::from_secs(T0))),
-        Arc::new(access),
-        Arc::new(Stats::new(cfg.max_clients)),
-    ));
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let listeners = Listeners {
-        grpc,
-        admin: None,
-        http: None,
-    };
-    let options = Options {
-        sweep_interval: Duration::from_secs(3600),
-        http2,
-        ..Options::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server::run(listeners, limiter, options, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server runs");
-    });
-    Server { addr, stop, task }
+    TestServer::start_setup(
+        cfg,
+        Setup {
+            http2,
+            ..Setup::default()
+        },
+    )
+    .await
 }
 
 async fn every_shape_without_a_failure(http2: sluice::server::Http2) {
@@ -145,8 +82,7 @@ async fn every_shape_without_a_failure(http2: sluice::server::Http2) {
         assert!(json_field(&line, "decisions") > 0.0, "{what}");
         assert_eq!(json_field(&line, "failures"), 0.0, "{what}");
     }
-    let _ = srv.stop.send(());
-    srv.task.await.unwrap();
+    srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
