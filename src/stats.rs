@@ -334,6 +334,11 @@ pub struct Stats {
     max_clients: usize,
 }
 
+/// Shards of the per-client map, as many as the store has: every decision writes its client's
+/// entry under its shard's lock, and with DashMap's default (four per core: 8 here) two cores
+/// deciding for different clients met on the same lock most of the time.
+const CLIENT_SHARDS: usize = 256;
+
 /// Default bound on clients with individual counts.
 pub const DEFAULT_MAX_CLIENTS: usize = 100_000;
 
@@ -355,7 +360,10 @@ impl Stats {
             config_generation: AtomicU64::new(1),
             registry: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
-            clients: DashMap::default(),
+            clients: DashMap::with_hasher_and_shard_amount(
+                BuildHasherDefault::default(),
+                CLIENT_SHARDS,
+            ),
             client_count: AtomicUsize::new(0),
             max_clients,
         }
