@@ -344,9 +344,18 @@ async fn a_call_open_at_shutdown_is_answered() {
     let addr = srv.addr;
     let bytes = framed(&hot_request());
     let mut send = connect::<Chunked>(&srv).await;
+    let mut second = send.clone();
     let (tx, req) = chunked_call(&srv);
     let pending = tokio::spawn(async move { send.send_request(req).await });
     send_chunk(&tx, &bytes[..3]).await;
+    // A whole call on the same connection, opened after the first: once it is answered, the
+    // server has read the first call's headers and its first bytes (frames arrive in order), so
+    // the call below is open at shutdown, not still on its way.
+    let (whole_tx, whole) = chunked_call(&srv);
+    send_chunk(&whole_tx, &bytes).await;
+    drop(whole_tx);
+    let resp = second.send_request(whole).await.unwrap();
+    assert_eq!(status_and_code(resp).await, (Some("0".into()), 1));
 
     let stopped = tokio::spawn(srv.stop());
     // Shutdown has begun once the listener is gone.
