@@ -459,3 +459,30 @@ async fn a_burst_of_calls_on_one_connection_gets_each_its_own_answer() {
     }
     srv.stop().await;
 }
+
+/// A message whose prefix declares more than the 4 MiB bound is refused as soon as the prefix
+/// is in (`OUT_OF_RANGE`), not after the client has sent megabytes: the call is answered while
+/// its body is still open.
+#[tokio::test]
+async fn an_oversized_message_is_refused_from_its_prefix() {
+    let srv = TestServer::start_default().await;
+    let mut send = connect::<Chunked>(&srv).await;
+    let (tx, req) = chunked_call(&srv);
+    let pending = tokio::spawn(async move { send.send_request(req).await });
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(5u32 * 1024 * 1024).to_be_bytes());
+    prefix.extend_from_slice(&[0u8; 16]);
+    send_chunk(&tx, &prefix).await;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), pending)
+        .await
+        .expect("answered before the body ends")
+        .unwrap()
+        .unwrap();
+    let status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(status.as_deref(), Some("11"), "{resp:?}");
+    drop(tx);
+    srv.stop().await;
+}

@@ -66,17 +66,12 @@ impl<S: Store> RlsEndpoint<S> {
         start: std::time::Instant,
         rules: Rules<'_>,
     ) -> Result<Response<Unary>, Bytes> {
-        if !self.limiter.store().answers_at_once() {
-            return Err(body);
+        let mut out = Vec::with_capacity(PREFIX + 64);
+        match self.answer_now_into(&body, start, rules, &mut out) {
+            Some(Ok(())) => Ok(unary_ok(out)),
+            Some(Err(status)) => Ok(status.into_http()),
+            None => Err(body),
         }
-        // Made where it is polled: the future holds a decision's working state (over 1.5 KB),
-        // which a move would copy on every call.
-        let answered = std::pin::pin!(answer(&self.limiter, rules, body, start));
-        let result = poll_once(answered).unwrap_or_else(|| {
-            tracing::error!("a store that answers at once did not; call refused");
-            Err(Status::internal("the decision did not complete"))
-        });
-        Ok(result.unwrap_or_else(Status::into_http))
     }
 
     /// Like [`Self::answer_now`], for the decision listener's own HTTP/2: decides from the
@@ -144,6 +139,11 @@ async fn answer<S: Store>(
 ) -> Result<Response<Unary>, Status> {
     let mut out = Vec::with_capacity(PREFIX + 64);
     answer_into(limiter, rules, &body, start, &mut out).await?;
+    Ok(unary_ok(out))
+}
+
+/// An OK unary response carrying the framed message `out`, then `grpc-status: 0` trailers.
+fn unary_ok(out: Vec<u8>) -> Response<Unary> {
     let mut response = Response::new(Unary {
         data: Some(Bytes::from(out)),
         trailers: true,
@@ -151,7 +151,7 @@ async fn answer<S: Store>(
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    Ok(response)
+    response
 }
 
 /// Decides the call whose request body (one framed message) is `body`, and appends the framed
@@ -232,7 +232,7 @@ impl BodyBuf {
 
 /// Refuses a body whose prefix declares, or whose bytes already hold, more than
 /// [`MAX_REQUEST_BYTES`].
-fn check_size(body: &[u8]) -> Result<(), Status> {
+pub fn check_size(body: &[u8]) -> Result<(), Status> {
     if let Some(declared) = declared_len(body)
         && declared > MAX_REQUEST_BYTES
     {
@@ -289,8 +289,7 @@ fn bad_body(problem: &str) -> Status {
     Status::invalid_argument(format!("request body: {problem}"))
 }
 
-/// The status of a request message larger than [`MAX_REQUEST_BYTES`].
-pub fn too_large(len: usize) -> Status {
+fn too_large(len: usize) -> Status {
     Status::out_of_range(format!(
         "Error, decoded message length too large: found {len} bytes, the limit is: {MAX_REQUEST_BYTES} bytes"
     ))

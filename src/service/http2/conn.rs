@@ -667,11 +667,12 @@ impl<'a, S: Store> State<'a, S> {
                 body.extend_from_slice(data);
                 self.held += data.len();
                 let len = body.len();
+                // Refused as soon as its prefix declares too much, as the h2 path does.
+                let size = crate::service::endpoint::check_size(body);
                 if length.is_some_and(|n| len as u64 > n) {
                     self.reset_open(id, Reason::PROTOCOL_ERROR);
-                } else if len > crate::service::endpoint::MAX_REQUEST_BYTES + 5 {
+                } else if let Err(status) = size {
                     self.remove(id);
-                    let status = crate::service::endpoint::too_large(len - 5);
                     self.send_status(id, 0, status, false);
                 } else if !payload.is_empty() {
                     // The body is buffered here, so its window goes straight back.
