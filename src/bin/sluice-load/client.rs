@@ -925,14 +925,7 @@ impl Inner {
             ));
         }
         self.recv_window -= n as i64;
-        let Some(pad) = frame::unpad(&head, payload) else {
-            return Err(violation(
-                Reason::PROTOCOL_ERROR,
-                "DATA padding longer than the frame",
-            ));
-        };
-        let skip = usize::from(head.has(flag::PADDED));
-        let data = payload.get(skip..n - pad).unwrap_or_default();
+        let data = frame::data_content(&head, payload).map_err(|(r, d)| violation(r, d))?;
         let Some(&slot) = self.streams.get(&head.stream) else {
             // A stream closed or reset: the frame only gives its window back.
             self.credit_connection(n);
@@ -971,26 +964,7 @@ impl Inner {
 
     fn on_headers(&mut self, head: Head, payload: &[u8]) -> Result<(), Violation> {
         self.our_stream(head.stream, "HEADERS on a stream the client did not open")?;
-        let Some(pad) = frame::unpad(&head, payload) else {
-            return Err(violation(
-                Reason::PROTOCOL_ERROR,
-                "HEADERS padding longer than the frame",
-            ));
-        };
-        let mut skip = usize::from(head.has(flag::PADDED));
-        if head.has(flag::PRIORITY) {
-            skip += 5;
-        }
-        let Some(fragment) = payload
-            .len()
-            .checked_sub(pad)
-            .and_then(|end| payload.get(skip..end))
-        else {
-            return Err(violation(
-                Reason::PROTOCOL_ERROR,
-                "HEADERS shorter than its padding and priority",
-            ));
-        };
+        let fragment = frame::header_fragment(&head, payload).map_err(|(r, d)| violation(r, d))?;
         let end = head.has(flag::END_STREAM);
         if head.has(flag::END_HEADERS) {
             self.on_block(head.stream, end, fragment)

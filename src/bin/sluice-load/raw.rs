@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use hdrhistogram::Histogram;
 use prost::Message as _;
 use sluice::service::http2::frame::{self, Head, flag, kind, setting};
@@ -192,12 +192,7 @@ pub async fn run_connection(load: &Load<'_>, hist: &mut Histogram<u64>) -> anyho
                 }
                 kind::DATA => {
                     received += head.len as u64;
-                    let data = match frame::unpad(&head, payload) {
-                        Some(pad) => {
-                            &payload[usize::from(head.has(flag::PADDED))..payload.len() - pad]
-                        }
-                        None => bail!("DATA padding longer than the frame"),
-                    };
+                    let data = frame::data_content(&head, payload).map_err(|(_, d)| anyhow!(d))?;
                     if let Some(call) = calls.get_mut(&head.stream) {
                         // The message's first field, overall_code (1): OK (1) or OVER_LIMIT (2).
                         call.outcome = match data {
@@ -209,13 +204,8 @@ pub async fn run_connection(load: &Load<'_>, hist: &mut Histogram<u64>) -> anyho
                 }
                 kind::HEADERS | kind::CONTINUATION => {
                     let (id, end, fragment) = if head.kind == kind::HEADERS {
-                        let pad = frame::unpad(&head, payload)
-                            .context("HEADERS padding longer than the frame")?;
-                        let skip = usize::from(head.has(flag::PADDED))
-                            + if head.has(flag::PRIORITY) { 5 } else { 0 };
-                        let fragment = payload
-                            .get(skip..payload.len() - pad)
-                            .context("HEADERS too short")?;
+                        let fragment =
+                            frame::header_fragment(&head, payload).map_err(|(_, d)| anyhow!(d))?;
                         block_buf.clear();
                         (head.stream, head.has(flag::END_STREAM), fragment)
                     } else {

@@ -646,14 +646,7 @@ impl<'a, S: Store> State<'a, S> {
             self.recv_window += i64::from(self.recv_unacked);
             self.recv_unacked = 0;
         }
-        let Some(pad) = frame::unpad(&head, payload) else {
-            return Err(conn_err(
-                Reason::PROTOCOL_ERROR,
-                "DATA padding longer than the frame",
-            ));
-        };
-        let skip = usize::from(head.has(flag::PADDED));
-        let data = payload.get(skip..payload.len() - pad).unwrap_or_default();
+        let data = frame::data_content(&head, payload).map_err(|(r, d)| conn_err(r, d))?;
         let end = head.has(flag::END_STREAM);
         let id = head.stream;
         match self.streams.get_mut(&id) {
@@ -750,22 +743,7 @@ impl<'a, S: Store> State<'a, S> {
         if id == 0 {
             return Err(conn_err(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
-        let Some(pad) = frame::unpad(&head, payload) else {
-            return Err(conn_err(
-                Reason::PROTOCOL_ERROR,
-                "HEADERS padding longer than the frame",
-            ));
-        };
-        let mut skip = usize::from(head.has(flag::PADDED));
-        if head.has(flag::PRIORITY) {
-            skip += 5;
-        }
-        let Some(fragment) = payload.get(skip..payload.len() - pad) else {
-            return Err(conn_err(
-                Reason::FRAME_SIZE_ERROR,
-                "HEADERS too short for its fields",
-            ));
-        };
+        let fragment = frame::header_fragment(&head, payload).map_err(|(r, d)| conn_err(r, d))?;
         let end = head.has(flag::END_STREAM);
         if head.has(flag::END_HEADERS) {
             self.on_header_block(id, end, fragment, cx)

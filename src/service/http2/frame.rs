@@ -240,14 +240,44 @@ pub fn be_u32(b: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
 }
 
-/// The payload of a DATA or HEADERS frame without its padding: `None` when the pad length
-/// is missing or not smaller than the payload (a PROTOCOL_ERROR, RFC 9113 6.1).
-pub fn unpad(head: &Head, payload: &[u8]) -> Option<usize> {
+/// The pad length of a DATA or HEADERS frame: `None` when it is missing or not smaller than
+/// the payload (a PROTOCOL_ERROR, RFC 9113 6.1).
+fn unpad(head: &Head, payload: &[u8]) -> Option<usize> {
     if !head.has(flag::PADDED) {
         return Some(0);
     }
     let pad = usize::from(*payload.first()?);
     (pad < payload.len()).then_some(pad)
+}
+
+/// A DATA frame's data, without its pad length and padding. `Err`: the connection error.
+pub fn data_content<'p>(
+    head: &Head,
+    payload: &'p [u8],
+) -> Result<&'p [u8], (Reason, &'static str)> {
+    let pad = unpad(head, payload)
+        .ok_or((Reason::PROTOCOL_ERROR, "DATA padding longer than the frame"))?;
+    let skip = usize::from(head.has(flag::PADDED));
+    Ok(payload.get(skip..payload.len() - pad).unwrap_or_default())
+}
+
+/// A HEADERS frame's header block fragment, without its pad length, priority fields and
+/// padding (RFC 9113 6.2). `Err`: the connection error.
+pub fn header_fragment<'p>(
+    head: &Head,
+    payload: &'p [u8],
+) -> Result<&'p [u8], (Reason, &'static str)> {
+    let pad = unpad(head, payload).ok_or((
+        Reason::PROTOCOL_ERROR,
+        "HEADERS padding longer than the frame",
+    ))?;
+    let mut skip = usize::from(head.has(flag::PADDED));
+    if head.has(flag::PRIORITY) {
+        skip += 5;
+    }
+    payload
+        .get(skip..payload.len() - pad)
+        .ok_or((Reason::FRAME_SIZE_ERROR, "HEADERS too short for its fields"))
 }
 
 /// Stream ids are small, odd and increasing: a multiply spreads them well enough, and is
@@ -362,5 +392,24 @@ mod tests {
         assert_eq!(unpad(&padded, &[]), None);
         let plain = Head { flags: 0, ..padded };
         assert_eq!(unpad(&plain, &[9]), Some(0));
+        assert_eq!(data_content(&padded, &[2, b'a', 0, 0]), Ok(&b"a"[..]));
+        assert_eq!(data_content(&plain, b"ab"), Ok(&b"ab"[..]));
+        assert_eq!(
+            data_content(&padded, &[4, 0, 0, 0]).map_err(|e| e.0),
+            Err(Reason::PROTOCOL_ERROR)
+        );
+        let prioritised = Head {
+            kind: kind::HEADERS,
+            flags: flag::PADDED | flag::PRIORITY,
+            ..padded
+        };
+        assert_eq!(
+            header_fragment(&prioritised, &[1, 0, 0, 0, 1, 16, 0x88, 0]),
+            Ok(&[0x88][..])
+        );
+        assert_eq!(
+            header_fragment(&prioritised, &[1, 0, 0, 0]).map_err(|e| e.0),
+            Err(Reason::FRAME_SIZE_ERROR)
+        );
     }
 }
