@@ -1092,18 +1092,13 @@ impl Inner {
             self.max_streams = usize::try_from(value).unwrap_or(usize::MAX);
         }
         if let Some(value) = settings.initial_window_size {
-            let new = i64::from(value);
-            // Stream windows are kept as differences from this value, so they move with it
-            // (RFC 9113 6.9.2).
-            for &slot in self.streams.values() {
-                if new + self.calls[slot as usize].send_window > frame::MAX_WINDOW {
-                    return Err(violation(
-                        Reason::FLOW_CONTROL_ERROR,
-                        "a stream's window above 2^31-1",
-                    ));
-                }
-            }
-            self.peer_initial_window = new;
+            let calls = &self.calls;
+            let windows = self
+                .streams
+                .values()
+                .map(|&slot| calls[slot as usize].send_window);
+            self.peer_initial_window =
+                frame::moved_initial_window(value, windows).map_err(|(r, d)| violation(r, d))?;
         }
         if let Some(value) = settings.max_frame_size {
             self.peer_max_frame = value as usize;

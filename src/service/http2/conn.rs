@@ -509,18 +509,9 @@ impl<'a, S: Store> State<'a, S> {
             return Ok(());
         }
         if let Some(value) = settings.initial_window_size {
-            // Every stream's window moves by the difference (RFC 9113 6.9.2): ours are kept
-            // as differences from this value, so they move with it.
-            let new = i64::from(value);
-            for stream in self.streams.values_mut() {
-                if new + *stream.window() > frame::MAX_WINDOW {
-                    return Err(conn_err(
-                        Reason::FLOW_CONTROL_ERROR,
-                        "a stream's window above 2^31-1",
-                    ));
-                }
-            }
-            self.peer_initial_window = new;
+            let windows = self.streams.values_mut().map(|s| *s.window());
+            self.peer_initial_window =
+                frame::moved_initial_window(value, windows).map_err(|(r, d)| conn_err(r, d))?;
         }
         if let Some(value) = settings.max_frame_size {
             self.peer_max_frame = value as usize;

@@ -224,6 +224,20 @@ pub fn settings(head: &Head, payload: &[u8]) -> Result<Settings, (Reason, &'stat
     Ok(out)
 }
 
+/// The new initial window of a SETTINGS_INITIAL_WINDOW_SIZE, once every open stream's window
+/// still fits 2^31-1 after moving by the difference (RFC 9113 6.9.2). `windows`: each open
+/// stream's window as kept by both ends here, a difference from the initial window.
+pub fn moved_initial_window(
+    value: u32,
+    mut windows: impl Iterator<Item = i64>,
+) -> Result<i64, (Reason, &'static str)> {
+    let new = i64::from(value);
+    if windows.any(|w| new + w > MAX_WINDOW) {
+        return Err((Reason::FLOW_CONTROL_ERROR, "a stream's window above 2^31-1"));
+    }
+    Ok(new)
+}
+
 /// Checks a PING frame (RFC 9113 6.7): on stream 0, 8 bytes. `Err`: the connection error.
 pub fn check_ping(head: &Head, payload: &[u8]) -> Result<(), (Reason, &'static str)> {
     if head.stream != 0 {
@@ -376,6 +390,19 @@ mod tests {
         ] {
             assert_eq!(code(head(0, 0), &entries(&[bad])), Some(reason), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_initial_window_moves_streams_only_within_the_maximum() {
+        assert_eq!(moved_initial_window(100, [0, 50, -20].into_iter()), Ok(100));
+        assert_eq!(
+            moved_initial_window(0x7fff_fff0, [0, 15].into_iter()),
+            Ok(0x7fff_fff0)
+        );
+        assert_eq!(
+            moved_initial_window(0x7fff_fff0, [0, 16].into_iter()).map_err(|e| e.0),
+            Err(Reason::FLOW_CONTROL_ERROR)
+        );
     }
 
     #[test]
