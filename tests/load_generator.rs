@@ -19,7 +19,6 @@ domains:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shape_is_decided_by_the_server_and_counted() {
     let srv = TestServer::start(include_str!("../benches/load.yaml")).await;
-    let addr = srv.addr.to_string();
     // The last run keeps 512 calls in flight on one connection, as scripts/bench does: hundreds
     // of replies buffered at once must not trip h2's flood guard (it did with h2's default
     // windows, ending the connection).
@@ -29,27 +28,11 @@ async fn every_shape_is_decided_by_the_server_and_counted() {
         ("unique", "2", "4"),
         ("hot", "1", "512"),
     ] {
-        let args = [
-            "--addr",
-            &addr,
-            "--shape",
-            shape,
-            "--connections",
-            connections,
-            "--concurrency",
-            concurrency,
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--json",
-        ];
-        let (code, stdout, stderr) = sluice_load(&args).await;
+        let (code, line, stderr) = short_load(srv.addr, &[], shape, connections, concurrency).await;
         assert_eq!(code, 0, "{shape}: {stderr}");
-        let line = stdout.lines().last().unwrap();
-        assert!(json_field(line, "decisions") > 0.0, "{shape}: {line}");
-        assert_eq!(json_field(line, "failures"), 0.0, "{shape}: {line}");
-        assert_eq!(json_field(line, "over_limit"), 0.0, "{shape}: {line}");
+        assert!(json_field(&line, "decisions") > 0.0, "{shape}: {line}");
+        assert_eq!(json_field(&line, "failures"), 0.0, "{shape}: {line}");
+        assert_eq!(json_field(&line, "over_limit"), 0.0, "{shape}: {line}");
     }
     // The server saw at least every call the generator counted (and the probes and warm-ups).
     let (_, body) = http_get(srv.http_addr, "/metrics").await;
@@ -67,26 +50,10 @@ async fn a_request_no_limit_matches_is_refused_and_over_limit_replies_are_counte
     assert!(stderr.contains("matches no limit"), "{stderr}");
 
     // One hot client over 5/minute: the generator sees OVER_LIMIT replies and counts them.
-    let (code, stdout, stderr) = sluice_load(&[
-        "--addr",
-        &addr,
-        "--shape",
-        "hot",
-        "--connections",
-        "1",
-        "--concurrency",
-        "2",
-        "--duration",
-        "0.3",
-        "--warmup",
-        "0",
-        "--json",
-    ])
-    .await;
+    let (code, line, stderr) = short_load(srv.addr, &[], "hot", "1", "2").await;
     assert_eq!(code, 0, "{stderr}");
-    let line = stdout.lines().last().unwrap();
-    assert!(json_field(line, "over_limit") > 0.0, "{line}");
-    assert_eq!(json_field(line, "failures"), 0.0, "{line}");
+    assert!(json_field(&line, "over_limit") > 0.0, "{line}");
+    assert_eq!(json_field(&line, "failures"), 0.0, "{line}");
     srv.stop().await;
 }
 
@@ -95,32 +62,14 @@ async fn a_request_no_limit_matches_is_refused_and_over_limit_replies_are_counte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_calls_are_checked_and_counted_as_the_server_counts_them() {
     let srv = TestServer::start(include_str!("../benches/load.yaml")).await;
-    let addr = srv.addr.to_string();
     let mut counted = 0.0;
     for shape in ["hot", "clients", "unique"] {
-        let (code, stdout, stderr) = sluice_load(&[
-            "--raw",
-            "--addr",
-            &addr,
-            "--shape",
-            shape,
-            "--connections",
-            "2",
-            "--concurrency",
-            "64",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--json",
-        ])
-        .await;
+        let (code, line, stderr) = short_load(srv.addr, &["--raw"], shape, "2", "64").await;
         assert_eq!(code, 0, "{shape}: {stderr}");
-        let line = stdout.lines().last().unwrap();
-        assert!(json_field(line, "decisions") > 0.0, "{shape}: {line}");
-        assert_eq!(json_field(line, "failures"), 0.0, "{shape}: {line}");
-        assert_eq!(json_field(line, "over_limit"), 0.0, "{shape}: {line}");
-        counted += json_field(line, "decisions") + json_field(line, "warmup_calls");
+        assert!(json_field(&line, "decisions") > 0.0, "{shape}: {line}");
+        assert_eq!(json_field(&line, "failures"), 0.0, "{shape}: {line}");
+        assert_eq!(json_field(&line, "over_limit"), 0.0, "{shape}: {line}");
+        counted += json_field(&line, "decisions") + json_field(&line, "warmup_calls");
     }
     // The server decided every call the generator counted, plus the three probes (made
     // through the generated client) and the calls cut off at the end of each run.
@@ -133,29 +82,11 @@ async fn raw_calls_are_checked_and_counted_as_the_server_counts_them() {
     srv.stop().await;
 
     let srv = TestServer::start(FIVE_A_MINUTE).await;
-    let addr = srv.addr.to_string();
-    let (code, stdout, stderr) = sluice_load(&[
-        "--raw",
-        "--addr",
-        &addr,
-        "--shape",
-        "hot",
-        "--connections",
-        "1",
-        "--concurrency",
-        "2",
-        "--duration",
-        "0.3",
-        "--warmup",
-        "0",
-        "--json",
-    ])
-    .await;
+    let (code, line, stderr) = short_load(srv.addr, &["--raw"], "hot", "1", "2").await;
     assert_eq!(code, 0, "{stderr}");
-    let line = stdout.lines().last().unwrap();
-    assert!(json_field(line, "over_limit") > 0.0, "{line}");
+    assert!(json_field(&line, "over_limit") > 0.0, "{line}");
     // 5 a minute for the one client (the probe is a client of its own).
-    assert!(json_field(line, "ok") <= 5.0, "{line}");
-    assert_eq!(json_field(line, "failures"), 0.0, "{line}");
+    assert!(json_field(&line, "ok") <= 5.0, "{line}");
+    assert_eq!(json_field(&line, "failures"), 0.0, "{line}");
     srv.stop().await;
 }

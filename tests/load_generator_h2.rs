@@ -24,27 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Runs sluice-load for 0.3 s against `addr`: exit code, the JSON line, stderr.
 async fn run(addr: SocketAddr, shape: &str, connections: &str, concurrency: &str) -> (i32, String) {
-    let addr = addr.to_string();
-    let (code, stdout, stderr) = sluice_load(&[
-        "--addr",
-        &addr,
-        "--shape",
-        shape,
-        "--connections",
-        connections,
-        "--concurrency",
-        concurrency,
-        "--duration",
-        "0.3",
-        "--warmup",
-        "0",
-        "--json",
-    ])
-    .await;
-    let line = stdout.lines().last().unwrap_or_default().to_string();
+    let (code, line, stderr) = short_load(addr, &[], shape, connections, concurrency).await;
     assert!(
         line.starts_with('{'),
-        "{shape} {connections}x{concurrency}: no JSON line; stdout {stdout:?}, stderr {stderr:?}"
+        "{shape} {connections}x{concurrency}: no JSON line; last line {line:?}, stderr {stderr:?}"
     );
     (code, line)
 }

@@ -342,6 +342,37 @@ pub async fn sluice_load(args: &[&str]) -> (i32, String, String) {
     .unwrap()
 }
 
+/// A short sluice-load run against `addr`: 0.3 s recorded, no warm-up, `flags` first
+/// (`--raw`, say). Exit code, its last stdout line (the JSON one when it ran), stderr.
+pub async fn short_load(
+    addr: SocketAddr,
+    flags: &[&str],
+    shape: &str,
+    connections: &str,
+    concurrency: &str,
+) -> (i32, String, String) {
+    let addr = addr.to_string();
+    let mut args = flags.to_vec();
+    args.extend([
+        "--addr",
+        &addr,
+        "--shape",
+        shape,
+        "--connections",
+        connections,
+        "--concurrency",
+        concurrency,
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    let (code, stdout, stderr) = sluice_load(&args).await;
+    let line = stdout.lines().last().unwrap_or_default().to_string();
+    (code, line, stderr)
+}
+
 /// A number field of sluice-load's JSON line.
 pub fn json_field(line: &str, key: &str) -> f64 {
     let start = line.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
