@@ -108,6 +108,22 @@ struct Seen {
     goaways: Vec<u32>,
     /// Whatever the client did wrong.
     wrong: Vec<String>,
+    /// Connections the client has closed, and a permit for each as it closes.
+    closed: usize,
+    closing: Arc<tokio::sync::Notify>,
+}
+
+/// Waits (5 s at most) until the client has closed `n` connections: whatever it sent before
+/// closing them, a GOAWAY say, has been read by then.
+async fn until_closed(seen: &Mutex<Seen>, n: usize) {
+    let closing = seen.lock().unwrap().closing.clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while seen.lock().unwrap().closed < n {
+            closing.notified().await;
+        }
+    })
+    .await
+    .expect("the client closes its connections");
 }
 
 async fn scripted(script: Script) -> (SocketAddr, Arc<Mutex<Seen>>) {
@@ -117,7 +133,13 @@ async fn scripted(script: Script) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let s = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(serve_scripted(tcp, script, s.clone()));
+            let s = s.clone();
+            tokio::spawn(async move {
+                serve_scripted(tcp, script, s.clone()).await;
+                let mut seen = s.lock().unwrap();
+                seen.closed += 1;
+                seen.closing.notify_one();
+            });
         }
     });
     (addr, seen)
@@ -463,8 +485,8 @@ async fn a_protocol_violation_is_answered_with_goaway_and_fails_the_calls() {
     })
     .await;
     let (code, line) = run(addr, "hot", "1", "4").await;
-    // The client's GOAWAY may arrive after sluice-load has exited.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The probe's connection and the load's: the client's GOAWAY is read before the latter ends.
+    until_closed(&seen, 2).await;
     let seen = seen.lock().unwrap();
     assert_eq!(code, 2, "{line}");
     assert!(
