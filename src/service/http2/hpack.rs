@@ -347,6 +347,11 @@ impl Decoder {
         }
     }
 
+    /// The dynamic table's size in bytes (RFC 7541 4.1): 0 when the peer has indexed nothing.
+    pub fn table_size(&self) -> usize {
+        self.size
+    }
+
     /// Decodes one whole header block (HEADERS and CONTINUATION fragments already joined),
     /// calling `field(name, value)` for each field in order. The slices are only valid during
     /// the call.
