@@ -332,7 +332,7 @@ pub struct Stats {
     limits: Mutex<HashMap<(String, String, String), Arc<LimitCounts>>>,
     /// One map per owned stripe, then [`SHARED_CLIENT_MAPS`] that threads without a stripe
     /// share, chosen by the client's hash.
-    clients: [Stripe<Mutex<ClientMaps>>; OWNED_STRIPES + SHARED_CLIENT_MAPS],
+    clients: [Stripe<Mutex<ClientMap>>; OWNED_STRIPES + SHARED_CLIENT_MAPS],
     /// Entries in all of `clients`: a client counted by two threads is two.
     client_count: AtomicUsize,
     max_clients: usize,
@@ -350,30 +350,6 @@ pub struct Stats {
 /// The price: a client seen by several threads has an entry, and an allocated label, in each
 /// of their maps, and reads add them up.
 type ClientMap = HashMap<u128, ClientEntry, BuildHasherDefault<PreHashed>>;
-
-/// A stripe's clients, split by hash into [`CLIENT_PARTS`] maps under the stripe's one lock, so
-/// that no map grows large: a map that doubles moves all its entries (~120 bytes each) while
-/// its owner waits, ~5 ms for one map of 100,000 clients.
-#[derive(Debug, Default)]
-struct ClientMaps([ClientMap; CLIENT_PARTS]);
-
-const CLIENT_PARTS: usize = 16;
-
-impl ClientMaps {
-    /// The map that holds, or would hold, `hash`: chosen by its top bits (the maps' own hash
-    /// folds the key's two halves, so their buckets do not depend on which map).
-    fn part(&mut self, hash: u128) -> &mut ClientMap {
-        &mut self.0[(hash >> (128 - CLIENT_PARTS.trailing_zeros())) as usize]
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&u128, &ClientEntry)> {
-        self.0.iter().flatten()
-    }
-
-    fn len(&self) -> usize {
-        self.0.iter().map(HashMap::len).sum()
-    }
-}
 
 /// Client maps shared, by client hash, by the threads beyond the [`OWNED_STRIPES`] owners (a
 /// runtime with more workers than that): one map for all of them would be one lock, held for
@@ -469,8 +445,7 @@ impl Stats {
         let Some(Stripe(map)) = self.clients.get(i) else {
             return;
         };
-        let mut maps = map.lock();
-        let map = maps.part(client.hash);
+        let mut map = map.lock();
         if let Some(e) = map.get_mut(&client.hash) {
             bump(&mut e.counts, outcome, near);
             e.last_seen = now;
@@ -524,7 +499,7 @@ impl Stats {
         let mut seen: std::collections::HashSet<u128, BuildHasherDefault<PreHashed>> =
             Default::default();
         for Stripe(map) in &self.clients {
-            seen.extend(map.lock().iter().map(|(h, _)| *h));
+            seen.extend(map.lock().keys());
         }
         seen.len()
     }
@@ -534,12 +509,10 @@ impl Stats {
     pub fn sweep_clients_idle_since(&self, cutoff: u64) -> usize {
         let mut dropped = 0;
         for Stripe(map) in &self.clients {
-            let mut maps = map.lock();
-            let before = maps.len();
-            for map in &mut maps.0 {
-                map.retain(|_, e| e.last_seen >= cutoff);
-            }
-            dropped += before - maps.len();
+            let mut map = map.lock();
+            let before = map.len();
+            map.retain(|_, e| e.last_seen >= cutoff);
+            dropped += before - map.len();
         }
         self.client_count.fetch_sub(dropped, Ordering::Relaxed);
         dropped
