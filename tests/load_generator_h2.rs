@@ -183,15 +183,13 @@ async fn serve_scripted(mut tcp: TcpStream, script: Script, seen: Arc<Mutex<Seen
         return;
     }
     let mut out = Vec::new();
-    let settings = [
-        (setting::MAX_CONCURRENT_STREAMS, script.max_streams),
-        (setting::INITIAL_WINDOW_SIZE, script.window),
-    ];
-    frame::put_head(&mut out, 12, kind::SETTINGS, 0, 0);
-    for (id, value) in settings {
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&value.to_be_bytes());
-    }
+    frame::put_settings(
+        &mut out,
+        &[
+            (setting::MAX_CONCURRENT_STREAMS, script.max_streams),
+            (setting::INITIAL_WINDOW_SIZE, script.window),
+        ],
+    );
     if tcp.write_all(&out).await.is_err() {
         return;
     }

@@ -503,15 +503,13 @@ impl Inner {
     fn new() -> Self {
         let mut out = Vec::with_capacity(16 * 1024);
         out.extend_from_slice(frame::PREFACE);
-        let settings: [(u16, u32); 2] = [
-            (setting::ENABLE_PUSH, 0),
-            (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-        ];
-        frame::put_head(&mut out, 6 * settings.len(), kind::SETTINGS, 0, 0);
-        for (id, value) in settings {
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&value.to_be_bytes());
-        }
+        frame::put_settings(
+            &mut out,
+            &[
+                (setting::ENABLE_PUSH, 0),
+                (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            ],
+        );
         frame::put_window_update(&mut out, 0, CONN_WINDOW - DEFAULT_WINDOW as u32);
         Inner {
             out,

@@ -146,11 +146,13 @@ pub async fn run_connection(load: &Load<'_>, hist: &mut Histogram<u64>) -> anyho
 
     let mut out = frame::PREFACE.to_vec();
     // Our windows as large as they go: answers are never held back by us.
-    frame::put_head(&mut out, 12, kind::SETTINGS, 0, 0);
-    out.extend_from_slice(&setting::ENABLE_PUSH.to_be_bytes());
-    out.extend_from_slice(&0u32.to_be_bytes());
-    out.extend_from_slice(&setting::INITIAL_WINDOW_SIZE.to_be_bytes());
-    out.extend_from_slice(&(frame::MAX_WINDOW as u32).to_be_bytes());
+    frame::put_settings(
+        &mut out,
+        &[
+            (setting::ENABLE_PUSH, 0),
+            (setting::INITIAL_WINDOW_SIZE, frame::MAX_WINDOW as u32),
+        ],
+    );
     frame::put_window_update(&mut out, 0, frame::MAX_WINDOW as u32 - 65_535);
 
     let mut decoder = hpack::Decoder::new(4096);

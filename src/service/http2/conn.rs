@@ -369,16 +369,14 @@ impl<'a, S: Store> State<'a, S> {
     fn new(endpoint: &'a Arc<RlsEndpoint<S>>, routes: &'a tonic::service::Routes) -> Self {
         let mut out = Vec::with_capacity(16 * 1024);
         // Our SETTINGS, then the connection window opened to WINDOW.
-        let settings: [(u16, u32); 3] = [
-            (setting::MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-            (setting::INITIAL_WINDOW_SIZE, WINDOW),
-            (setting::MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
-        ];
-        frame::put_head(&mut out, 6 * settings.len(), kind::SETTINGS, 0, 0);
-        for (id, value) in settings {
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&value.to_be_bytes());
-        }
+        frame::put_settings(
+            &mut out,
+            &[
+                (setting::MAX_CONCURRENT_STREAMS, MAX_STREAMS),
+                (setting::INITIAL_WINDOW_SIZE, WINDOW),
+                (setting::MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
+            ],
+        );
         frame::put_window_update(&mut out, 0, WINDOW - 65_535);
         State {
             endpoint,

@@ -152,6 +152,15 @@ pub fn put_window_update(out: &mut Vec<u8>, stream: u32, increment: u32) {
     out.extend_from_slice(&(increment & STREAM_MASK).to_be_bytes());
 }
 
+/// Appends a SETTINGS frame (not an acknowledgement) carrying `settings` as (id, value).
+pub fn put_settings(out: &mut Vec<u8>, settings: &[(u16, u32)]) {
+    put_head(out, 6 * settings.len(), kind::SETTINGS, 0, 0);
+    for (id, value) in settings {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&value.to_be_bytes());
+    }
+}
+
 /// Appends a GOAWAY frame.
 pub fn put_goaway(out: &mut Vec<u8>, last_stream: u32, reason: Reason, debug: &[u8]) {
     put_head(out, 8 + debug.len(), kind::GOAWAY, 0, 0);
