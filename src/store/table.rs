@@ -40,12 +40,24 @@ impl<V> Slot<V> {
 }
 
 /// A map from `u128` keys (uniformly distributed: keyed hashes) to `V`. See the module docs.
+///
+/// `repr(C)`, with `front` first: the memory store puts each table behind its shard's lock, whose
+/// byte comes just before it, so that the two share a cache line (see `store::memory`'s
+/// `ShardLock`, and its test of the layout).
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct CounterTable<V> {
+    /// One entry kept apart from `slots` (empty: key 0), found before them: the key
+    /// [`Self::get_mut_front`] last moved here. A key that every request touches (one
+    /// client's, or a domain-wide limit's) then lives beside its shard's lock: a decision
+    /// takes one cache line from the other core, not two (the lock's, then the slot's, which
+    /// came shared for the read and was taken again for the write). See BENCHMARKS.md,
+    /// eleventh pass.
+    front: Slot<V>,
     /// Empty, or a power of two long until it reaches `max_slots`, then that (or doublings of
     /// it).
     slots: Box<[Slot<V>]>,
-    /// Occupied slots, plus one if `zero` holds a value.
+    /// Occupied slots, plus one if `zero` holds a value and one if `front` does.
     len: usize,
     /// The value of key 0, which cannot be stored in a slot.
     zero: Option<V>,
@@ -77,6 +89,7 @@ impl<V: Copy + Default> CounterTable<V> {
             len: 0,
             zero: None,
             max_slots: max_len.saturating_mul(4).div_ceil(3).max(MIN_SLOTS),
+            front: Slot::default(),
         }
     }
 
@@ -136,11 +149,32 @@ impl<V: Copy + Default> CounterTable<V> {
         None
     }
 
+    /// Where the front entry lies, and its size: for tests of the memory store's layout.
+    #[cfg(test)]
+    pub(crate) fn front_span(&self) -> (usize, usize) {
+        (&self.front as *const Slot<V> as usize, size_of::<Slot<V>>())
+    }
+
+    /// The front entry's key, if it holds one: for tests.
+    #[cfg(test)]
+    pub(crate) fn front_key(&self) -> Option<u128> {
+        (!self.front.is_empty()).then(|| self.front.key())
+    }
+
+    /// Whether `front` holds `key` (not 0).
+    #[inline]
+    fn in_front(&self, key: u128) -> bool {
+        self.front.lo == key as u64 && self.front.hi == (key >> 64) as u64
+    }
+
     /// The value of `key`.
     #[inline]
     pub fn get(&self, key: u128) -> Option<&V> {
         if key == 0 {
             return self.zero.as_ref();
+        }
+        if self.in_front(key) {
+            return Some(&self.front.value);
         }
         let i = self.find(key)?;
         self.slots.get(i).map(|s| &s.value)
@@ -149,10 +183,34 @@ impl<V: Copy + Default> CounterTable<V> {
     /// The value of `key`, to change in place.
     #[inline]
     pub fn get_mut(&mut self, key: u128) -> Option<&mut V> {
+        self.get_mut_front(key, |_| false)
+    }
+
+    /// The value of `key`, to change in place. A key found in the slots moves to the front
+    /// when the front is empty, or holds a value `stale` says may go: that entry is then
+    /// dropped, so `stale` must only say so of values the owner would drop anyway (the
+    /// store's expired counters). A key keeps the front until it goes stale or is removed, so
+    /// the front settles on a key in steady use, and moves no more: a shard whose keys are
+    /// all new (a flood of clients) never finds one in the slots, and pays nothing.
+    #[inline]
+    pub fn get_mut_front(&mut self, key: u128, stale: impl FnOnce(&V) -> bool) -> Option<&mut V> {
         if key == 0 {
             return self.zero.as_mut();
         }
+        if self.in_front(key) {
+            return Some(&mut self.front.value);
+        }
         let i = self.find(key)?;
+        if self.front.is_empty() || stale(&self.front.value) {
+            let entry = *self.slots.get(i)?;
+            if !self.front.is_empty() {
+                self.len -= 1;
+            }
+            self.remove_at(i);
+            self.front = entry;
+            self.len += 1;
+            return Some(&mut self.front.value);
+        }
         self.slots.get_mut(i).map(|s| &mut s.value)
     }
 
@@ -243,6 +301,10 @@ impl<V: Copy + Default> CounterTable<V> {
             self.len -= usize::from(old.is_some());
             return old;
         }
+        if self.in_front(key) {
+            self.len -= 1;
+            return Some(std::mem::take(&mut self.front).value);
+        }
         let i = self.find(key)?;
         let value = self.slots.get(i).map(|s| s.value);
         self.remove_at(i);
@@ -277,6 +339,10 @@ impl<V: Copy + Default> CounterTable<V> {
             self.zero = None;
             self.len -= 1;
         }
+        if !self.front.is_empty() && !keep(self.front.key(), &self.front.value) {
+            self.front = Slot::default();
+            self.len -= 1;
+        }
         // Start at a slot no shift crosses (empty, or an entry at home), so that an entry moved
         // back by a removal is one this pass has yet to look at, and none is looked at twice.
         let Some(start) = (0..self.slots.len()).find(|&i| self.distance_at(i) == 0) else {
@@ -298,16 +364,19 @@ impl<V: Copy + Default> CounterTable<V> {
         }
     }
 
-    /// Every entry: key 0's, then the slots in order.
+    /// Every entry: the front's, key 0's, then the slots in order.
     pub fn iter(&self) -> impl Iterator<Item = (u128, &V)> {
-        self.entries_from(0)
+        let front = (!self.front.is_empty()).then(|| (self.front.key(), &self.front.value));
+        front.into_iter().chain(self.entries_from(0))
     }
 
     /// Every entry: key 0's, then the slots in order from `key`'s home slot on, wrapping
-    /// around. Its first few are a sample of the table that starts somewhere no client can
-    /// predict, as keys are keyed hashes.
+    /// around, then the front's last. Its first few are a sample of the table that starts
+    /// somewhere no client can predict, as keys are keyed hashes; the front's key, in steady
+    /// use, is among them only in a table of fewer entries than the sample.
     pub fn iter_from(&self, key: u128) -> impl Iterator<Item = (u128, &V)> {
-        self.entries_from(self.home(key as u64))
+        let front = (!self.front.is_empty()).then(|| (self.front.key(), &self.front.value));
+        self.entries_from(self.home(key as u64)).chain(front)
     }
 
     fn entries_from(&self, at: usize) -> impl Iterator<Item = (u128, &V)> {
@@ -334,7 +403,17 @@ mod tests {
     fn check_invariants(t: &CounterTable<u64>) -> Result<(), TestCaseError> {
         let n = t.slots.len();
         let occupied = t.slots.iter().filter(|s| !s.is_empty()).count();
-        prop_assert_eq!(t.len, occupied + usize::from(t.zero.is_some()));
+        prop_assert_eq!(
+            t.len,
+            occupied + usize::from(t.zero.is_some()) + usize::from(!t.front.is_empty())
+        );
+        if !t.front.is_empty() {
+            prop_assert_eq!(
+                t.find(t.front.key()),
+                None,
+                "the front's key is in the slots too"
+            );
+        }
         prop_assert!(
             t.len == 0 || occupied * 4 <= n * 3,
             "over three quarters full"
@@ -364,6 +443,8 @@ mod tests {
         Insert(u128, u64),
         Remove(u128),
         Retain(u64),
+        /// `get_mut_front(key, |_| stale)`, then the value set.
+        Front(u128, bool, u64),
     }
 
     /// Keys that crowd few home slots, so probes are long, wrap around the end and cross each
@@ -387,6 +468,7 @@ mod tests {
             6 => (key(), any::<u64>()).prop_map(|(k, v)| Op::Insert(k, v)),
             3 => key().prop_map(Op::Remove),
             1 => (2u64..5).prop_map(Op::Retain),
+            4 => (key(), any::<bool>(), any::<u64>()).prop_map(|(k, s, v)| Op::Front(k, s, v)),
         ]
     }
 
@@ -418,6 +500,28 @@ mod tests {
                         keys.sort_unstable();
                         prop_assert_eq!(looked_at, keys);
                         model.retain(|_, v| *v % m != 0);
+                    }
+                    Op::Front(k, stale, v) => {
+                        let front = (!table.front.is_empty()).then(|| table.front.key());
+                        let got = table.get_mut_front(k, |_| stale).map(|slot| {
+                            let old = *slot;
+                            *slot = v;
+                            old
+                        });
+                        // A stale front gives way (and goes) to a key found in the slots.
+                        if let Some(f) = front
+                            && stale
+                            && k != 0
+                            && k != f
+                            && model.contains_key(&k)
+                        {
+                            model.remove(&f);
+                        }
+                        let want = model.get_mut(&k).map(|slot| std::mem::replace(slot, v));
+                        prop_assert_eq!(got, want);
+                        if want.is_some() && k != 0 && (front.is_none() || stale || front == Some(k)) {
+                            prop_assert!(table.in_front(k), "a key found took the front it could");
+                        }
                     }
                 }
                 check_invariants(&table)?;
