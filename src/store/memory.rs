@@ -62,6 +62,15 @@ pub(super) struct Cell {
     expires_at: u64,
 }
 
+impl Cell {
+    /// Whether the counter no longer matters at `now`: a decision treats it as absent, a sweep
+    /// drops it, and a full shard or the front entry gives it up first.
+    #[inline]
+    fn expired(&self, now: u64) -> bool {
+        self.expires_at <= now
+    }
+}
+
 type Shard = CounterTable<Cell>;
 
 /// A shard's lock and table, aligned so that the lock's byte and the table's front entry share
@@ -124,7 +133,7 @@ impl MemoryStore {
         for shard in self.shards.iter() {
             let mut map = shard.lock();
             let before = map.len();
-            map.retain(|_, cell| cell.expires_at > now);
+            map.retain(|_, cell| !cell.expired(now));
             dropped += before - map.len();
         }
         dropped
@@ -132,7 +141,7 @@ impl MemoryStore {
 
     /// Inserts or replaces `key`, keeping the shard within its share of `max_keys`.
     fn put(&self, map: &mut Shard, key: u128, cell: Cell, now: u64) {
-        match map.get_mut_front(key, |front| front.expires_at <= now) {
+        match map.get_mut_front(key, |front| front.expired(now)) {
             Some(slot) => *slot = cell,
             None => self.put_new(map, key, cell, now),
         }
@@ -149,7 +158,7 @@ impl MemoryStore {
             // tens of microseconds.
             let mut victim: Option<(u128, u64)> = None;
             for (k, c) in map.iter_from(key).take(EVICTION_SAMPLE) {
-                if c.expires_at <= now {
+                if c.expired(now) {
                     victim = Some((k, 0));
                     break;
                 }
@@ -213,7 +222,7 @@ impl MemoryStore {
         now: u64,
     ) -> bool {
         // An expired front entry is as good as absent (`judge` treats it so): it gives way.
-        let slot = map.get_mut_front(charge.key.0, |front| front.expires_at <= now);
+        let slot = map.get_mut_front(charge.key.0, |front| front.expired(now));
         let judged = judge(charge, slot.as_deref(), now);
         *verdict = judged.verdict;
         if let Some(cell) = judged.write {
@@ -239,8 +248,8 @@ impl MemoryStore {
             // Looked up as `apply_one` does, moving a key in use to the front alike, so that
             // both paths leave the same table.
             let stored = shards.shard(charge.key).and_then(|map| {
-                map.get_mut_front(charge.key.0, |front| front.expires_at <= now)
-                    .map(|cell| *cell)
+                map.get_mut_front(charge.key.0, |front| front.expired(now))
+                    .copied()
             });
             let judged = judge(charge, stored.as_ref(), now);
             *verdict = judged.verdict;
@@ -264,7 +273,7 @@ impl MemoryStore {
                 {
                     let state = map
                         .get(charge.key.0)
-                        .filter(|c| c.expires_at > now)
+                        .filter(|c| !c.expired(now))
                         .map(|c| c.state);
                     let out = evaluate(charge.policy, state, now, Hits::Take(0));
                     verdict.remaining = out.remaining;
@@ -289,7 +298,7 @@ struct Judged {
 /// Evaluates `charge` against its stored cell (expired counts as absent).
 #[inline]
 fn judge(charge: &Charge<'_>, stored: Option<&Cell>, now: u64) -> Judged {
-    let state = stored.filter(|c| c.expires_at > now).map(|c| c.state);
+    let state = stored.filter(|c| !c.expired(now)).map(|c| c.state);
     let out = evaluate(charge.policy, state, now, charge.hits);
     let writes = out.allowed && (state.is_some() || charge.hits != Hits::Take(0));
     Judged {

@@ -158,7 +158,12 @@ impl<V: Copy + Default> CounterTable<V> {
     /// The front entry's key, if it holds one: for tests.
     #[cfg(test)]
     pub(crate) fn front_key(&self) -> Option<u128> {
-        (!self.front.is_empty()).then(|| self.front.key())
+        self.front_entry().map(|(k, _)| k)
+    }
+
+    /// The front entry, if it holds one.
+    fn front_entry(&self) -> Option<(u128, &V)> {
+        (!self.front.is_empty()).then(|| (self.front.key(), &self.front.value))
     }
 
     /// Whether `front` holds `key` (not 0).
@@ -180,7 +185,8 @@ impl<V: Copy + Default> CounterTable<V> {
         self.slots.get(i).map(|s| &s.value)
     }
 
-    /// The value of `key`, to change in place.
+    /// The value of `key`, to change in place; a key found in the slots moves to the front if
+    /// the front is empty ([`Self::get_mut_front`] with nothing stale).
     #[inline]
     pub fn get_mut(&mut self, key: u128) -> Option<&mut V> {
         self.get_mut_front(key, |_| false)
@@ -366,8 +372,7 @@ impl<V: Copy + Default> CounterTable<V> {
 
     /// Every entry: the front's, key 0's, then the slots in order.
     pub fn iter(&self) -> impl Iterator<Item = (u128, &V)> {
-        let front = (!self.front.is_empty()).then(|| (self.front.key(), &self.front.value));
-        front.into_iter().chain(self.entries_from(0))
+        self.front_entry().into_iter().chain(self.entries_from(0))
     }
 
     /// Every entry: key 0's, then the slots in order from `key`'s home slot on, wrapping
@@ -375,8 +380,8 @@ impl<V: Copy + Default> CounterTable<V> {
     /// somewhere no client can predict, as keys are keyed hashes; the front's key, in steady
     /// use, is among them only in a table of fewer entries than the sample.
     pub fn iter_from(&self, key: u128) -> impl Iterator<Item = (u128, &V)> {
-        let front = (!self.front.is_empty()).then(|| (self.front.key(), &self.front.value));
-        self.entries_from(self.home(key as u64)).chain(front)
+        self.entries_from(self.home(key as u64))
+            .chain(self.front_entry())
     }
 
     fn entries_from(&self, at: usize) -> impl Iterator<Item = (u128, &V)> {
@@ -502,7 +507,7 @@ mod tests {
                         model.retain(|_, v| *v % m != 0);
                     }
                     Op::Front(k, stale, v) => {
-                        let front = (!table.front.is_empty()).then(|| table.front.key());
+                        let front = table.front_key();
                         let got = table.get_mut_front(k, |_| stale).map(|slot| {
                             let old = *slot;
                             *slot = v;
