@@ -20,9 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set();
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out_dir.join("sluice_descriptor.bin"), fds.encode_to_vec())?;
+    // Every generated service and client uses sluice's codec: prost, with malformed messages
+    // answered as INVALID_ARGUMENT (src/service/codec.rs).
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::service::codec::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

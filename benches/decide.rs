@@ -15,8 +15,7 @@
 //! - `path/*`: (d) `PathRouter::lookup` on the default config's training templates.
 //! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
 //!   `decide` + `to_response`, and the same plus protobuf decode of the request and encode of
-//!   the response (what tonic's codec adds); `*_wire` does that byte-to-byte work with
-//!   `service::wire` instead of prost (`decode_request` + `decide` + `encode_response`).
+//!   the response (what sluice's codec does inside tonic).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::cell::{Cell, OnceCell, RefCell};
@@ -33,7 +32,6 @@ use sluice::limiter::path::{PathRouter, PathTemplate};
 use sluice::limiter::{Decision, Limiter, Request, RulesCache};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
-use sluice::service::wire::{decode_request, encode_response};
 use sluice::stats::Stats;
 use sluice::store::MemoryStore;
 
@@ -342,29 +340,6 @@ fn bench_service(c: &mut Criterion) {
             black_box(out.len())
         });
     });
-    // The same bytes in and out without prost's structs: the request borrowed from its bytes,
-    // the response written from the decision into a reused buffer.
-    let mut wire_out = bytes::BytesMut::with_capacity(256);
-    let rules = l.rules_in_force();
-    let d = ready!(l.decide(&rules, &decode_request(&bytes).unwrap()));
-    let mut wire_bytes = Vec::new();
-    encode_response(&d, &mut wire_bytes);
-    assert_eq!(
-        wire_bytes,
-        to_response(&d).encode_to_vec(),
-        "the same bytes as prost's"
-    );
-    g.bench_function("hot_allowed_wire", |b| {
-        b.iter(|| {
-            let view = decode_request(black_box(bytes.as_slice())).unwrap();
-            let rules = l.rules_in_force();
-            let d = ready!(l.decide(&rules, &view));
-            wire_out.clear();
-            encode_response(&d, &mut wire_out);
-            black_box(wire_out.len())
-        });
-    });
-
     // Over the limit: the response carries retry-after, content-type and the JSON body.
     let l = limiter(DENY_YAML, None);
     for _ in 0..10 {
@@ -388,17 +363,6 @@ fn bench_service(c: &mut Criterion) {
             out.clear();
             to_response(&d).encode(&mut out).unwrap();
             black_box(out.len())
-        });
-    });
-    g.bench_function("hot_denied_wire", |b| {
-        b.iter(|| {
-            let view = decode_request(black_box(bytes.as_slice())).unwrap();
-            let rules = l.rules_in_force();
-            let d = ready!(l.decide(&rules, &view));
-            debug_assert!(d.over);
-            wire_out.clear();
-            encode_response(&d, &mut wire_out);
-            black_box(wire_out.len())
         });
     });
     g.finish();

@@ -53,8 +53,9 @@ pub struct ServeOptions {
     pub admin_token: Option<String>,
     /// `SLUICE_KEY_SECRET`, if set and not empty: the counter-key secret replicas share.
     pub key_secret: Option<String>,
-    /// The decision listener's HTTP/2 (`--http2`).
-    pub http2: crate::server::Http2,
+    /// The decision listener's connection limits (`--max-connections`, `--idle-timeout`,
+    /// `--max-request-bytes`).
+    pub decisions: crate::server::connections::Limits,
 }
 
 /// Why sluice could not start or stopped with an error. Errors of other modules pass through
@@ -201,7 +202,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
     let server_options = Options {
         sweep_interval: cfg.store.sweep_interval,
         admin_token: options.admin_token,
-        http2: options.http2,
+        decisions: options.decisions,
         ..Options::default()
     };
     let listeners = Listeners {

@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::limiter::Limiter;
+use crate::server::ListenerStats;
 use crate::store::Store;
 
 /// Whether the server should receive traffic: true once serving, false from the shutdown
@@ -34,11 +35,20 @@ impl Readiness {
 struct AppState<S> {
     limiter: Arc<Limiter<S>>,
     ready: Arc<Readiness>,
+    listeners: Arc<ListenerStats>,
 }
 
 /// The router of the HTTP listener.
-pub fn router<S: Store>(limiter: Arc<Limiter<S>>, ready: Arc<Readiness>) -> Router {
-    let state = Arc::new(AppState { limiter, ready });
+pub fn router<S: Store>(
+    limiter: Arc<Limiter<S>>,
+    ready: Arc<Readiness>,
+    listeners: Arc<ListenerStats>,
+) -> Router {
+    let state = Arc::new(AppState {
+        limiter,
+        ready,
+        listeners,
+    });
     Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -52,7 +62,7 @@ async fn metrics<S: Store>(State(app): State<Arc<AppState<S>>>) -> impl IntoResp
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&app.limiter),
+        crate::metrics::render(&app.limiter, &app.listeners),
     )
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use sluice::app::{self, ServeOptions};
+use sluice::server::connections::Limits;
 
 /// mimalloc: the gRPC transport allocates on every call; measured in BENCHMARKS.md.
 #[global_allocator]
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve Envoy's RateLimitService.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a config file and print the effective limits.
     Check {
         /// Config file.
@@ -69,10 +70,15 @@ struct ServeArgs {
     /// (`rediss://` for TLS), or several URLs separated by commas (Redis Cluster seeds).
     #[arg(long, env = "SLUICE_STORE")]
     store: Option<String>,
-    /// HTTP/2 of the decision listener: `native` (sluice's own, for unary gRPC) or `h2` (the
-    /// h2 crate, as before; kept as a fallback).
-    #[arg(long, default_value = "native", env = "SLUICE_HTTP2")]
-    http2: sluice::server::Http2,
+    /// Connections the decision listener keeps open at once; more are closed as they arrive.
+    #[arg(long, default_value_t = Limits::decisions().max_connections, env = "SLUICE_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// A decision connection with no call for this long is closed.
+    #[arg(long, default_value = "300s", value_parser = parse_secs, env = "SLUICE_IDLE_TIMEOUT")]
+    idle_timeout: Duration,
+    /// Largest request message on the decision listener, in bytes.
+    #[arg(long, default_value_t = Limits::decisions().max_request_bytes, env = "SLUICE_MAX_REQUEST_BYTES")]
+    max_request_bytes: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -93,7 +99,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
         Command::Check { config } => {
             print!("{}", app::check(&config)?);
             return Ok(());
@@ -114,7 +120,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         reload_interval: args.reload_interval,
         state_file: args.state_file,
         store: args.store,
-        http2: args.http2,
+        decisions: Limits {
+            max_connections: args.max_connections,
+            idle_timeout: args.idle_timeout,
+            max_request_bytes: args.max_request_bytes,
+            ..Limits::decisions()
+        },
     };
     // Built by hand so that `check` starts no runtime; it sizes itself from TOKIO_WORKER_THREADS.
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,8 @@ use std::fmt::{Display, Write as _};
 use std::sync::atomic::Ordering;
 
 use crate::limiter::Limiter;
+use crate::server::ListenerStats;
+use crate::server::connections::ConnectionStats;
 use crate::stats::LATENCY_BUCKETS;
 use crate::store::Store;
 
@@ -54,7 +56,7 @@ impl Exposition {
 }
 
 /// Renders every metric.
-pub fn render<S: Store>(limiter: &Limiter<S>) -> String {
+pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> String {
     let stats = limiter.stats();
     let rules = limiter.rules();
     let now = limiter.clock().now();
@@ -224,7 +226,57 @@ pub fn render<S: Store>(limiter: &Limiter<S>) -> String {
         ("shadow", &shadow),
     ];
     out.sample("sluice_config_info", &labels, 1);
+    connections(&mut out, listeners);
     out.0
+}
+
+/// The gRPC listeners' connections (`listener` is `decisions` or `admin`).
+fn connections(out: &mut Exposition, listeners: &ListenerStats) {
+    let both = [
+        ("decisions", &listeners.decisions),
+        ("admin", &listeners.admin),
+    ];
+    type Family = (&'static str, &'static str, &'static str, fn(&ConnectionStats) -> u64);
+    let families: [Family; 3] = [
+        (
+            "sluice_connections_accepted_total",
+            "counter",
+            "Connections accepted and served.",
+            ConnectionStats::accepted,
+        ),
+        (
+            "sluice_connections_refused_total",
+            "counter",
+            "Connections closed as they arrived because the listener's max_connections were open.",
+            ConnectionStats::refused,
+        ),
+        (
+            "sluice_connections_open",
+            "gauge",
+            "Connections open now.",
+            |s| s.open() as u64,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        for (listener, stats) in both {
+            out.sample(name, &[("listener", listener)], value(stats));
+        }
+    }
+    out.family(
+        "sluice_connections_closed_total",
+        "counter",
+        "Connections the server closed: HTTP/2 not started within the handshake timeout, or no call within the idle timeout.",
+    );
+    for (listener, stats) in both {
+        for (reason, n) in [
+            ("handshake_timeout", stats.handshake_timeouts()),
+            ("idle", stats.idle_closed()),
+        ] {
+            let labels = [("listener", listener), ("reason", reason)];
+            out.sample("sluice_connections_closed_total", &labels, n);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -174,7 +174,9 @@ impl<S: Store> AdminService<S> {
     }
 
     fn peer<T>(req: &Request<T>) -> String {
-        req.remote_addr()
+        req.extensions()
+            .get::<crate::server::connections::ConnInfo>()
+            .map(|c| c.remote)
             .map_or_else(|| "admin".to_string(), |a| format!("admin (peer {a})"))
     }
 }

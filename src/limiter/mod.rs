@@ -1193,7 +1193,7 @@ mod tests {
     }
 
     fn ready<F: std::future::Future>(f: F) -> F::Output {
-        crate::store::poll_once(std::pin::pin!(f)).expect("a MemoryStore decision never waits")
+        futures_util::FutureExt::now_or_never(f).expect("a MemoryStore decision never waits")
     }
 
     fn rules(limit: &str) -> RuleSet {

@@ -1,22 +1,74 @@
-//! `envoy.service.ratelimit.v3.RateLimitService`: validates a `RateLimitRequest`, borrows it into
-//! a [`limiter::Request`] (no copies of keys or values), asks the
-//! [`Limiter`](crate::limiter::Limiter), and writes the `RateLimitResponse` exactly as Envoy
-//! reads it: one status per descriptor in order, exact
-//! `current_limit`/`limit_remaining`/`duration_until_reset` (Envoy derives `X-RateLimit-*` from
-//! them), and on OVER_LIMIT a `retry-after` header and the seeds' JSON body.
+//! `envoy.service.ratelimit.v3.RateLimitService`: [`RlsService`] validates a `RateLimitRequest`,
+//! borrows it into a [`limiter::Request`] (no copies of keys or values), asks the [`Limiter`],
+//! and writes the `RateLimitResponse` exactly as Envoy reads it: one status per descriptor in
+//! order, exact `current_limit`/`limit_remaining`/`duration_until_reset` (Envoy derives
+//! `X-RateLimit-*` from them), and on OVER_LIMIT a `retry-after` header and the seeds' JSON body.
+
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
 use crate::limiter::algorithms::Hits;
 use crate::limiter::model::Unit;
-use crate::limiter::{self, Blocked, Decision, Descriptor, LimitOverride, Status as LimiterStatus};
+use crate::limiter::{
+    self, Blocked, Decision, Descriptor, LimitOverride, Limiter, Status as LimiterStatus,
+};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit, rate_limit::Unit as ProtoUnit,
 };
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
+use crate::store::Store;
+
+/// The gRPC service name Envoy calls.
+pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// The rate limit service: one method, `ShouldRateLimit`.
+#[derive(Debug)]
+pub struct RlsService<S> {
+    limiter: Arc<Limiter<S>>,
+}
+
+impl<S> RlsService<S> {
+    /// A service answering from `limiter`.
+    pub fn new(limiter: Arc<Limiter<S>>) -> Self {
+        Self { limiter }
+    }
+}
+
+impl<S: Store> RlsService<S> {
+    /// Decides `request`; a request that cannot be decided is `INVALID_ARGUMENT` naming the
+    /// field. The decision is awaited here, in the call's own task: a client that resets the
+    /// call drops it, and with it any store work still waiting (Redis has its own deadline).
+    pub async fn answer(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, tonic::Status> {
+        let start = std::time::Instant::now();
+        let view =
+            to_request(request).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let rules = self.limiter.rules_in_force();
+        let decision = self.limiter.decide(&rules, &view).await;
+        let response = to_response(&decision);
+        self.limiter.stats().latency.observe(start.elapsed());
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> RateLimitService for RlsService<S> {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        self.answer(request.get_ref())
+            .await
+            .map(tonic::Response::new)
+    }
+}
 
 /// Most descriptors accepted in one request.
 pub const MAX_DESCRIPTORS: usize = 64;

@@ -370,11 +370,6 @@ impl Store for MemoryStore {
     fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }
-
-    /// `apply` takes a shard lock and returns: it never waits.
-    fn answers_at_once(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

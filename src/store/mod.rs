@@ -145,25 +145,6 @@ pub trait Store: Send + Sync + 'static {
     fn cache_hits(&self) -> u64 {
         0
     }
-
-    /// Whether every [`Store::apply`] future is ready the first time it is polled (no I/O, no
-    /// waiting). The decision listener then answers a call in the connection's own task, with
-    /// no future kept beyond that poll.
-    fn answers_at_once(&self) -> bool {
-        false
-    }
-}
-
-/// Polls `f` once, with a waker that does nothing: its output if it is ready, `None` if it
-/// would wait. For the futures of a store that [answers at once](Store::answers_at_once),
-/// which are always ready, so no executor is needed (the decision listener, benches, tests).
-/// Pinned by the caller (`poll_once(pin!(future))`), so the future is built in place: a
-/// decision's future is large, and moving it costs a copy.
-pub fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
-    match f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
 }
 
 /// Which counter store to run, from the config's `store:` section or `--store`.
@@ -308,13 +289,6 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.cache_hits(),
             AnyStore::Redis(s) => s.cache_hits(),
-        }
-    }
-
-    fn answers_at_once(&self) -> bool {
-        match self {
-            AnyStore::Memory(s) => s.answers_at_once(),
-            AnyStore::Redis(s) => s.answers_at_once(),
         }
     }
 }

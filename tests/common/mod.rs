@@ -40,8 +40,8 @@ pub struct Setup {
     pub token: Option<String>,
     /// Start the clock here instead of [`T0`].
     pub start: Option<Timestamp>,
-    /// The decision listener's HTTP/2 (the default: sluice's own).
-    pub http2: sluice::server::Http2,
+    /// The decision listener's connection limits (the server's defaults if `None`).
+    pub limits: Option<sluice::server::connections::Limits>,
 }
 
 /// A running server and a client connected to it; over the memory store unless started with
@@ -65,22 +65,6 @@ impl TestServer {
     }
 
     /// Starts a server on the repository's default config file.
-    /// Starts a server on the repository's default config file, its decision listener on
-    /// `http2`.
-    pub async fn start_default_on(http2: sluice::server::Http2) -> TestServer {
-        let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
-        let cfg = config::parse(&text, "config/sluice.yaml", |_| None).unwrap();
-        Self::start_setup(
-            cfg,
-            Setup {
-                token: Some(ADMIN_TOKEN.into()),
-                http2,
-                ..Setup::default()
-            },
-        )
-        .await
-    }
-
     pub async fn start_default() -> TestServer {
         let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();
         let cfg = config::parse(&text, "config/sluice.yaml", |_| None).unwrap();
@@ -129,7 +113,7 @@ impl<S: Store> TestServer<S> {
         let options = Options {
             sweep_interval: Duration::from_secs(3600),
             admin_token: setup.token.clone(),
-            http2: setup.http2,
+            decisions: setup.limits.clone().unwrap_or_default(),
             ..Options::default()
         };
         let l = limiter.clone();
@@ -321,64 +305,6 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
-}
-
-/// Runs sluice-load (the benchmark load generator) with `args`, off the test's runtime (a server
-/// under test may share it): exit code, stdout, stderr.
-pub async fn sluice_load(args: &[&str]) -> (i32, String, String) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-load"))
-            .args(&args)
-            .output()
-            .expect("sluice-load runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-/// A short sluice-load run against `addr`: 0.3 s recorded, no warm-up, `flags` first
-/// (`--raw`, say). Exit code, its last stdout line (the JSON one when it ran), stderr.
-pub async fn short_load(
-    addr: SocketAddr,
-    flags: &[&str],
-    shape: &str,
-    connections: &str,
-    concurrency: &str,
-) -> (i32, String, String) {
-    let addr = addr.to_string();
-    let mut args = flags.to_vec();
-    args.extend([
-        "--addr",
-        &addr,
-        "--shape",
-        shape,
-        "--connections",
-        connections,
-        "--concurrency",
-        concurrency,
-        "--duration",
-        "0.3",
-        "--warmup",
-        "0",
-        "--json",
-    ]);
-    let (code, stdout, stderr) = sluice_load(&args).await;
-    let line = stdout.lines().last().unwrap_or_default().to_string();
-    (code, line, stderr)
-}
-
-/// A number field of sluice-load's JSON line.
-pub fn json_field(line: &str, key: &str) -> f64 {
-    let start = line.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
-    let rest = &line[start..];
-    let end = rest.find([',', '}']).unwrap();
-    rest[..end].parse().unwrap()
 }
 
 /// A limiter over the memory store on the repository's default config, its clock at [`T0`]:

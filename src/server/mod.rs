@@ -1,15 +1,18 @@
 //! Wiring: the gRPC services on their listeners, health and reflection, background upkeep, and
-//! graceful shutdown. The caller binds the listeners and owns the shutdown future, so `app` (the binary) and
-//! the tests run exactly the same code (tests bind `127.0.0.1:0`).
+//! graceful shutdown. The caller binds the listeners and owns the shutdown future, so `app` (the
+//! binary) and the tests run exactly the same code (tests bind `127.0.0.1:0`).
 //!
-//! - decisions listener: `RateLimitService`, health, reflection (v1 and v1alpha). Served on
-//!   sluice's own HTTP/2 for unary gRPC ([`http2`]; `--http2 h2` serves it on the `h2` crate
-//!   instead, [`connection`]): `ShouldRateLimit` goes straight to [`RlsEndpoint`], anything
-//!   else to tonic's router. tonic's own server would run every call through its layers
-//!   (connection info, `grpc-timeout`, error recovery), axum's routing, boxed bodies and
-//!   hyper's task per stream, and h2 itself was three quarters of what was left per call;
-////! - admin listener: `sluice.admin.v1.Admin` behind the token check, health, reflection;
-//! - background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
+//! Both gRPC listeners are tonic `Server`s over hyper's HTTP/2, configured here from
+//! [`connections::Limits`] (streams, windows, header list, message size, keepalive) and fed by
+//! [`connections::incoming`] (connection cap, handshake and idle timeouts, `TCP_NODELAY`):
+//! - decisions: `RateLimitService` ([`RlsService`]), health, reflection (v1 and v1alpha);
+//! - admin: `sluice.admin.v1.Admin` behind the token check, health, reflection.
+//!
+//! Around every service of both: [`ActivityLayer`] (calls seen by the idle timeout) and
+//! [`BoundedErrorsLayer`] (no error message longer than 256 bytes, whatever the client sent).
+//! Background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
+
+pub mod connections;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,19 +21,21 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use self::connections::{ActivityLayer, ConnectionStats, Limits};
 use crate::admin::AdminService;
 use crate::admin::auth::TokenCheck;
 use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::sluice::admin::v1::admin_server::AdminServer;
-use crate::service::endpoint::{RlsEndpoint, SERVICE_NAME};
-use crate::service::{connection, http2};
+use crate::service::bounded::BoundedErrorsLayer;
+use crate::service::rls::{RlsService, SERVICE_NAME};
 use crate::store::Store;
 
 /// Listeners the server runs on, already bound.
@@ -56,32 +61,10 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// Clients idle this long are dropped from per-client statistics.
     pub client_idle: Duration,
-    /// Which HTTP/2 implementation serves the decision listener.
-    pub http2: Http2,
-}
-
-/// The decision listener's HTTP/2: our own, specialised for unary gRPC (the default), or the
-/// `h2` crate, kept for one release as a fallback an operator can switch to (`--http2 h2`)
-/// should a client meet a difference between the two.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Http2 {
-    /// [`crate::service::http2`].
-    #[default]
-    Native,
-    /// The `h2` crate ([`crate::service::connection`]).
-    H2,
-}
-
-impl std::str::FromStr for Http2 {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "native" => Ok(Http2::Native),
-            "h2" => Ok(Http2::H2),
-            other => Err(format!("{other:?} is neither `native` nor `h2`")),
-        }
-    }
+    /// The decision listener's connection limits.
+    pub decisions: Limits,
+    /// The admin listener's connection limits.
+    pub admin: Limits,
 }
 
 impl Default for Options {
@@ -91,7 +74,8 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
             client_idle: Duration::from_secs(3600),
-            http2: Http2::default(),
+            decisions: Limits::decisions(),
+            admin: Limits::admin(),
         }
     }
 }
@@ -115,9 +99,22 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Health and reflection, which each listener serves.
-fn common_routes(services: &[&str]) -> Result<(HealthReporter, Routes), ServerError> {
+/// Connection counts of both gRPC listeners, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// The decision listener's.
+    pub decisions: Arc<ConnectionStats>,
+    /// The admin listener's.
+    pub admin: Arc<ConnectionStats>,
+}
+
+/// Health and reflection, which each listener serves, with requests bounded by `limits`.
+fn common_routes(
+    services: &[&str],
+    limits: &Limits,
+) -> Result<(HealthReporter, Routes), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    let max = limits.max_request_bytes;
     // Reflection lists only what this listener serves (the descriptor set holds both
     // listeners' services); every type stays describable.
     let listed = services.iter().copied().chain([
@@ -133,10 +130,36 @@ fn common_routes(services: &[&str]) -> Result<(HealthReporter, Routes), ServerEr
             |b, name| b.with_service_name(name),
         )
     };
-    let routes = Routes::new(health_service)
-        .add_service(builder().build_v1()?)
-        .add_service(builder().build_v1alpha()?);
+    let routes = Routes::new(health_service.max_decoding_message_size(max))
+        .add_service(builder().build_v1()?.max_decoding_message_size(max))
+        .add_service(builder().build_v1alpha()?.max_decoding_message_size(max));
     Ok((health, routes))
+}
+
+/// A tonic server with `limits` applied to every connection and call, and the layers every
+/// service of a listener runs in (see the module doc).
+fn server_with(
+    limits: &Limits,
+) -> Server<
+    tower::layer::util::Stack<
+        BoundedErrorsLayer,
+        tower::layer::util::Stack<ActivityLayer, tower::layer::util::Identity>,
+    >,
+> {
+    Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_header_list_size(limits.max_header_list_bytes)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        // A stream's window holds one whole request of the largest size allowed; the
+        // connection's, what the streams may send before the server has read any of it.
+        .initial_stream_window_size(u32::try_from(limits.max_request_bytes + 5).unwrap_or(u32::MAX))
+        .initial_connection_window_size(1024 * 1024)
+        // Streams a client opens and resets before the server has taken them (the "rapid
+        // reset" attack): hyper's default, stated.
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .layer(ActivityLayer)
+        .layer(BoundedErrorsLayer)
 }
 
 /// The admin listener's service.
@@ -166,36 +189,44 @@ pub async fn run<S: Store>(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let listener_stats = Arc::new(ListenerStats::default());
 
     // Health is reported per listener: both routers answer "" and their services as SERVING
     // once the config is loaded, which it is by the time we get here.
-    // TCP_NODELAY is set on the incoming stream: the builder's setting does not reach a listener
-    // we bound ourselves, and without it small responses wait for delayed ACKs (40 ms tails).
-    let (health, routes) = common_routes(&[SERVICE_NAME])?;
+    let limits = &options.decisions;
+    let (health, routes) = common_routes(&[SERVICE_NAME], limits)?;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
-    let grpc = serve_decisions(
-        listeners.grpc,
-        RlsEndpoint::new(limiter.clone()),
-        routes.prepare(),
-        options.http2,
-        stopped(stop_rx.clone()),
-    );
+    let rls = RateLimitServiceServer::new(RlsService::new(limiter.clone()))
+        .max_decoding_message_size(limits.max_request_bytes);
+    let grpc = server_with(limits)
+        .add_routes(routes)
+        .add_service(rls)
+        .serve_with_incoming_shutdown(
+            connections::incoming(
+                listeners.grpc,
+                limits.clone(),
+                listener_stats.decisions.clone(),
+            ),
+            stopped(stop_rx.clone()),
+        );
     let admin = match listeners.admin {
         Some(listener) => {
+            let limits = &options.admin;
             let check = check.clone();
-            let service =
-                AdminServer::with_interceptor(AdminService::new(limiter.clone()), move |req| {
-                    check.check(req)
-                });
-            let (health, routes) = common_routes(&[ADMIN_SERVICE])?;
+            let service = InterceptedService::new(
+                AdminServer::new(AdminService::new(limiter.clone()))
+                    .max_decoding_message_size(limits.max_request_bytes),
+                move |req| check.check(req),
+            );
+            let (health, routes) = common_routes(&[ADMIN_SERVICE], limits)?;
             health
                 .set_service_status(ADMIN_SERVICE, ServingStatus::Serving)
                 .await;
-            let router = Server::builder().add_routes(routes).add_service(service);
+            let router = server_with(limits).add_routes(routes).add_service(service);
             Some(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                connections::incoming(listener, limits.clone(), listener_stats.admin.clone()),
                 stopped(stop_rx.clone()),
             ))
         }
@@ -204,7 +235,7 @@ pub async fn run<S: Store>(
 
     let ready = Arc::new(Readiness::default());
     let http = listeners.http.map(|listener| {
-        let app = crate::http::router(limiter.clone(), ready.clone());
+        let app = crate::http::router(limiter.clone(), ready.clone(), listener_stats.clone());
         let stop = stopped(stop_rx.clone());
         async move {
             axum::serve(listener, app)
@@ -226,11 +257,11 @@ pub async fn run<S: Store>(
 
     let servers = async {
         match admin {
-            Some(admin) => tokio::join!(grpc, admin).1,
-            None => {
-                grpc.await;
-                Ok(())
+            Some(admin) => {
+                let (grpc, admin) = tokio::join!(grpc, admin);
+                grpc.and(admin)
             }
+            None => grpc.await,
         }
     };
     let signal = async {
@@ -255,63 +286,6 @@ pub async fn run<S: Store>(
         tracing::error!(error = %e, "could not save blocks and allowlist at shutdown");
     }
     result
-}
-
-/// Serves the decision listener over HTTP/2 (cleartext, prior knowledge, as gRPC clients
-/// connect) until `shutdown`, then sends every connection a GOAWAY and waits for their calls
-/// to finish (the caller bounds that wait by the shutdown grace).
-async fn serve_decisions<S: Store>(
-    listener: TcpListener,
-    endpoint: RlsEndpoint<S>,
-    routes: tonic::service::Routes,
-    http2: Http2,
-    shutdown: impl Future<Output = ()>,
-) {
-    let endpoint = Arc::new(endpoint);
-    // Connections watch this flag; the sender learns they are all gone when every receiver is
-    // dropped.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a decision connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Small responses must not wait for delayed ACKs (40 ms tails).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
-        }
-        let mut stop = stop_rx.clone();
-        let stop = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let (endpoint, routes) = (endpoint.clone(), routes.clone());
-        tokio::spawn(async move {
-            let ended = match http2 {
-                Http2::Native => http2::conn::serve(tcp, endpoint, routes, stop)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Http2::H2 => connection::serve(tcp, endpoint, routes, stop)
-                    .await
-                    .map_err(|e| e.to_string()),
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "decision connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    drop(stop_rx);
-    let _ = stop_tx.send(true);
-    stop_tx.closed().await;
 }
 
 /// Drops expired counters, expired blocks and idle clients every `sweep_interval`, off the

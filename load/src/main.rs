@@ -1,11 +1,11 @@
 //! `sluice-load`: drives `ShouldRateLimit` on a sluice server over loopback and reports decisions
-//! per second and latency percentiles (issue 5; scripts/bench runs it).
+//! per second and latency percentiles; `scripts/bench` runs it.
 //!
-//! It opens `--connections` HTTP/2 connections and keeps `--concurrency` calls in flight on
-//! each, through the generated `RateLimitServiceClient`, for `--warmup` seconds unrecorded and then
-//! `--duration` seconds recorded. Every reply is checked: gRPC OK, one status per descriptor,
-//! `overall_code` OK or OVER_LIMIT and consistent with the statuses; anything else is a failure
-//! (counted, the first one printed, exit status 2).
+//! It opens `--connections` tonic channels (one HTTP/2 connection each) and keeps
+//! `--concurrency` calls in flight on each, through the generated `RateLimitServiceClient`, for
+//! `--warmup` seconds unrecorded and then `--duration` seconds recorded. Every reply is checked:
+//! gRPC OK, one status per descriptor, `overall_code` OK or OVER_LIMIT and consistent with the
+//! statuses; anything else is a failure (counted, the first one printed, exit status 2).
 //!
 //! Shapes (`--shape`), all in `--domain` (default `load`) with descriptor
 //! `[path=<--path>, remote_address=<client>]`, as Envoy sends:
@@ -17,43 +17,24 @@
 //! Use a config where the hot key is not simply denied, such as `benches/load.yaml`
 //! (4e9/minute). Only loopback addresses are accepted.
 //!
-//! `--raw` sends the calls as pre-encoded HTTP/2 frames on bare connections instead (module
-//! `raw`): about a tenth of the generated client's cost per call, so that the server, not the
-//! client, is what a run measures (how much a second worker thread buys, say). It checks less
-//! per answer: HTTP 200, `grpc-status: 0`, `overall_code` OK or OVER_LIMIT.
-//!
 //! `--write-request FILE` writes the hot request as one gRPC message (5-byte prefix: flag 0 and
-//! big-endian length, then the protobuf) for `h2load -d FILE` and exits.
-//!
-//! The generated client runs over a minimal HTTP/2 client of our own (`client`, on the server's
-//! frame and HPACK code) rather than a tonic `Channel` (which adds a buffer task, reconnection
-//! and load balancing per call), hyper's client (a channel to the connection's task and a task
-//! per request body) or the `h2` crate (about 45% of the generator's CPU per call): the
-//! generator shares the two cores of the benchmark machine with the server, so its cost per
-//! call caps the figures it reports. For the same reason each connection and its calls run on
-//! one task (see `beside`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! big-endian length, then the protobuf) for `h2load -d FILE` and exits: h2load is the client
+//! that costs the least per call, for runs where the server must be the bottleneck.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
-use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use prost::Message;
-use tokio::net::TcpStream;
-
-mod client;
-mod raw;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
 
 use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -103,8 +84,7 @@ struct Args {
     /// Value of the descriptor's `path` entry.
     #[arg(long, default_value = "/bench")]
     path: String,
-    /// Threads of the generator, each with its share of the connections (default: one per
-    /// core, at most one per connection).
+    /// Worker threads of the generator's runtime (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// Also print one JSON object with every figure (last line).
@@ -113,11 +93,6 @@ struct Args {
     /// Free text copied into the JSON (run labels for scripts/bench).
     #[arg(long, default_value = "")]
     label: String,
-    /// Calls as pre-encoded HTTP/2 frames on bare connections, with no gRPC client: what the
-    /// server can take when the client is not the bottleneck (see `raw`). Checks less per
-    /// answer: HTTP 200, grpc-status 0, overall_code OK or OVER_LIMIT.
-    #[arg(long)]
-    raw: bool,
     /// Write the hot request as a gRPC-framed message to FILE (for h2load -d) and exit.
     #[arg(long, value_name = "FILE")]
     write_request: Option<PathBuf>,
@@ -145,7 +120,7 @@ impl Shape {
 
 const HOT_CLIENT: &str = "10.0.0.1";
 
-/// Builds requests for a shape; shared by every task.
+/// Builds requests for a shape; shared by every call loop.
 struct Requests {
     shape: Shape,
     domain: String,
@@ -180,8 +155,11 @@ impl Requests {
         match self.shape {
             Shape::Hot => HOT_CLIENT.to_string(),
             Shape::Clients => {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                self.clients[(n % self.clients.len() as u64) as usize].clone()
+                let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+                self.clients
+                    .get(n % self.clients.len().max(1))
+                    .cloned()
+                    .unwrap_or_default()
             }
             Shape::Unique => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -246,23 +224,45 @@ fn check(reply: &RateLimitResponse) -> Result<bool, String> {
     }
 }
 
-/// Totals of one run, merged over tasks.
-#[derive(Default)]
-struct Counts {
-    ok: AtomicU64,
-    over_limit: AtomicU64,
-    failures: AtomicU64,
-    warmup_calls: AtomicU64,
-    first_failure: Mutex<Option<String>>,
+/// What one call loop saw.
+struct Tally {
+    ok: u64,
+    over_limit: u64,
+    failures: u64,
+    warmup_calls: u64,
+    first_failure: Option<String>,
+    /// Recorded calls' latencies in microseconds.
+    latency: Histogram<u64>,
 }
 
-impl Counts {
-    fn fail(&self, what: String) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_failure.lock().unwrap();
-        if first.is_none() {
-            *first = Some(what);
+impl Tally {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            ok: 0,
+            over_limit: 0,
+            failures: 0,
+            warmup_calls: 0,
+            first_failure: None,
+            // 1 µs .. 60 s, 3 significant digits.
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        })
+    }
+
+    fn fail(&mut self, what: String) {
+        self.failures += 1;
+        self.first_failure.get_or_insert(what);
+    }
+
+    fn add(&mut self, other: Tally) -> anyhow::Result<()> {
+        self.ok += other.ok;
+        self.over_limit += other.over_limit;
+        self.failures += other.failures;
+        self.warmup_calls += other.warmup_calls;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
         }
+        self.latency.add(other.latency)?;
+        Ok(())
     }
 }
 
@@ -271,75 +271,49 @@ fn resolve_loopback(addr: &str) -> anyhow::Result<SocketAddr> {
         .to_socket_addrs()
         .with_context(|| format!("--addr {addr}: not host:port"))?
         .collect();
-    if addrs.is_empty() {
+    let Some(&first) = addrs.first() else {
         bail!("--addr {addr}: resolves to nothing");
-    }
+    };
     if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
         bail!(
             "--addr {addr}: {a} is not a loopback address; sluice-load only targets this machine"
         );
     }
-    Ok(addrs[0])
+    Ok(first)
 }
 
-type Client = RateLimitServiceClient<client::Connection>;
+type Client = RateLimitServiceClient<Channel>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<(Client, client::Driver)> {
-    // The server may still be starting: retry for up to 10 s.
+/// One HTTP/2 connection, for up to `in_flight` calls at once. The server may still be
+/// starting: connecting is retried for up to 10 s.
+async fn connect(addr: SocketAddr, in_flight: usize) -> anyhow::Result<Client> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        // The channel queues calls for its connection; room for all of them, or the queue,
+        // not the server, would set the pace.
+        .buffer_size(in_flight.max(1024));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let tcp = loop {
-        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => break tcp,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to {addr}")),
-            Err(_) => bail!("connecting to {addr}: timed out"),
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(RateLimitServiceClient::new(channel)),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
         }
-    };
-    tcp.set_nodelay(true)?;
-    let (connection, driver) = client::handshake(tcp);
-    let origin: http::Uri = format!("http://{addr}").parse()?;
-    Ok((
-        RateLimitServiceClient::with_origin(connection, origin),
-        driver,
-    ))
-}
-
-/// Runs `calls` on the caller's task, beside the connection they use, polled after them. Every
-/// request the calls queue in one wake-up then leaves in one write, and a reply wakes no other
-/// task. With the connection in a task of its own (as hyper and tonic run it), each request
-/// woke that task and went out in a `writev` of its own more often than not (strace: one per
-/// 4.7 calls at 512 in flight), CPU taken from the server on these shared cores.
-async fn beside<F: Future>(connection: &mut client::Driver, calls: F) -> F::Output {
-    let mut calls = std::pin::pin!(calls);
-    let mut open = true;
-    std::future::poll_fn(|cx| {
-        if open {
-            // The calls' requests are written by the poll below: they need not wake the task.
-            connection.will_poll();
-        }
-        if let Poll::Ready(out) = calls.as_mut().poll(cx) {
-            return Poll::Ready(out);
-        }
-        // A connection that ends (the server went away, or an error) fails the calls still on
-        // it, which count it; it is not polled again.
-        if open && Pin::new(&mut *connection).poll(cx).is_ready() {
-            open = false;
-        }
-        Poll::Pending
-    })
-    .await
+    }
 }
 
 /// One of a connection's calls in flight: calls `ShouldRateLimit` again as soon as the last
 /// reply is in, until `end`, and counts and times every reply after `measure_from`.
 async fn call_loop(
     mut client: Client,
-    requests: &Requests,
-    counts: &Counts,
-    hist: &Mutex<Histogram<u64>>,
+    requests: Arc<Requests>,
     measure_from: Instant,
     end: Instant,
-) {
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::new()?;
     loop {
         let req = requests.next();
         let sent = Instant::now();
@@ -349,28 +323,34 @@ async fn call_loop(
         let result = client.should_rate_limit(req).await;
         let done = Instant::now();
         let recorded = sent >= measure_from && done <= end;
-        match result {
+        let over = match result {
             Ok(reply) => match check(reply.get_ref()) {
-                Ok(over) => {
-                    if !recorded {
-                        counts.warmup_calls.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let us = u64::try_from((done - sent).as_micros())
-                        .unwrap_or(u64::MAX)
-                        .clamp(1, 60_000_000);
-                    hist.lock().unwrap().record(us).unwrap();
-                    if over {
-                        counts.over_limit.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        counts.ok.fetch_add(1, Ordering::Relaxed);
-                    }
+                Ok(over) => over,
+                Err(e) => {
+                    tally.fail(format!("bad reply: {e}"));
+                    continue;
                 }
-                Err(e) => counts.fail(format!("bad reply: {e}")),
             },
-            Err(status) => counts.fail(format!("gRPC {:?}: {}", status.code(), status.message())),
+            Err(status) => {
+                tally.fail(format!("gRPC {:?}: {}", status.code(), status.message()));
+                continue;
+            }
+        };
+        if !recorded {
+            tally.warmup_calls += 1;
+            continue;
+        }
+        let us = u64::try_from((done - sent).as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, 60_000_000);
+        tally.latency.record(us)?;
+        if over {
+            tally.over_limit += 1;
+        } else {
+            tally.ok += 1;
         }
     }
+    Ok(tally)
 }
 
 fn pct(h: &Histogram<u64>, q: f64) -> f64 {
@@ -383,132 +363,53 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let requests = Arc::new(Requests::new(&args));
 
     // One call first: the domain and path must reach a limit, or nothing is being measured.
-    let (mut client, mut connection) = connect(addr).await?;
-    let probe = beside(
-        &mut connection,
-        client.should_rate_limit(request(&args.domain, &args.path, "probe".to_string())),
-    )
-    .await
-    .context("first ShouldRateLimit call")?
-    .into_inner();
+    let probe = connect(addr, 1)
+        .await?
+        .should_rate_limit(request(&args.domain, &args.path, "probe".to_string()))
+        .await
+        .context("first ShouldRateLimit call")?
+        .into_inner();
     check(&probe).map_err(|e| anyhow::anyhow!("first reply: {e}"))?;
-    if probe.statuses[0].current_limit.is_none() {
+    if probe
+        .statuses
+        .first()
+        .and_then(|s| s.current_limit.as_ref())
+        .is_none()
+    {
         bail!(
             "domain {:?} path {:?} matches no limit on this server: use a config such as benches/load.yaml",
             args.domain,
             args.path
         );
     }
-    drop(connection);
 
-    let counts = Arc::new(Counts::default());
+    let mut clients = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        clients.push(connect(addr, args.concurrency).await?);
+    }
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
+    let mut loops = Vec::with_capacity(args.connections * args.concurrency);
+    for client in &clients {
+        for _ in 0..args.concurrency {
+            loops.push(tokio::spawn(call_loop(
+                client.clone(),
+                requests.clone(),
+                measure_from,
+                end,
+            )));
+        }
+    }
+    let mut all = Tally::new()?;
+    for l in loops {
+        all.add(l.await.context("a call loop panicked")??)?;
+    }
 
-    // Each thread runs a runtime of its own with its share of the connections, each connection
-    // one task with its calls beside it (see `beside`). With one multi-threaded runtime, the
-    // connections' tasks were woken where their I/O was polled and mostly ran on one thread:
-    // one core's worth of calls whatever --threads said.
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, args.connections);
-    let mut workers = Vec::with_capacity(threads);
-    for t in 0..threads {
-        let mine = (t..args.connections).step_by(threads).count();
-        let (requests, counts, concurrency) = (requests.clone(), counts.clone(), args.concurrency);
-        let raw = args.raw;
-        workers.push(std::thread::spawn(
-            move || -> anyhow::Result<Histogram<u64>> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                if raw {
-                    return rt.block_on(async move {
-                        let bodies = raw::bodies(&requests);
-                        let load = raw::Load {
-                            addr,
-                            requests: &requests,
-                            bodies: &bodies,
-                            counts: &counts,
-                            concurrency,
-                            measure_from,
-                            end,
-                        };
-                        // FuturesUnordered, not join_all: it polls only the connections woken
-                        // (join_all polled every connection on each wake-up, ~6% of the
-                        // client's time with 4).
-                        let mut loads: FuturesUnordered<_> = (0..mine)
-                            .map(|_| async {
-                                let mut hist =
-                                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-                                if let Err(e) = raw::run_connection(&load, &mut hist).await {
-                                    load.counts.fail(format!("{e:#}"));
-                                }
-                                hist
-                            })
-                            .collect();
-                        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-                        while let Some(h) = loads.next().await {
-                            all.add(h).unwrap();
-                        }
-                        Ok(all)
-                    });
-                }
-                rt.block_on(async move {
-                    let mut channels = Vec::with_capacity(mine);
-                    for _ in 0..mine {
-                        channels.push(connect(addr).await?);
-                    }
-                    let loads = channels.into_iter().map(|(channel, mut connection)| {
-                        let (requests, counts) = (&requests, &counts);
-                        async move {
-                            // 1 µs .. 60 s, 3 significant digits. Its calls all run on this
-                            // thread, so the lock is never contended.
-                            let hist =
-                                Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap());
-                            let calls: FuturesUnordered<_> = (0..concurrency)
-                                .map(|_| {
-                                    call_loop(
-                                        channel.clone(),
-                                        requests,
-                                        counts,
-                                        &hist,
-                                        measure_from,
-                                        end,
-                                    )
-                                })
-                                .collect();
-                            drop(channel);
-                            beside(&mut connection, calls.collect::<()>()).await;
-                            hist.into_inner().unwrap()
-                        }
-                    });
-                    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-                    for h in futures_util::future::join_all(loads).await {
-                        all.add(h).unwrap();
-                    }
-                    Ok(all)
-                })
-            },
-        ));
-    }
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    for w in workers {
-        let h = w
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
-        all.add(h).unwrap();
-    }
-    let ok = counts.ok.load(Ordering::Relaxed);
-    let over = counts.over_limit.load(Ordering::Relaxed);
-    let failures = counts.failures.load(Ordering::Relaxed);
-    let calls = ok + over;
+    let calls = all.ok + all.over_limit;
     let rate = calls as f64 / args.duration;
     let in_flight = args.connections * args.concurrency;
-    let first_failure = counts.first_failure.lock().unwrap().clone();
-
+    let h = &all.latency;
     out!(
         "sluice-load: shape={} connections={} concurrency={} ({} in flight) warmup={}s duration={}s addr={}",
         args.shape.name(),
@@ -520,19 +421,22 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         addr
     );
     out!(
-        "  {calls} decisions in {:.1} s: {rate:.0} decisions/s; ok {ok}, over_limit {over}, failures {failures}",
-        args.duration
+        "  {calls} decisions in {:.1} s: {rate:.0} decisions/s; ok {}, over_limit {}, failures {}",
+        args.duration,
+        all.ok,
+        all.over_limit,
+        all.failures
     );
     out!(
         "  latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
-        pct(&all, 0.50),
-        pct(&all, 0.90),
-        pct(&all, 0.99),
-        pct(&all, 0.999),
-        all.max() as f64 / 1000.0,
-        all.mean() / 1000.0
+        pct(h, 0.50),
+        pct(h, 0.90),
+        pct(h, 0.99),
+        pct(h, 0.999),
+        h.max() as f64 / 1000.0,
+        h.mean() / 1000.0
     );
-    if let Some(f) = &first_failure {
+    if let Some(f) = &all.first_failure {
         out!("  first failure: {f}");
     }
     if args.json {
@@ -546,24 +450,24 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             args.warmup,
             args.duration,
             calls,
-            ok,
-            over,
-            failures,
+            all.ok,
+            all.over_limit,
+            all.failures,
             rate,
-            pct(&all, 0.50),
-            pct(&all, 0.90),
-            pct(&all, 0.99),
-            pct(&all, 0.999),
-            all.max() as f64 / 1000.0,
-            all.mean() / 1000.0,
-            counts.warmup_calls.load(Ordering::Relaxed),
+            pct(h, 0.50),
+            pct(h, 0.90),
+            pct(h, 0.99),
+            pct(h, 0.999),
+            h.max() as f64 / 1000.0,
+            h.mean() / 1000.0,
+            all.warmup_calls,
             cpu_seconds().map_or("null".to_string(), |c| format!("{c:.2}")),
-            first_failure
+            all.first_failure
                 .as_deref()
                 .map_or("null".to_string(), json_str),
         );
     }
-    Ok(failures == 0)
+    Ok(all.failures == 0)
 }
 
 /// CPU time (user + system) this process has used, from `/proc/self/stat` (Linux; ticks of
@@ -606,8 +510,7 @@ fn write_request(args: &Args, file: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The same allocator as the server: the generated client allocates on every call, and with the
-/// system allocator the generator spent an eighth of its CPU in malloc and free (perf).
+/// The same allocator as the server: the generated client allocates on every call.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -633,8 +536,12 @@ fn main() -> ExitCode {
         if args.shape == Shape::Clients && args.clients == 0 {
             bail!("--clients must be at least 1");
         }
-        // Set-up and the first call only; the load runs on threads of its own (see `run`).
-        tokio::runtime::Builder::new_current_thread()
+        let threads = args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
             .enable_all()
             .build()?
             .block_on(run(args))

@@ -1,0 +1,502 @@
+//! The connections a gRPC listener hands tonic, and the limits on them that tonic's `Server`
+//! has no setting for: how many may be open, how long a new one may take to start HTTP/2, and
+//! how long one may sit without calls. Everything else about a connection (streams, windows,
+//! frames, keepalive, message sizes) is hyper's and tonic's, configured in [`super`] from the
+//! same [`Limits`].
+//!
+//! The listener is read here, not by tonic, so that a connection over the cap is closed as soon
+//! as it is accepted (and counted), and each accepted one is wrapped in a [`Connection`] that
+//! watches its own two deadlines:
+//! - **handshake**: the client's preface and first SETTINGS frame, the first 33 bytes plus that
+//!   frame's length, must have arrived within [`Limits::handshake_timeout`]. Counting those
+//!   bytes is all the HTTP/2 this module knows; hyper checks what they say.
+//! - **idle**: a connection with no call open and none started for [`Limits::idle_timeout`] is
+//!   closed. Calls are seen by [`ActivityLayer`], around every service of the listener, through
+//!   the [`ConnInfo`] tonic puts in each request. Bytes are no measure of activity here: the
+//!   server's own keepalive PINGs are answered by idle clients too.
+//!
+//! Closing is an error from the connection's read, which makes hyper drop the connection
+//! without a GOAWAY: only connections that never started HTTP/2, or had no call for the whole
+//! idle timeout, are closed this way. A call racing the close fails on the client, and Envoy
+//! lets that one request through (its failure mode); the sample Envoy closes idle connections
+//! to sluice itself, before sluice would.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::Connected;
+
+/// Every connection limit of one gRPC listener. The defaults, and why each is what it is, are
+/// in the README ("Connections and their limits").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time from accept to the client's preface and first SETTINGS frame.
+    pub handshake_timeout: Duration,
+    /// Time without an open call after which a connection is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams (calls) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Bytes of one request message; a larger declared length is refused (`OUT_OF_RANGE`) as
+    /// soon as the gRPC prefix has arrived.
+    pub max_request_bytes: usize,
+    /// Bytes of one request's header list (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_bytes: u32,
+    /// Interval of the server's HTTP/2 keepalive PINGs on a connection that reads nothing.
+    pub keepalive_interval: Duration,
+    /// Time a keepalive PING may wait for its answer before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// The decision listener's: Envoys (one or a few connections per worker thread each) and
+    /// probes.
+    pub fn decisions() -> Self {
+        Self {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 256,
+            max_request_bytes: 64 * 1024,
+            max_header_list_bytes: 16 * 1024,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// The admin listener's: operators and their scripts, a handful at a time.
+    pub fn admin() -> Self {
+        Self {
+            max_connections: 64,
+            ..Self::decisions()
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::decisions()
+    }
+}
+
+/// What happened to one listener's connections since start, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    open: AtomicUsize,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    idle_closed: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+    /// Connections accepted and served.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+    /// Connections closed at once because [`Limits::max_connections`] were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+    /// Connections closed because HTTP/2 had not started within the handshake timeout.
+    pub fn handshake_timeouts(&self) -> u64 {
+        self.handshake_timeouts.load(Ordering::Relaxed)
+    }
+    /// Connections closed for having no call for the idle timeout.
+    pub fn idle_closed(&self) -> u64 {
+        self.idle_closed.load(Ordering::Relaxed)
+    }
+}
+
+/// The connections `listener` accepts, for tonic's `serve_with_incoming`: at most
+/// `limits.max_connections` at once, each with `TCP_NODELAY` and its deadlines. Never ends and
+/// never yields an error: accept errors (out of file descriptors, say) are logged and retried
+/// after a pause, since tonic would otherwise retry at once, in a busy loop.
+pub fn incoming(
+    listener: TcpListener,
+    limits: Limits,
+    stats: Arc<ConnectionStats>,
+) -> impl futures_util::Stream<Item = io::Result<Connection>> + Send + 'static {
+    let limits = Arc::new(limits);
+    futures_util::stream::unfold(
+        (listener, limits, stats),
+        |(listener, limits, stats)| async move {
+            let conn = accept(&listener, &limits, &stats).await;
+            Some((Ok(conn), (listener, limits, stats)))
+        },
+    )
+}
+
+async fn accept(
+    listener: &TcpListener,
+    limits: &Arc<Limits>,
+    stats: &Arc<ConnectionStats>,
+) -> Connection {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Taken before the check, so that two accepts cannot both see room for one.
+        if stats.open.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, max = limits.max_connections, "connection refused: too many open");
+            drop(tcp);
+            continue;
+        }
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // Small answers must not wait for delayed ACKs (40 ms tails).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+        }
+        return Connection::new(tcp, peer, limits.clone(), stats.clone());
+    }
+}
+
+/// Calls on one connection, as [`ActivityLayer`] sees them.
+#[derive(Debug, Default)]
+pub struct Activity {
+    open: AtomicUsize,
+    started: AtomicU64,
+}
+
+impl Activity {
+    /// Marks a call open until the guard is dropped.
+    pub fn call(self: &Arc<Self>) -> CallGuard {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        CallGuard(self.clone())
+    }
+}
+
+/// A call open on a connection.
+#[derive(Debug)]
+pub struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What tonic puts in each request of a [`Connection`] (tonic's `Connected`).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The connection's calls.
+    pub activity: Arc<Activity>,
+}
+
+/// An accepted connection with its handshake and idle deadlines (see the module doc).
+#[derive(Debug)]
+pub struct Connection {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    limits: Arc<Limits>,
+    stats: Arc<ConnectionStats>,
+    /// Bytes still to come before HTTP/2 has started, and the first frame's header so far;
+    /// `None` once it has.
+    handshake: Option<Handshake>,
+    activity: Arc<Activity>,
+    /// The handshake deadline, then the next idle check.
+    timer: Pin<Box<Sleep>>,
+    /// Idle checks in a row that found no call open and none started.
+    idle_checks: u32,
+    /// Calls started, as of the last idle check.
+    started_seen: u64,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    /// Bytes of the connection read so far.
+    read: usize,
+    /// The first frame's 9-byte header, as it arrives.
+    header: [u8; 9],
+}
+
+/// The client preface's length (RFC 9113, 3.4).
+const PREFACE: usize = 24;
+/// An HTTP/2 frame header's length.
+const FRAME_HEADER: usize = 9;
+/// The idle timeout is checked this many times per timeout: a connection is closed between one
+/// and 1 + 1/IDLE_CHECKS timeouts after its last call.
+const IDLE_CHECKS: u32 = 4;
+
+impl Handshake {
+    /// Takes the next bytes read; true once the preface and the whole first frame are in.
+    fn read(&mut self, bytes: &[u8]) -> bool {
+        for (i, &b) in bytes.iter().enumerate() {
+            let at = self.read + i;
+            if let Some(slot) = at.checked_sub(PREFACE).and_then(|h| self.header.get_mut(h)) {
+                *slot = b;
+            }
+        }
+        self.read += bytes.len();
+        if self.read < PREFACE + FRAME_HEADER {
+            return false;
+        }
+        let [a, b, c, ..] = self.header;
+        let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+        self.read >= PREFACE + FRAME_HEADER + len
+    }
+}
+
+impl Connection {
+    fn new(
+        tcp: TcpStream,
+        peer: SocketAddr,
+        limits: Arc<Limits>,
+        stats: Arc<ConnectionStats>,
+    ) -> Self {
+        let timer = Box::pin(tokio::time::sleep(limits.handshake_timeout));
+        Self {
+            tcp,
+            peer,
+            limits,
+            stats,
+            handshake: Some(Handshake {
+                read: 0,
+                header: [0; FRAME_HEADER],
+            }),
+            activity: Arc::default(),
+            timer,
+            idle_checks: 0,
+            started_seen: 0,
+        }
+    }
+
+    fn idle_check_every(&self) -> Duration {
+        self.limits.idle_timeout / IDLE_CHECKS
+    }
+
+    /// Polls the connection's deadline: an error once it has passed with nothing to show.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.handshake.is_some() {
+                self.stats
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, timeout = ?self.limits.handshake_timeout, "closing a connection that did not start HTTP/2 in time");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "HTTP/2 preface and SETTINGS not received in time",
+                ));
+            }
+            let started = self.activity.started.load(Ordering::Relaxed);
+            let open = self.activity.open.load(Ordering::Relaxed);
+            if open == 0 && started == self.started_seen {
+                self.idle_checks += 1;
+            } else {
+                self.idle_checks = 0;
+            }
+            self.started_seen = started;
+            if self.idle_checks >= IDLE_CHECKS {
+                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, timeout = ?self.limits.idle_timeout, "closing an idle connection");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no call within the idle timeout",
+                ));
+            }
+            let next = Instant::now() + self.idle_check_every();
+            self.timer.as_mut().reset(next);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            remote: self.peer,
+            activity: self.activity.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.poll_deadline(cx)?;
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+        if let Some(handshake) = &mut this.handshake {
+            let fresh = buf.filled().get(before..).unwrap_or_default();
+            if handshake.read(fresh) {
+                this.handshake = None;
+                // From now on the timer paces the idle checks.
+                let next = Instant::now() + this.idle_check_every();
+                this.timer.as_mut().reset(next);
+                this.started_seen = this.activity.started.load(Ordering::Relaxed);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// Marks every call of a [`Connection`] open while its service works on it, for the idle
+/// timeout. Requests without a [`ConnInfo`] (none in the server) pass untouched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ActivityLayer;
+
+impl<S> tower::Layer<S> for ActivityLayer {
+    type Service = ActivityService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ActivityService(inner)
+    }
+}
+
+/// See [`ActivityLayer`].
+#[derive(Debug, Clone)]
+pub struct ActivityService<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for ActivityService<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Tracked<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let guard = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|info| info.activity.call());
+        Tracked {
+            inner: self.0.call(req),
+            _guard: guard,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's future, holding the call open until it completes or is dropped (a client's
+    /// reset drops it).
+    pub struct Tracked<F> {
+        #[pin]
+        inner: F,
+        _guard: Option<CallGuard>,
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn preface_and_settings(payload: usize) -> Vec<u8> {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let len = u32::try_from(payload).unwrap().to_be_bytes();
+        bytes.extend_from_slice(&[len[1], len[2], len[3], 0x4, 0, 0, 0, 0, 0]);
+        bytes.extend(std::iter::repeat_n(0u8, payload));
+        bytes
+    }
+
+    #[test]
+    fn the_handshake_ends_with_the_first_frame_whatever_the_reads() {
+        for payload in [0, 6, 18, 300] {
+            let bytes = preface_and_settings(payload);
+            for split in [1, 2, 7, 24, 25, 33, 100] {
+                let mut h = Handshake {
+                    read: 0,
+                    header: [0; FRAME_HEADER],
+                };
+                let chunks: Vec<&[u8]> = bytes.chunks(split).collect();
+                let (last, rest) = chunks.split_last().unwrap();
+                for c in rest {
+                    assert!(
+                        !h.read(c),
+                        "payload {payload}, reads of {split}: done early"
+                    );
+                }
+                assert!(
+                    h.read(last),
+                    "payload {payload}, reads of {split}: not done"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ten_bytes_of_preface_are_no_handshake() {
+        let mut h = Handshake {
+            read: 0,
+            header: [0; FRAME_HEADER],
+        };
+        assert!(!h.read(&preface_and_settings(0)[..10]));
+    }
+}
