@@ -236,7 +236,12 @@ fn connections(out: &mut Exposition, listeners: &ListenerStats) {
         ("decisions", &listeners.decisions),
         ("admin", &listeners.admin),
     ];
-    type Family = (&'static str, &'static str, &'static str, fn(&ConnectionStats) -> u64);
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ConnectionStats) -> u64,
+    );
     let families: [Family; 3] = [
         (
             "sluice_connections_accepted_total",

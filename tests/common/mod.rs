@@ -2,6 +2,7 @@
 //! it over gRPC with the generated Envoy client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod h2raw;
 mod proto;
 pub mod redis;
 
