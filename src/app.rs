@@ -56,6 +56,8 @@ pub struct ServeOptions {
     /// The decision listener's connection limits (`--max-connections`, `--idle-timeout`,
     /// `--max-request-bytes`).
     pub decisions: crate::server::connections::Limits,
+    /// Threads serving decisions (`--decision-threads`; default: one per core).
+    pub decision_threads: Option<usize>,
 }
 
 /// Why sluice could not start or stopped with an error. Errors of other modules pass through
@@ -203,6 +205,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
         sweep_interval: cfg.store.sweep_interval,
         admin_token: options.admin_token,
         decisions: options.decisions,
+        decision_threads: options
+            .decision_threads
+            .unwrap_or(Options::default().decision_threads)
+            .max(1),
         ..Options::default()
     };
     let listeners = Listeners {

@@ -76,6 +76,10 @@ struct ServeArgs {
     /// A decision connection with no call for this long is closed.
     #[arg(long, default_value = "300s", value_parser = parse_secs, env = "SLUICE_IDLE_TIMEOUT")]
     idle_timeout: Duration,
+    /// Threads serving decisions, each with its share of the connections (default: one per
+    /// core).
+    #[arg(long, env = "SLUICE_DECISION_THREADS")]
+    decision_threads: Option<usize>,
     /// Largest request message on the decision listener, in bytes.
     #[arg(long, default_value_t = Limits::decisions().max_request_bytes, env = "SLUICE_MAX_REQUEST_BYTES")]
     max_request_bytes: usize,
@@ -120,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         reload_interval: args.reload_interval,
         state_file: args.state_file,
         store: args.store,
+        decision_threads: args.decision_threads,
         decisions: Limits {
             max_connections: args.max_connections,
             idle_timeout: args.idle_timeout,

@@ -134,17 +134,108 @@ pub fn incoming(
     futures_util::stream::unfold(
         (listener, limits, stats),
         |(listener, limits, stats)| async move {
-            let conn = accept(&listener, &limits, &stats).await;
+            let (tcp, peer) = accept(&listener, &limits, &stats).await;
+            let conn = Connection::new(tcp, peer, limits.clone(), stats.clone());
             Some((Ok(conn), (listener, limits, stats)))
         },
     )
+}
+
+/// A listener's connections spread over `threads` threads, for a runtime on each: the accept
+/// loop (to run on the caller's runtime until `stop`) hands every connection it accepts to the
+/// thread with the fewest open, and each [`Spread`] yields its thread's connections once that
+/// thread's runtime polls it (the socket joins the reactor of the runtime that serves it).
+pub fn spread(
+    listener: TcpListener,
+    limits: Limits,
+    stats: Arc<ConnectionStats>,
+    threads: usize,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> (impl Future<Output = ()> + Send + 'static, Vec<Spread>) {
+    let limits = Arc::new(limits);
+    let mut spreads = Vec::with_capacity(threads);
+    let mut queues = Vec::with_capacity(threads);
+    for _ in 0..threads.max(1) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        queues.push((tx, load.clone()));
+        spreads.push(Spread {
+            rx,
+            load,
+            limits: limits.clone(),
+            stats: stats.clone(),
+        });
+    }
+    let accept_loop = async move {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = accept(&listener, &limits, &stats) => accepted,
+                () = &mut stop => break,
+            };
+            let Some((tx, load)) = queues
+                .iter()
+                .min_by_key(|(_, load)| load.load(Ordering::Relaxed))
+            else {
+                break;
+            };
+            match tcp.into_std() {
+                Ok(tcp) => {
+                    load.fetch_add(1, Ordering::Relaxed);
+                    if tx.send((tcp, peer)).is_err() {
+                        load.fetch_sub(1, Ordering::Relaxed);
+                        stats.open.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    stats.open.fetch_sub(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, error = %e, "could not hand a connection over");
+                }
+            }
+        }
+    };
+    (accept_loop, spreads)
+}
+
+/// One thread's share of a [`spread`] listener.
+#[derive(Debug)]
+pub struct Spread {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    load: Arc<AtomicUsize>,
+    limits: Arc<Limits>,
+    stats: Arc<ConnectionStats>,
+}
+
+impl Spread {
+    /// The connections handed to this thread, as tonic's `serve_with_incoming` takes them;
+    /// ends when the accept loop has stopped. To be polled on the runtime that serves them.
+    pub fn into_incoming(self) -> impl futures_util::Stream<Item = io::Result<Connection>> + Send {
+        futures_util::stream::unfold(self, |mut spread| async move {
+            loop {
+                let (tcp, peer) = spread.rx.recv().await?;
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => {
+                        let mut conn =
+                            Connection::new(tcp, peer, spread.limits.clone(), spread.stats.clone());
+                        conn.load = Some(spread.load.clone());
+                        return Some((Ok(conn), spread));
+                    }
+                    Err(e) => {
+                        spread.load.fetch_sub(1, Ordering::Relaxed);
+                        spread.stats.open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, error = %e, "could not take a connection over");
+                    }
+                }
+            }
+        })
+    }
 }
 
 async fn accept(
     listener: &TcpListener,
     limits: &Arc<Limits>,
     stats: &Arc<ConnectionStats>,
-) -> Connection {
+) -> (TcpStream, SocketAddr) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -167,7 +258,7 @@ async fn accept(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
         }
-        return Connection::new(tcp, peer, limits.clone(), stats.clone());
+        return (tcp, peer);
     }
 }
 
@@ -223,6 +314,10 @@ pub struct Connection {
     idle_checks: u32,
     /// Calls started, as of the last idle check.
     started_seen: u64,
+    /// Whether the next write goes to the socket (see [`Connection::coalesce`]).
+    write_now: bool,
+    /// The open connections of the thread serving this one ([`spread`]).
+    load: Option<Arc<AtomicUsize>>,
 }
 
 #[derive(Debug)]
@@ -281,7 +376,31 @@ impl Connection {
             timer,
             idle_checks: 0,
             started_seen: 0,
+            write_now: false,
+            load: None,
         }
+    }
+
+    /// Coalesces writes: the first attempt to write after a write yields to the runtime once
+    /// (wakes itself and returns `Pending`), so that the calls whose tasks are ready to answer
+    /// answer first and leave in the same write. hyper answers each call in a task of its own
+    /// and writes as soon as one answer is ready; without this, a busy connection made one
+    /// `writev` per one or two answers, each costing more than the answer. The cost is one
+    /// more turn of the scheduler before a write.
+    fn coalesce(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.write_now {
+            return Poll::Ready(());
+        }
+        self.write_now = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn wrote<T>(&mut self, written: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if written.is_ready() {
+            self.write_now = false;
+        }
+        written
     }
 
     fn idle_check_every(&self) -> Duration {
@@ -327,6 +446,9 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(load) = &self.load {
+            load.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -371,7 +493,10 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let this = self.get_mut();
+        ready!(this.coalesce(cx));
+        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        this.wrote(written)
     }
 
     fn poll_write_vectored(
@@ -379,7 +504,10 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        ready!(this.coalesce(cx));
+        let written = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.wrote(written)
     }
 
     fn is_write_vectored(&self) -> bool {

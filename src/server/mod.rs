@@ -4,9 +4,16 @@
 //!
 //! Both gRPC listeners are tonic `Server`s over hyper's HTTP/2, configured here from
 //! [`connections::Limits`] (streams, windows, header list, message size, keepalive) and fed by
-//! [`connections::incoming`] (connection cap, handshake and idle timeouts, `TCP_NODELAY`):
-//! - decisions: `RateLimitService` ([`RlsService`]), health, reflection (v1 and v1alpha);
-//! - admin: `sluice.admin.v1.Admin` behind the token check, health, reflection.
+//! [`connections`] (connection cap, handshake and idle timeouts, `TCP_NODELAY`):
+//! - decisions: `RateLimitService` ([`RlsService`]), health, reflection (v1 and v1alpha), on
+//!   [`Options::decision_threads`] threads, each a single-threaded runtime serving its share of
+//!   the connections ([`connections::spread`]). On one multi-threaded runtime, hyper's task per
+//!   call was stolen by the other worker half the time, and each call then locked h2's
+//!   per-connection state from two cores: a quarter more CPU per call with a client of few
+//!   connections, as Envoy is (one per worker thread). The price: one connection's calls never
+//!   use more than one core.
+//! - admin: `sluice.admin.v1.Admin` behind the token check, health, reflection, on the
+//!   caller's runtime, as are the HTTP listener and the background tasks.
 //!
 //! Around every service of both: [`ActivityLayer`] (calls seen by the idle timeout) and
 //! [`BoundedErrorsLayer`] (no error message longer than 256 bytes, whatever the client sent).
@@ -63,6 +70,9 @@ pub struct Options {
     pub client_idle: Duration,
     /// The decision listener's connection limits.
     pub decisions: Limits,
+    /// Threads serving decisions, each a single-threaded runtime with its share of the
+    /// connections (see [`connections::spread`]).
+    pub decision_threads: usize,
     /// The admin listener's connection limits.
     pub admin: Limits,
 }
@@ -76,6 +86,7 @@ impl Default for Options {
             client_idle: Duration::from_secs(3600),
             decisions: Limits::decisions(),
             admin: Limits::admin(),
+            decision_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -94,9 +105,21 @@ pub enum ServerError {
         "the admin listener {0} is not a loopback address: set SLUICE_ADMIN_TOKEN (or --admin-token-file), or use --admin-addr 127.0.0.1:8082"
     )]
     AdminWithoutToken(std::net::SocketAddr),
-    /// A listener has no local address.
+    /// A listener has no local address, or a thread or runtime could not be started.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// A thread serving decisions ended without saying how (it panicked).
+    #[error("a thread serving decisions stopped unexpectedly")]
+    DecisionThread,
+}
+
+/// Aborts a task when dropped, so that it never outlives what it serves.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Connection counts of both gRPC listeners, for `/metrics`.
@@ -200,17 +223,50 @@ pub async fn run<S: Store>(
         .await;
     let rls = RateLimitServiceServer::new(RlsService::new(limiter.clone()))
         .max_decoding_message_size(limits.max_request_bytes);
-    let grpc = server_with(limits)
-        .add_routes(routes)
-        .add_service(rls)
-        .serve_with_incoming_shutdown(
-            connections::incoming(
-                listeners.grpc,
-                limits.clone(),
-                listener_stats.decisions.clone(),
-            ),
-            stopped(stop_rx.clone()),
-        );
+    let (accept_loop, spreads) = connections::spread(
+        listeners.grpc,
+        limits.clone(),
+        listener_stats.decisions.clone(),
+        options.decision_threads,
+        stopped(stop_rx.clone()),
+    );
+    let mut threads = Vec::with_capacity(spreads.len());
+    for (i, spread) in spreads.into_iter().enumerate() {
+        let router = server_with(limits)
+            .add_routes(routes.clone())
+            .add_service(rls.clone());
+        let stop = stopped(stop_rx.clone());
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("sluice-decide-{i}"))
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(ServerError::Io)
+                    .and_then(|rt| {
+                        rt.block_on(
+                            router.serve_with_incoming_shutdown(spread.into_incoming(), stop),
+                        )
+                        .map_err(ServerError::Transport)
+                    });
+                let _ = done.send(served);
+            })?;
+        threads.push(finished);
+    }
+    let grpc = async move {
+        let accepting = AbortOnDrop(tokio::spawn(accept_loop));
+        let mut result = Ok(());
+        for finished in threads {
+            match finished.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(ServerError::DecisionThread),
+            }
+        }
+        drop(accepting);
+        result
+    };
     let admin = match listeners.admin {
         Some(listener) => {
             let limits = &options.admin;
@@ -225,10 +281,11 @@ pub async fn run<S: Store>(
                 .set_service_status(ADMIN_SERVICE, ServingStatus::Serving)
                 .await;
             let router = server_with(limits).add_routes(routes).add_service(service);
-            Some(router.serve_with_incoming_shutdown(
+            let serving = router.serve_with_incoming_shutdown(
                 connections::incoming(listener, limits.clone(), listener_stats.admin.clone()),
                 stopped(stop_rx.clone()),
-            ))
+            );
+            Some(async move { serving.await.map_err(ServerError::Transport) })
         }
         None => None,
     };
@@ -271,7 +328,7 @@ pub async fn run<S: Store>(
         tokio::time::sleep(options.shutdown_grace).await;
     };
     let result = tokio::select! {
-        r = servers => r.map_err(ServerError::from),
+        r = servers => r,
         () = signal => {
             tracing::warn!(grace = ?options.shutdown_grace, "in-flight calls still open after the shutdown grace period; stopping anyway");
             Ok(())
