@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::blocklist::{AccessError, AccessList};
+use crate::access::{AccessError, AccessList};
 use crate::clock::SystemClock;
 use crate::config::{self, Config, ConfigError};
 use crate::limiter::Limiter;
@@ -55,7 +55,7 @@ pub struct ServeOptions {
     pub key_secret: Option<String>,
     /// The decision listener's connection limits (`--max-connections`, `--idle-timeout`,
     /// `--max-request-bytes`).
-    pub decisions: crate::server::connections::Limits,
+    pub decisions: crate::connections::Limits,
     /// Threads serving decisions (`--decision-threads`; default: one per core).
     pub decision_threads: Option<usize>,
 }

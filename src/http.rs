@@ -11,8 +11,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::connections::ListenerStats;
 use crate::limiter::Limiter;
-use crate::server::ListenerStats;
 use crate::store::Store;
 
 /// Whether the server should receive traffic: true once serving, false from the shutdown

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use sluice::app::{self, ServeOptions};
-use sluice::server::connections::Limits;
+use sluice::connections::Limits;
 
 /// mimalloc: the gRPC transport allocates on every call; measured in BENCHMARKS.md.
 #[global_allocator]

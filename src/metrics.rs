@@ -7,9 +7,8 @@
 use std::fmt::{Display, Write as _};
 use std::sync::atomic::Ordering;
 
+use crate::connections::{ConnectionStats, ListenerStats};
 use crate::limiter::Limiter;
-use crate::server::ListenerStats;
-use crate::server::connections::ConnectionStats;
 use crate::stats::LATENCY_BUCKETS;
 use crate::store::Store;
 

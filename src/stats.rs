@@ -483,7 +483,10 @@ impl Stats {
             e.last_seen = now;
             return;
         }
-        if self.client_count.load(Ordering::Relaxed) >= self.max_clients {
+        // The place is taken before the check, so that threads inserting into different maps
+        // at once cannot all see room for one more and pass the bound together.
+        if self.client_count.fetch_add(1, Ordering::Relaxed) >= self.max_clients {
+            self.client_count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         let mut counts = CountsSnapshot::default();
@@ -491,9 +494,7 @@ impl Stats {
         let values: Vec<Box<str>> = client
             .names
             .iter()
-            .map(|k| {
-                Box::from(crate::limiter::model::lookup(client.entries, k).unwrap_or_default())
-            })
+            .map(|k| Box::from(crate::entries::lookup(client.entries, k).unwrap_or_default()))
             .collect();
         let mut label = String::from(&**client.domain);
         for v in &values {
@@ -511,7 +512,6 @@ impl Stats {
                 last_seen: now,
             },
         );
-        self.client_count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Distinct clients tracked individually.

@@ -348,7 +348,7 @@ async fn blocks_and_allows_survive_a_restart() {
 
     // A damaged state file stops start-up and is left alone.
     std::fs::write(&state, "{broken").unwrap();
-    let err = sluice::blocklist::AccessList::open(Some(state.clone()), vec![]).unwrap_err();
+    let err = sluice::access::AccessList::open(Some(state.clone()), vec![]).unwrap_err();
     assert!(err.to_string().contains("is damaged"), "{err}");
     assert_eq!(std::fs::read_to_string(&state).unwrap(), "{broken");
 }

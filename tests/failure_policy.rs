@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use sluice::algorithms::Hits;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
-use sluice::limiter::algorithms::Hits;
 use sluice::limiter::{Descriptor, Limiter, Request};
 use sluice::service::rls::{UNAVAILABLE_BODY, to_response};
 use sluice::store::{Charge, CounterKey, FailurePolicy, Store, StoreError, Verdict};

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisServer, options};
 use common::*;
+use sluice::algorithms::Hits;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
-use sluice::limiter::algorithms::Hits;
 use sluice::limiter::{Descriptor, Limiter, Request};
 use sluice::store::{FailurePolicy, RedisNodes, RedisOptions, RedisStore};
 use smallvec::smallvec;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sluice::algorithms::{Hits, Policy};
 use sluice::clock::Timestamp;
-use sluice::limiter::algorithms::{Hits, Policy};
 use sluice::store::redis::{key_name, slot_of};
 use sluice::store::{
     Charge, ChargeKind, CounterKey, MemoryStore, MemoryStoreOptions, RedisNodes, RedisOptions,

@@ -9,8 +9,8 @@ mod common;
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
+use sluice::algorithms::{Hits, Policy};
 use sluice::clock::Timestamp;
-use sluice::limiter::algorithms::{Hits, Policy};
 use sluice::store::{
     Charge, ChargeKind, CounterKey, MemoryStore, MemoryStoreOptions, Store, Verdict,
 };

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use sluice::blocklist::AccessList;
+use sluice::access::AccessList;
+use sluice::algorithms::Hits;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
-use sluice::limiter::algorithms::Hits;
 use sluice::limiter::{Descriptor, Limiter, Request};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::stats::Stats;

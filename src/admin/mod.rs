@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::blocklist::{AccessError, AllowEntry, AllowSource, Block, parse_net};
+use crate::access::{AccessError, AllowEntry, AllowSource, Block, parse_net};
+use crate::algorithms::Policy;
 use crate::limiter::Limiter;
-use crate::limiter::algorithms::Policy;
 use crate::limiter::model::{Limit, RuleSet};
 use crate::proto::sluice::admin::v1 as pb;
 use crate::proto::sluice::admin::v1::admin_server::Admin;
@@ -175,7 +175,7 @@ impl<S: Store> AdminService<S> {
 
     fn peer<T>(req: &Request<T>) -> String {
         req.extensions()
-            .get::<crate::server::connections::ConnInfo>()
+            .get::<crate::connections::ConnInfo>()
             .map(|c| c.remote)
             .map_or_else(|| "admin".to_string(), |a| format!("admin (peer {a})"))
     }

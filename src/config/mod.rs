@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::blocklist::parse_net;
-use crate::limiter::algorithms::Policy;
+use crate::access::parse_net;
+use crate::algorithms::Policy;
 use crate::limiter::model::{AutoBlock, Condition, Domain, Limit, Reported, Rule, RuleSet};
 use crate::limiter::path::{PathRouter, PathTemplate};
 use crate::store::{Backend, FailurePolicy, RedisNodes, RedisOptions, TimeSource};

@@ -5,7 +5,6 @@
 //! which charges all of it or nothing. It then picks, per descriptor, the status Envoy needs.
 //! No heap allocation on this path for requests of up to 4 descriptors and 8 counters.
 
-pub mod algorithms;
 pub mod model;
 pub mod path;
 mod sip;
@@ -19,12 +18,13 @@ use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13 as SipHasher13_64;
 use smallvec::SmallVec;
 
-use crate::blocklist::{Access, AccessList};
+use crate::access::{Access, AccessList};
+use crate::algorithms::{Hits, Policy};
 use crate::clock::{Clock, Timestamp};
+use crate::entries::{lookup, names_eq};
 use crate::stats::{ClientRef, Outcome, Stats};
 use crate::store::{Charge, ChargeKind, CounterKey, FailurePolicy, Store, StoreError, Verdict};
-use algorithms::{Hits, Policy};
-use model::{Domain, Limit, Reported, Rule, RuleSet, Unit, lookup, names_eq};
+use model::{Domain, Limit, Reported, Rule, RuleSet, Unit};
 
 /// Descriptors a request holds without allocating. Envoy's filter sends one descriptor per
 /// matching `rate_limits` entry (the sample config: one per request); a request and its

@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::algorithms::Policy;
 use super::path::PathRouter;
+use crate::algorithms::Policy;
+use crate::entries::{bytes_eq, lookup};
 use crate::stats::{Counts, LimitCounts};
 
 /// Every domain's rules, as loaded; swapped whole on reload.
@@ -169,57 +170,6 @@ impl Domain {
             .filter_map(|&i| self.rules.get(i))
             .filter(move |r| r.conditions.iter().all(|c| c.holds(entries)))
     }
-}
-
-/// The first value of entry `key` in a descriptor.
-pub fn lookup<'e>(entries: &[(&str, &'e str)], key: &str) -> Option<&'e str> {
-    entries
-        .iter()
-        .find(|(k, _)| bytes_eq(k.as_bytes(), key.as_bytes()))
-        .map(|(_, v)| *v)
-}
-
-/// `a == b`, inline for the short strings the decision path compares (entry keys, domain
-/// names, paths, client lists): up to 16 bytes are two overlapping word compares. `==` on
-/// slices calls `memcmp`, whose call and dispatch cost more than the compare; a hot decision
-/// made six such calls.
-#[inline]
-pub fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    if let (Some(af), Some(al), Some(bf), Some(bl)) = (
-        a.first_chunk::<8>(),
-        a.last_chunk::<8>(),
-        b.first_chunk::<8>(),
-        b.last_chunk::<8>(),
-    ) {
-        return if a.len() <= 16 {
-            u64::from_ne_bytes(*af) == u64::from_ne_bytes(*bf)
-                && u64::from_ne_bytes(*al) == u64::from_ne_bytes(*bl)
-        } else {
-            a == b
-        };
-    }
-    if let (Some(af), Some(al), Some(bf), Some(bl)) = (
-        a.first_chunk::<4>(),
-        a.last_chunk::<4>(),
-        b.first_chunk::<4>(),
-        b.last_chunk::<4>(),
-    ) {
-        return u32::from_ne_bytes(*af) == u32::from_ne_bytes(*bf)
-            && u32::from_ne_bytes(*al) == u32::from_ne_bytes(*bl);
-    }
-    a.iter().zip(b).all(|(x, y)| x == y)
-}
-
-/// [`bytes_eq`] over two lists of names.
-#[inline]
-pub fn names_eq(a: &[String], b: &[String]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| bytes_eq(x.as_bytes(), y.as_bytes()))
 }
 
 /// A test on a descriptor's entries.
@@ -385,27 +335,6 @@ impl Reported {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Every length class (under 4, 4 to 7, 8 to 16, longer), equal and differing in one
-        /// byte anywhere (the overlapping word compares must cover every byte).
-        #[test]
-        fn bytes_eq_is_slice_equality(
-            a in proptest::collection::vec(any::<u8>(), 0..40),
-            flip in any::<proptest::sample::Index>(),
-            other in proptest::collection::vec(any::<u8>(), 0..40),
-        ) {
-            prop_assert!(bytes_eq(&a, &a.clone()));
-            prop_assert_eq!(bytes_eq(&a, &other), a == other);
-            if !a.is_empty() {
-                let mut b = a.clone();
-                let i = flip.index(b.len());
-                b[i] ^= 0x20;
-                prop_assert!(!bytes_eq(&a, &b));
-            }
-        }
-    }
 
     #[test]
     fn whole_unit_windows_are_reported_exactly() {

@@ -372,7 +372,7 @@ impl<T> PathRouter<T> {
             .get(start..)?
             .iter()
             .take_while(|(h, _, _)| *h == hash)
-            .find(|(_, key, _)| super::model::bytes_eq(key, path))
+            .find(|(_, key, _)| crate::entries::bytes_eq(key, path))
             .map(|(_, _, value)| value)
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::limiter::algorithms::Hits;
+use crate::algorithms::Hits;
 use crate::limiter::model::Unit;
 use crate::limiter::{
     self, Blocked, Decision, Descriptor, LimitOverride, Limiter, Status as LimiterStatus,

@@ -27,8 +27,8 @@ use smallvec::SmallVec;
 
 use super::table::CounterTable;
 use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
+use crate::algorithms::{CellState, Hits, evaluate};
 use crate::clock::Timestamp;
-use crate::limiter::algorithms::{CellState, Hits, evaluate};
 
 /// Number of shards. A power of two well above the core count keeps contention between
 /// unrelated clients rare; each shard's map is small enough to sweep in well under a millisecond.
@@ -379,7 +379,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::limiter::algorithms::Policy;
+    use crate::algorithms::Policy;
 
     const POLICIES: [Policy; 3] = [
         Policy::SlidingWindow {

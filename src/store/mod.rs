@@ -4,7 +4,7 @@
 //! over, nothing is charged, because Envoy rejects the whole request and charging the other
 //! limits would punish the client twice.
 //!
-//! The counting itself is [`crate::limiter::algorithms::evaluate`], shared by every backend
+//! The counting itself is [`crate::algorithms::evaluate`], shared by every backend
 //! (the Redis backend runs a Lua transcription of it, tested for equivalence).
 //!
 //! Backends: [`MemoryStore`] (one process) and [`RedisStore`] (shared by replicas). The binary
@@ -17,8 +17,8 @@ pub mod table;
 
 use std::future::Future;
 
+use crate::algorithms::{Hits, Policy};
 use crate::clock::Timestamp;
-use crate::limiter::algorithms::{Hits, Policy};
 
 pub use self::redis::{RedisNodes, RedisOptions, RedisStore, TimeSource};
 pub use memory::{MemoryStore, MemoryStoreOptions};

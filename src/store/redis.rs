@@ -1,7 +1,7 @@
 //! The Redis store: counters shared by every sluice replica, in one Redis or a Redis Cluster.
 //!
 //! Each [`Store::apply`] is one `EVALSHA` of `redis/apply.lua`, which evaluates every charge of
-//! the batch with the algorithms of [`crate::limiter::algorithms`] (transcribed to Lua) and the
+//! the batch with the algorithms of [`crate::algorithms`] (transcribed to Lua) and the
 //! same all-or-nothing rule as the memory store, then writes the new states with TTLs. Redis runs
 //! a script without interleaving other commands, so a batch is atomic across replicas. The script
 //! computes in whole milliseconds for windows and in nanoseconds relative to `now` for token
@@ -37,8 +37,8 @@ use redis::{RedisError, Script, ScriptInvocation, TlsCertificates};
 use smallvec::SmallVec;
 
 use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
+use crate::algorithms::{Hits, Policy};
 use crate::clock::Timestamp;
-use crate::limiter::algorithms::{Hits, Policy};
 
 /// Largest batch sent in one script call (the memory store's bound too).
 pub const MAX_BATCH: usize = super::memory::MAX_BATCH;

@@ -20,7 +20,7 @@ use redis::Script;
 
 use super::StoreError;
 use super::redis::RedisHandle;
-use crate::blocklist::{AccessChange, AccessList, AllowEntry, Block};
+use crate::access::{AccessChange, AccessList, AllowEntry, Block};
 use crate::clock::Clock;
 
 /// How often a replica looks for changes made elsewhere: with the push on change, a block is

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::blocklist::AccessList;
+use sluice::access::AccessList;
 use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::Limiter;
@@ -42,7 +42,7 @@ pub struct Setup {
     /// Start the clock here instead of [`T0`].
     pub start: Option<Timestamp>,
     /// The decision listener's connection limits (the server's defaults if `None`).
-    pub limits: Option<sluice::server::connections::Limits>,
+    pub limits: Option<sluice::connections::Limits>,
 }
 
 /// A running server and a client connected to it; over the memory store unless started with

@@ -19,8 +19,6 @@
 //! [`BoundedErrorsLayer`] (no error message longer than 256 bytes, whatever the client sent).
 //! Background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
 
-pub mod connections;
-
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,9 +31,9 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use self::connections::{ActivityLayer, ConnectionStats, Limits};
 use crate::admin::AdminService;
 use crate::admin::auth::TokenCheck;
+use crate::connections::{self, ActivityLayer, Limits, ListenerStats};
 use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -120,15 +118,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Connection counts of both gRPC listeners, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct ListenerStats {
-    /// The decision listener's.
-    pub decisions: Arc<ConnectionStats>,
-    /// The admin listener's.
-    pub admin: Arc<ConnectionStats>,
 }
 
 /// Health and reflection, which each listener serves, with requests bounded by `limits`.

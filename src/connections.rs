@@ -1,8 +1,8 @@
 //! The connections a gRPC listener hands tonic, and the limits on them that tonic's `Server`
 //! has no setting for: how many may be open, how long a new one may take to start HTTP/2, and
 //! how long one may sit without calls. Everything else about a connection (streams, windows,
-//! frames, keepalive, message sizes) is hyper's and tonic's, configured in [`super`] from the
-//! same [`Limits`].
+//! frames, keepalive, message sizes) is hyper's and tonic's, configured in [`crate::server`]
+//! from the same [`Limits`].
 //!
 //! The listener is read here, not by tonic, so that a connection over the cap is closed as soon
 //! as it is accepted (and counted), and each accepted one is wrapped in a [`Connection`] that
@@ -119,6 +119,15 @@ impl ConnectionStats {
     pub fn idle_closed(&self) -> u64 {
         self.idle_closed.load(Ordering::Relaxed)
     }
+}
+
+/// Connection counts of both gRPC listeners, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// The decision listener's.
+    pub decisions: Arc<ConnectionStats>,
+    /// The admin listener's.
+    pub admin: Arc<ConnectionStats>,
 }
 
 /// The connections `listener` accepts, for tonic's `serve_with_incoming`: at most
