@@ -162,6 +162,22 @@ async fn a_message_split_over_several_data_frames_is_joined() {
     srv.stop().await;
 }
 
+/// A request whose one entry's value is not UTF-8: `domain: "training"`, then a descriptor with
+/// the entry `path` = 0xff 0xfe.
+fn not_utf8_value() -> Vec<u8> {
+    let mut entry = vec![0x0a, 4];
+    entry.extend_from_slice(b"path");
+    entry.extend_from_slice(&[0x12, 2, 0xff, 0xfe]);
+    let mut descriptor = vec![0x0a, entry.len() as u8];
+    descriptor.extend_from_slice(&entry);
+    let mut request = vec![0x0a, 8];
+    request.extend_from_slice(b"training");
+    request.push(0x12);
+    request.push(descriptor.len() as u8);
+    request.extend_from_slice(&descriptor);
+    request
+}
+
 #[tokio::test]
 async fn broken_framing_gets_a_status_naming_the_problem() {
     let srv = TestServer::start_default().await;
@@ -187,6 +203,12 @@ async fn broken_framing_gets_a_status_naming_the_problem() {
             framed(&[0xff, 0xff, 0xff]),
             "3",
             "malformed protobuf",
+        ),
+        (
+            "not UTF-8 in an entry's value",
+            framed(&not_utf8_value()),
+            "3",
+            "malformed protobuf: Entry.value: RateLimitDescriptor.entries: RateLimitRequest.descriptors",
         ),
         (
             "no domain",
