@@ -7,8 +7,8 @@
 //! executor is measured.
 //!
 //! Groups:
-//! - `decide/*`: the rules in force from a `RulesCache` and `Limiter::decide_into`, as a
-//!   decision connection of the server does per call: (a) hot key allowed and denied, also
+//! - `decide/*`: the rules in force (`Limiter::rules_in_force`) and `Limiter::decide_into`,
+//!   as the server does per call: (a) hot key allowed and denied, also
 //!   from two threads at once; one thread cycling through 1,000 clients, two threads on 1,000
 //!   clients each, with one store or a store each; (b) 1M distinct keys; (c) Talk2Me
 //!   `/transcribe` (three limits + two global ones).
@@ -18,7 +18,7 @@
 //!   the response (what sluice's codec does inside tonic).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::cell::{Cell, OnceCell, RefCell};
+use std::cell::{Cell, OnceCell};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use prost::Message;
 use sluice::clock::Timestamp;
 use sluice::config;
 use sluice::limiter::path::{PathRouter, PathTemplate};
-use sluice::limiter::{Decision, Limiter, Request, RulesCache};
+use sluice::limiter::{Decision, Limiter, Request};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::service::rls::{to_request, to_response};
 use sluice::stats::Stats;
@@ -47,19 +47,14 @@ use common::{
     ready, request,
 };
 
-/// A limiter as one connection of the server uses it: its calls load the rules in force through
-/// the connection's `RulesCache`. One per thread.
+/// A limiter as the server's rate limit service uses it.
 struct Conn<'l> {
     l: &'l Limiter<MemoryStore>,
-    rules: RefCell<RulesCache<'l>>,
 }
 
 impl<'l> Conn<'l> {
     fn new(l: &'l Limiter<MemoryStore>) -> Self {
-        Self {
-            l,
-            rules: RefCell::new(l.rules_cache()),
-        }
+        Self { l }
     }
 }
 
@@ -68,9 +63,9 @@ impl<'l> Conn<'l> {
 /// it alone (`--toggle-collect='decide::decide'`).
 #[inline(never)]
 fn decide(c: &Conn<'_>, r: &Request<'_>, now: Timestamp) -> bool {
-    let mut rules = c.rules.borrow_mut();
+    let rules = c.l.rules_in_force();
     let mut decision = Decision::default();
-    ready!(c.l.decide_into(rules.load(), r, now, &mut decision));
+    ready!(c.l.decide_into(rules.rules(), r, now, &mut decision));
     black_box(&decision).over
 }
 
@@ -225,7 +220,6 @@ fn bench_decide(c: &mut Criterion) {
                 );
             }
             assert_eq!(sluice::store::Store::tracked_keys(l.store()), KEYS as usize);
-            drop(c);
             (l, clients)
         });
         let l = Conn::new(l);

@@ -201,8 +201,8 @@ impl RulesInForce {
     }
 }
 
-/// A rule set installed in a limiter (its statistics attached), as
-/// [`RulesInForce::rules`] or [`RulesCache::load`] hand it out for [`Limiter::decide_into`].
+/// A rule set installed in a limiter (its statistics attached), as [`RulesInForce::rules`]
+/// hands it out for [`Limiter::decide_into`].
 #[derive(Clone, Copy)]
 pub struct Rules<'r>(&'r RuleSet);
 
@@ -217,26 +217,6 @@ impl std::ops::Deref for Rules<'_> {
 impl std::fmt::Debug for Rules<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rules").finish_non_exhaustive()
-    }
-}
-
-/// One connection's view of the rules in force (from [`Limiter::rules_cache`]): it keeps a
-/// reference to the rule set it last saw, and [`Self::load`] only checks, with one plain load,
-/// that it is still the one installed. [`Limiter::rules_in_force`] takes a slot in `arc_swap`'s
-/// list of borrowers and gives it back: two locked instructions per call, ~6% of a hot
-/// decision. A connection idle across a reload keeps the old rule set until its next call.
-pub struct RulesCache<'l>(arc_swap::Cache<&'l ArcSwap<RuleSet>, Arc<RuleSet>>);
-
-impl RulesCache<'_> {
-    /// The rules in force now.
-    pub fn load(&mut self) -> Rules<'_> {
-        Rules(self.0.load())
-    }
-}
-
-impl std::fmt::Debug for RulesCache<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RulesCache").finish_non_exhaustive()
     }
 }
 
@@ -421,11 +401,6 @@ impl<S: Store> Limiter<S> {
     /// rules it holds.
     pub fn rules_in_force(&self) -> RulesInForce {
         RulesInForce(self.rules.load())
-    }
-
-    /// A [`RulesCache`] for one connection's calls.
-    pub fn rules_cache(&self) -> RulesCache<'_> {
-        RulesCache(arc_swap::Cache::new(&self.rules))
     }
 
     /// Decides `request` at the clock's current time under `rules` (from
