@@ -59,7 +59,7 @@ struct Stripe<T>(T);
 /// locked read-modify-write costs ~20 cycles, and a call made three to six of them (overall,
 /// domain and endpoint counts, and the latency histogram). When all [`OWNED_STRIPES`] are
 /// taken, a thread adds atomically to the shared stripe. The server's decisions are recorded
-/// by its runtime's workers, one owned stripe each.
+/// by its decision threads, one owned stripe each.
 fn stripe() -> (usize, bool) {
     let i = MINE
         .try_with(|m| {
