@@ -39,6 +39,31 @@ fn check_prints_the_effective_limits_of_the_default_config() {
     assert!(stdout.contains("rate limiting ENABLED"), "{stdout}");
 }
 
+/// `serve --help` names the connection limits with their defaults; the HTTP/2 switch of the
+/// hand-written stack is gone, and asking for it is an error.
+#[test]
+fn serve_takes_the_connection_limits_and_no_http2_switch() {
+    let out = sluice().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{help}");
+    for flag in [
+        "--max-connections <MAX_CONNECTIONS>",
+        "[default: 1024]",
+        "--idle-timeout <IDLE_TIMEOUT>",
+        "[default: 300s]",
+        "--max-request-bytes <MAX_REQUEST_BYTES>",
+        "[default: 65536]",
+        "--decision-threads <DECISION_THREADS>",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from\n{help}");
+    }
+    assert!(!help.contains("--http2"), "{help}");
+    let out = sluice().args(["serve", "--http2", "h2"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unexpected argument '--http2'"), "{err}");
+}
+
 #[test]
 fn check_honours_rate_limit_environment_variables() {
     let out = sluice()
