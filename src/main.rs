@@ -152,7 +152,11 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (the reader of stderr is gone) is dropped: with its
+    // default, the subscriber reports the failure with `eprintln!`, which panics on the same
+    // closed stderr, and the server would die with its log collector.
     let builder = tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);

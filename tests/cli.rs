@@ -64,6 +64,51 @@ fn serve_takes_the_connection_limits_and_no_http2_switch() {
     assert!(err.contains("unexpected argument '--http2'"), "{err}");
 }
 
+/// The log's reader going away (a log collector that died) does not take the server with it:
+/// the next log line, here the one a SIGHUP reload writes, is dropped, and decisions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_outlives_its_closed_log_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = sluice();
+    cmd.args(["serve", "--config", "config/sluice.yaml"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--reload-interval", "3600s"])
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("a start-up line").unwrap();
+        if let Some(at) = line.find("serving RateLimitService addr=") {
+            break line[at + 30..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    drop(lines);
+    for _ in 0..3 {
+        signal(&child.0, "HUP");
+    }
+    let mut client = RateLimitServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        // The reloads happen meanwhile; each writes a log line into the closed pipe.
+        let r = client
+            .should_rate_limit(training("/api/training/execute", "192.0.2.9"))
+            .await
+            .unwrap_or_else(|s| panic!("call {i}: {s:?}"));
+        assert_eq!(r.get_ref().statuses.len(), 1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(child.0.try_wait().unwrap().is_none(), "the server exited");
+}
+
 #[test]
 fn check_honours_rate_limit_environment_variables() {
     let out = sluice()
@@ -138,33 +183,12 @@ fn serve(
     ])
     .arg("--state-file")
     .arg(state)
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    .env("RUST_LOG", "info");
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no start-up line; log so far: {log:#?}"));
-        log.push(line.clone());
-        if line.contains("serving RateLimitService") {
-            let at = line.find("addr=").unwrap() + 5;
-            break line[at..].split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let (child, rx) = common::process::spawn_logged(&mut cmd);
+    let ([addr], log) = common::process::addrs_from_log(&rx, ["serving RateLimitService"]);
     assert!(
         log.iter().any(|l| l.contains("rate limiting ENABLED")),
         "{log:#?}"
@@ -295,23 +319,6 @@ fn serve_refuses_a_bad_config_and_exits_non_zero() {
     );
 }
 
-/// Reads start-up lines until every marker was seen, returning each one's `addr=` value.
-fn addrs_from_log<const N: usize>(rx: &mpsc::Receiver<String>, markers: [&str; N]) -> [String; N] {
-    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
-    while found.iter().any(Option::is_none) {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("start-up lines missing: {markers:?} / {found:?}"));
-        for (m, f) in markers.iter().zip(found.iter_mut()) {
-            if line.contains(m) {
-                let at = line.find("addr=").unwrap() + 5;
-                *f = Some(line[at..].split_whitespace().next().unwrap().to_string());
-            }
-        }
-    }
-    found.map(Option::unwrap)
-}
-
 /// Kills the child if the test fails before stopping it.
 struct KillOnDrop(Child);
 
@@ -332,28 +339,19 @@ async fn sighup_reloads_the_config() {
         )
     };
     std::fs::write(&config, yaml(10)).unwrap();
-    let child = sluice()
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0", "--reload-interval", "3600s"])
-        .arg("--state-file")
-        .arg(dir.path().join("state.json"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, rx) = common::process::spawn_logged(
+        sluice()
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0", "--reload-interval", "3600s"])
+            .arg("--state-file")
+            .arg(dir.path().join("state.json")),
+    );
     let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let [grpc, http] = addrs_from_log(&rx, ["serving RateLimitService", "serving /metrics"]);
+    let ([grpc, http], _) =
+        common::process::addrs_from_log(&rx, ["serving RateLimitService", "serving /metrics"]);
     let http: std::net::SocketAddr = http.parse().unwrap();
     let mut client = RateLimitServiceClient::connect(format!("http://{grpc}"))
         .await

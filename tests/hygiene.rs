@@ -11,12 +11,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::h2raw::{self, flag, kind};
+use common::process::{addrs_from_log, spawn_logged};
 use common::{OK, descriptor, http_get, metric, request};
 use prost::Message;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -40,53 +40,30 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Server {
         let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "serve",
-                "--config",
-                "benches/load.yaml",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--state-file")
-            .arg(state.path().join("state.json"))
-            .args(extra)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (mut grpc, mut http) = (None, None);
-        let mut lines = stderr.lines();
-        while grpc.is_none() || http.is_none() {
-            let line = lines.next().expect("start-up log").unwrap();
-            let addr = || {
-                let at = line.find("addr=").unwrap() + 5;
-                line[at..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            if line.contains("serving RateLimitService") {
-                grpc = Some(addr());
-            } else if line.contains("serving /metrics") {
-                http = Some(addr());
-            }
-        }
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args([
+            "serve",
+            "--config",
+            "benches/load.yaml",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-file")
+        .arg(state.path().join("state.json"))
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "info");
+        let (child, log) = spawn_logged(&mut cmd);
+        let ([grpc, http], _) =
+            addrs_from_log(&log, ["serving RateLimitService", "serving /metrics"]);
         Server {
             child,
-            grpc: grpc.unwrap(),
-            http: http.unwrap(),
+            grpc: grpc.parse().unwrap(),
+            http: http.parse().unwrap(),
             _state: state,
         }
     }

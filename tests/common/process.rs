@@ -1,0 +1,52 @@
+//! A server as a child process (the real binary): its log lines arrive on a channel, read by a
+//! thread of their own so the child never blocks on a full pipe, and the addresses it reports
+//! at start-up are read from them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Spawns `cmd` with its stderr (where sluice logs) on the returned channel, line by line. The
+/// pipe is read until the child closes it, even once the channel's receiver is gone: a child
+/// whose log pipe closed would fail, or die, at its next log line.
+pub fn spawn_logged(cmd: &mut Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Reads start-up lines until every marker was seen, returning each one's `addr=` value, and
+/// every line read.
+pub fn addrs_from_log<const N: usize>(
+    rx: &mpsc::Receiver<String>,
+    markers: [&str; N],
+) -> ([String; N], Vec<String>) {
+    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+    let mut log = Vec::new();
+    while found.iter().any(Option::is_none) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!("start-up lines missing: {markers:?} / {found:?}; log so far: {log:#?}")
+            });
+        for (m, f) in markers.iter().zip(found.iter_mut()) {
+            if line.contains(m) {
+                let at = line.find("addr=").unwrap() + 5;
+                *f = Some(line[at..].split_whitespace().next().unwrap().to_string());
+            }
+        }
+        log.push(line);
+    }
+    (found.map(Option::unwrap), log)
+}
