@@ -20,6 +20,11 @@
 //! idle timeout, are closed this way. A call racing the close fails on the client, and Envoy
 //! lets that one request through (its failure mode); the sample Envoy closes idle connections
 //! to sluice itself, before sluice would.
+//!
+//! Two more things happen here because they concern the connection, not the protocol: the
+//! decision listener's connections are [`spread`] over threads that each run a runtime of their
+//! own, and a [`Connection`]'s writes are coalesced (its first write after a write yields once
+//! to the runtime, so the answers ready by then leave in one `writev`).
 
 use std::io;
 use std::net::SocketAddr;
