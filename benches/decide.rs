@@ -47,25 +47,14 @@ use common::{
     ready, request,
 };
 
-/// A limiter as the server's rate limit service uses it.
-struct Conn<'l> {
-    l: &'l Limiter<MemoryStore>,
-}
-
-impl<'l> Conn<'l> {
-    fn new(l: &'l Limiter<MemoryStore>) -> Self {
-        Self { l }
-    }
-}
-
 /// Decides as the server does per call (the rules in force loaded, then the decision); returns
 /// whether the request is over a limit. Never inlined, so that callgrind can count one call of
 /// it alone (`--toggle-collect='decide::decide'`).
 #[inline(never)]
-fn decide(c: &Conn<'_>, r: &Request<'_>, now: Timestamp) -> bool {
-    let rules = c.l.rules_in_force();
+fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>, now: Timestamp) -> bool {
+    let rules = l.rules_in_force();
     let mut decision = Decision::default();
-    ready!(c.l.decide_into(rules.rules(), r, now, &mut decision));
+    ready!(l.decide_into(rules.rules(), r, now, &mut decision));
     black_box(&decision).over
 }
 
@@ -74,7 +63,12 @@ fn ip(i: u32) -> String {
 }
 
 /// Decides for the next of `clients` (`next` holds whose turn it is).
-fn in_turn(l: &Conn<'_>, clients: &[String], next: &Cell<usize>, now: Timestamp) -> bool {
+fn in_turn(
+    l: &Limiter<MemoryStore>,
+    clients: &[String],
+    next: &Cell<usize>,
+    now: Timestamp,
+) -> bool {
     let i = next.get();
     next.set(if i + 1 == clients.len() { 0 } else { i + 1 });
     let r = request(
@@ -97,9 +91,9 @@ fn two_threads(
     std::thread::scope(|s| {
         for (l, clients) in limiters.into_iter().zip(clients) {
             s.spawn(move || {
-                let (l, next) = (Conn::new(l), Cell::new(0));
+                let next = Cell::new(0);
                 for _ in 0..per_thread {
-                    in_turn(&l, clients, &next, now);
+                    in_turn(l, clients, &next, now);
                 }
             });
         }
@@ -113,38 +107,36 @@ fn bench_decide(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
 
     // (a) One client, every iteration; 4e9/minute never denies.
-    let lim = limiter(LOAD_YAML, None);
-    let l = Conn::new(&lim);
+    let l = &limiter(LOAD_YAML, None);
     g.bench_function("hot_allowed", |b| {
         b.iter(|| {
             let r = request(
                 "load",
                 &[("path", "/bench"), ("remote_address", "10.0.0.1")],
             );
-            let over = decide(&l, black_box(&r), now);
+            let over = decide(l, black_box(&r), now);
             debug_assert!(!over);
             over
         });
     });
 
     // (a') The same client over its 10/minute: every decision is OVER_LIMIT (nothing stored).
-    let lim = limiter(DENY_YAML, None);
-    let l = Conn::new(&lim);
+    let l = &limiter(DENY_YAML, None);
     let r = request(
         "load",
         &[("path", "/bench"), ("remote_address", "10.0.0.1")],
     );
     for _ in 0..10 {
-        decide(&l, &r, now);
+        decide(l, &r, now);
     }
-    assert!(decide(&l, &r, now), "the hot key is over its limit");
+    assert!(decide(l, &r, now), "the hot key is over its limit");
     g.bench_function("hot_denied", |b| {
         b.iter(|| {
             let r = request(
                 "load",
                 &[("path", "/bench"), ("remote_address", "10.0.0.1")],
             );
-            black_box(decide(&l, black_box(&r), now))
+            black_box(decide(l, black_box(&r), now))
         });
     });
 
@@ -158,13 +150,12 @@ fn bench_decide(c: &mut Criterion) {
             std::thread::scope(|s| {
                 for _ in 0..2 {
                     s.spawn(|| {
-                        let l = Conn::new(&lim);
                         for _ in 0..per_thread {
                             let r = request(
                                 "load",
                                 &[("path", "/bench"), ("remote_address", "10.0.0.1")],
                             );
-                            black_box(decide(&l, black_box(&r), now));
+                            black_box(decide(&lim, black_box(&r), now));
                         }
                     });
                 }
@@ -174,12 +165,11 @@ fn bench_decide(c: &mut Criterion) {
     });
 
     // (a''') One thread cycling through 1,000 clients: the baseline of the next case.
-    let lim = limiter(LOAD_YAML, None);
-    let l = Conn::new(&lim);
+    let l = &limiter(LOAD_YAML, None);
     let clients: Vec<String> = (0..1000).map(ip).collect();
     let next = Cell::new(0usize);
     g.bench_function("clients_allowed", |b| {
-        b.iter(|| in_turn(&l, &clients, &next, now));
+        b.iter(|| in_turn(l, &clients, &next, now));
     });
 
     // (a'''') Two threads at once, each cycling through its own 1,000 clients: no counter is
@@ -211,10 +201,9 @@ fn bench_decide(c: &mut Criterion) {
         let (l, clients) = populated.get_or_init(|| {
             let l = limiter(LOAD_YAML, Some(2 * KEYS as usize));
             let clients: Vec<String> = (0..KEYS).map(ip).collect();
-            let c = Conn::new(&l);
             for client in &clients {
                 decide(
-                    &c,
+                    &l,
                     &request("load", &[("path", "/bench"), ("remote_address", client)]),
                     now,
                 );
@@ -222,15 +211,13 @@ fn bench_decide(c: &mut Criterion) {
             assert_eq!(sluice::store::Store::tracked_keys(l.store()), KEYS as usize);
             (l, clients)
         });
-        let l = Conn::new(l);
-        b.iter(|| in_turn(&l, clients, &next, now));
+        b.iter(|| in_turn(l, clients, &next, now));
     });
     drop(populated);
 
     // (c) Talk2Me /transcribe from the default config: 10/minute, 100/hour, burst 3 refilled 1
     // per 6 s, plus the domain's global 1000/minute and 10000/hour: five counters per decision.
-    let lim = limiter(DEFAULT_YAML, None);
-    let l = Conn::new(&lim);
+    let l = &limiter(DEFAULT_YAML, None);
     let entries = [
         ("path", "/transcribe"),
         ("remote_address", "203.0.113.7"),
@@ -242,31 +229,30 @@ fn bench_decide(c: &mut Criterion) {
     // At a fixed time the burst of 3 is spent after 3 calls: the steady state is OVER_LIMIT.
     let r = request("talk2me", &entries);
     for _ in 0..3 {
-        assert!(!decide(&l, &r, now));
+        assert!(!decide(l, &r, now));
     }
-    assert!(decide(&l, &r, now));
+    assert!(decide(l, &r, now));
     g.bench_function("transcribe_5_counters_denied", |b| {
         b.iter(|| {
             let r = request("talk2me", &entries);
-            black_box(decide(&l, black_box(&r), now))
+            black_box(decide(l, black_box(&r), now))
         });
     });
     // Time moving 60 s per call: every limit admits, every counter is written.
-    let lim = limiter(DEFAULT_YAML, None);
-    let l = Conn::new(&lim);
+    let l = &limiter(DEFAULT_YAML, None);
     let t = Cell::new(NOW_SECS);
     g.bench_function("transcribe_5_counters_allowed", |b| {
         b.iter(|| {
             let secs = t.get() + 60;
             t.set(secs);
             let r = request("talk2me", &entries);
-            let over = decide(&l, black_box(&r), Timestamp::from_secs(secs));
+            let over = decide(l, black_box(&r), Timestamp::from_secs(secs));
             debug_assert!(!over);
             over
         });
     });
     assert!(
-        !decide(&l, &r, Timestamp::from_secs(t.get() + 60)),
+        !decide(l, &r, Timestamp::from_secs(t.get() + 60)),
         "one call a minute is always admitted"
     );
     g.finish();

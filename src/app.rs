@@ -22,7 +22,7 @@ use crate::clock::SystemClock;
 use crate::config::{self, Config, ConfigError};
 use crate::limiter::Limiter;
 use crate::reload::{self, Reloader};
-use crate::server::{self, Listeners, Options, ServerError};
+use crate::server::{self, AbortOnDrop, Listeners, Options, ServerError};
 use crate::shutdown;
 use crate::stats::Stats;
 use crate::store::{AnyStore, Backend, MemoryStoreOptions, StoreError, redis_sync};
@@ -201,15 +201,15 @@ pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
     );
     let grpc_addr = grpc.local_addr().map_err(AppError::LocalAddr)?;
     tracing::info!(target: LOG_TARGET, addr = %grpc_addr, "serving RateLimitService");
+    let defaults = Options::default();
     let server_options = Options {
         sweep_interval: cfg.store.sweep_interval,
         admin_token: options.admin_token,
         decisions: options.decisions,
         decision_threads: options
             .decision_threads
-            .unwrap_or(Options::default().decision_threads)
-            .max(1),
-        ..Options::default()
+            .unwrap_or(defaults.decision_threads),
+        ..defaults
     };
     let listeners = Listeners {
         grpc,
@@ -241,16 +241,6 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, AppEr
     TcpListener::bind(addr)
         .await
         .map_err(|source| AppError::Bind { flag, addr, source })
-}
-
-/// Aborts a background task when dropped (at the end of [`serve`]), so no task outlives the
-/// server it serves.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// One word for both `check` and the start-up log, which operators and tests grep for.

@@ -148,8 +148,8 @@ pub fn incoming(
     futures_util::stream::unfold(
         (listener, limits, stats),
         |(listener, limits, stats)| async move {
-            let (tcp, peer) = accept(&listener, &limits, &stats).await;
-            let conn = Connection::new(tcp, peer, limits.clone(), stats.clone());
+            let (tcp, peer, slot) = accept(&listener, &limits, &stats).await;
+            let conn = Connection::new(tcp, peer, limits.clone(), slot);
             Some((Ok(conn), (listener, limits, stats)))
         },
     )
@@ -175,15 +175,13 @@ pub fn spread(
         queues.push((tx, load.clone()));
         spreads.push(Spread {
             rx,
-            load,
             limits: limits.clone(),
-            stats: stats.clone(),
         });
     }
     let accept_loop = async move {
         let mut stop = std::pin::pin!(stop);
         loop {
-            let (tcp, peer) = tokio::select! {
+            let (tcp, peer, mut slot) = tokio::select! {
                 accepted = accept(&listener, &limits, &stats) => accepted,
                 () = &mut stop => break,
             };
@@ -193,18 +191,13 @@ pub fn spread(
             else {
                 break;
             };
+            slot.count_in(load);
+            // A connection that cannot be handed over is dropped, and its slot with it.
             match tcp.into_std() {
                 Ok(tcp) => {
-                    load.fetch_add(1, Ordering::Relaxed);
-                    if tx.send((tcp, peer)).is_err() {
-                        load.fetch_sub(1, Ordering::Relaxed);
-                        stats.open.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    let _ = tx.send((tcp, peer, slot));
                 }
-                Err(e) => {
-                    stats.open.fetch_sub(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, error = %e, "could not hand a connection over");
-                }
+                Err(e) => tracing::debug!(%peer, error = %e, "could not hand a connection over"),
             }
         }
     };
@@ -214,10 +207,8 @@ pub fn spread(
 /// One thread's share of a [`spread`] listener.
 #[derive(Debug)]
 pub struct Spread {
-    rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
-    load: Arc<AtomicUsize>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr, Slot)>,
     limits: Arc<Limits>,
-    stats: Arc<ConnectionStats>,
 }
 
 impl Spread {
@@ -226,17 +217,13 @@ impl Spread {
     pub fn into_incoming(self) -> impl futures_util::Stream<Item = io::Result<Connection>> + Send {
         futures_util::stream::unfold(self, |mut spread| async move {
             loop {
-                let (tcp, peer) = spread.rx.recv().await?;
+                let (tcp, peer, slot) = spread.rx.recv().await?;
                 match TcpStream::from_std(tcp) {
                     Ok(tcp) => {
-                        let mut conn =
-                            Connection::new(tcp, peer, spread.limits.clone(), spread.stats.clone());
-                        conn.load = Some(spread.load.clone());
+                        let conn = Connection::new(tcp, peer, spread.limits.clone(), slot);
                         return Some((Ok(conn), spread));
                     }
                     Err(e) => {
-                        spread.load.fetch_sub(1, Ordering::Relaxed);
-                        spread.stats.open.fetch_sub(1, Ordering::Relaxed);
                         tracing::debug!(%peer, error = %e, "could not take a connection over");
                     }
                 }
@@ -245,11 +232,37 @@ impl Spread {
     }
 }
 
+/// A connection's place among those open: taken at accept, given back when dropped, wherever
+/// the connection is by then (accepted, handed to a thread, served).
+#[derive(Debug)]
+struct Slot {
+    stats: Arc<ConnectionStats>,
+    /// The open connections of the thread serving it ([`spread`]).
+    load: Option<Arc<AtomicUsize>>,
+}
+
+impl Slot {
+    /// Counts the connection among `load`'s too, until it is dropped.
+    fn count_in(&mut self, load: &Arc<AtomicUsize>) {
+        load.fetch_add(1, Ordering::Relaxed);
+        self.load = Some(load.clone());
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(load) = &self.load {
+            load.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn accept(
     listener: &TcpListener,
     limits: &Arc<Limits>,
     stats: &Arc<ConnectionStats>,
-) -> (TcpStream, SocketAddr) {
+) -> (TcpStream, SocketAddr, Slot) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -267,12 +280,16 @@ async fn accept(
             drop(tcp);
             continue;
         }
+        let slot = Slot {
+            stats: stats.clone(),
+            load: None,
+        };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Small answers must not wait for delayed ACKs (40 ms tails).
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
         }
-        return (tcp, peer);
+        return (tcp, peer, slot);
     }
 }
 
@@ -317,7 +334,8 @@ pub struct Connection {
     tcp: TcpStream,
     peer: SocketAddr,
     limits: Arc<Limits>,
-    stats: Arc<ConnectionStats>,
+    /// Its place among the open connections, and the counters it adds to.
+    slot: Slot,
     /// Bytes still to come before HTTP/2 has started, and the first frame's header so far;
     /// `None` once it has.
     handshake: Option<Handshake>,
@@ -330,11 +348,9 @@ pub struct Connection {
     started_seen: u64,
     /// Whether the next write goes to the socket (see [`Connection::coalesce`]).
     write_now: bool,
-    /// The open connections of the thread serving this one ([`spread`]).
-    load: Option<Arc<AtomicUsize>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Handshake {
     /// Bytes of the connection read so far.
     read: usize,
@@ -370,28 +386,19 @@ impl Handshake {
 }
 
 impl Connection {
-    fn new(
-        tcp: TcpStream,
-        peer: SocketAddr,
-        limits: Arc<Limits>,
-        stats: Arc<ConnectionStats>,
-    ) -> Self {
+    fn new(tcp: TcpStream, peer: SocketAddr, limits: Arc<Limits>, slot: Slot) -> Self {
         let timer = Box::pin(tokio::time::sleep(limits.handshake_timeout));
         Self {
             tcp,
             peer,
             limits,
-            stats,
-            handshake: Some(Handshake {
-                read: 0,
-                header: [0; FRAME_HEADER],
-            }),
+            slot,
+            handshake: Some(Handshake::default()),
             activity: Arc::default(),
             timer,
             idle_checks: 0,
             started_seen: 0,
             write_now: false,
-            load: None,
         }
     }
 
@@ -425,7 +432,8 @@ impl Connection {
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
             if self.handshake.is_some() {
-                self.stats
+                self.slot
+                    .stats
                     .handshake_timeouts
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %self.peer, timeout = ?self.limits.handshake_timeout, "closing a connection that did not start HTTP/2 in time");
@@ -443,7 +451,7 @@ impl Connection {
             }
             self.started_seen = started;
             if self.idle_checks >= IDLE_CHECKS {
-                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                self.slot.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %self.peer, timeout = ?self.limits.idle_timeout, "closing an idle connection");
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -454,15 +462,6 @@ impl Connection {
             self.timer.as_mut().reset(next);
         }
         Ok(())
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
-        if let Some(load) = &self.load {
-            load.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -613,10 +612,7 @@ mod tests {
         for payload in [0, 6, 18, 300] {
             let bytes = preface_and_settings(payload);
             for split in [1, 2, 7, 24, 25, 33, 100] {
-                let mut h = Handshake {
-                    read: 0,
-                    header: [0; FRAME_HEADER],
-                };
+                let mut h = Handshake::default();
                 let chunks: Vec<&[u8]> = bytes.chunks(split).collect();
                 let (last, rest) = chunks.split_last().unwrap();
                 for c in rest {
@@ -635,10 +631,7 @@ mod tests {
 
     #[test]
     fn ten_bytes_of_preface_are_no_handshake() {
-        let mut h = Handshake {
-            read: 0,
-            header: [0; FRAME_HEADER],
-        };
+        let mut h = Handshake::default();
         assert!(!h.read(&preface_and_settings(0)[..10]));
     }
 }

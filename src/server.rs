@@ -37,10 +37,12 @@ use crate::connections::{self, ActivityLayer, Limits, ListenerStats};
 use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
-use crate::proto::sluice::admin::v1::admin_server::AdminServer;
-use crate::service::bounded::BoundedErrorsLayer;
-use crate::service::rls::{RlsService, SERVICE_NAME};
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitServiceServer, SERVICE_NAME,
+};
+use crate::proto::sluice::admin::v1::admin_server::{AdminServer, SERVICE_NAME as ADMIN_SERVICE};
+use crate::service::bounded::{BoundedErrorsLayer, bounded_errors};
+use crate::service::rls::RlsService;
 use crate::store::Store;
 
 /// Listeners the server runs on, already bound.
@@ -111,8 +113,9 @@ pub enum ServerError {
     DecisionThread,
 }
 
-/// Aborts a task when dropped, so that it never outlives what it serves.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a background task when dropped, so that no task outlives what it serves (the
+/// server's accept loop here, `serve`'s reload and replication tasks in [`crate::app`]).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -148,16 +151,15 @@ fn common_routes(
     Ok((health, routes))
 }
 
+/// The layers around every service of a listener, innermost last.
+type ListenerLayers = tower::layer::util::Stack<
+    BoundedErrorsLayer,
+    tower::layer::util::Stack<ActivityLayer, tower::layer::util::Identity>,
+>;
+
 /// A tonic server with `limits` applied to every connection and call, and the layers every
 /// service of a listener runs in (see the module doc).
-fn server_with(
-    limits: &Limits,
-) -> Server<
-    tower::layer::util::Stack<
-        BoundedErrorsLayer,
-        tower::layer::util::Stack<ActivityLayer, tower::layer::util::Identity>,
-    >,
-> {
+fn server_with(limits: &Limits) -> Server<ListenerLayers> {
     Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_header_list_size(limits.max_header_list_bytes)
@@ -171,11 +173,8 @@ fn server_with(
         // reset" attack): hyper's default, stated.
         .http2_max_pending_accept_reset_streams(Some(20))
         .layer(ActivityLayer)
-        .layer(BoundedErrorsLayer)
+        .layer(bounded_errors())
 }
-
-/// The admin listener's service.
-const ADMIN_SERVICE: &str = "sluice.admin.v1.Admin";
 
 /// Serves until `shutdown` completes, then stops accepting and finishes in-flight calls.
 pub async fn run<S: Store>(

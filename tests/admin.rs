@@ -309,7 +309,6 @@ async fn blocks_and_allows_survive_a_restart() {
         state_file: Some(state.clone()),
         token: Some(ADMIN_TOKEN.into()),
         start: None,
-        ..Setup::default()
     };
     let cfg = || {
         let text = std::fs::read_to_string(repo_path("config/sluice.yaml")).unwrap();

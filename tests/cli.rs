@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
 use common::*;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -70,14 +71,14 @@ fn serve_takes_the_connection_limits_and_no_http2_switch() {
 async fn serve_outlives_its_closed_log_pipe() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = sluice();
-    cmd.args(["serve", "--config", "config/sluice.yaml"])
-        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0", "--reload-interval", "3600s"])
-        .arg("--state-file")
-        .arg(dir.path().join("state.json"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    serve_on_free_ports(
+        &mut cmd,
+        "config/sluice.yaml",
+        dir.path().join("state.json"),
+    )
+    .args(["--reload-interval", "3600s"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     let mut child = KillOnDrop(cmd.spawn().unwrap());
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let addr = loop {
@@ -170,25 +171,12 @@ fn serve(
     extra_env: &[(&str, &str)],
 ) -> (Child, String, mpsc::Receiver<String>) {
     let mut cmd = sluice();
-    cmd.args([
-        "serve",
-        "--config",
-        "config/sluice.yaml",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ])
-    .arg("--state-file")
-    .arg(state)
-    .env("RUST_LOG", "info");
+    serve_on_free_ports(&mut cmd, "config/sluice.yaml", state);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let (child, rx) = common::process::spawn_logged(&mut cmd);
-    let ([addr], log) = common::process::addrs_from_log(&rx, ["serving RateLimitService"]);
+    let (child, rx) = spawn_logged(&mut cmd);
+    let ([addr], log) = addrs_from_log(&rx, ["serving RateLimitService"]);
     assert!(
         log.iter().any(|l| l.contains("rate limiting ENABLED")),
         "{log:#?}"
@@ -264,17 +252,11 @@ fn serve_logs_disabled_and_stops_on_sigint() {
     // `serve()` asserts ENABLED in its start-up log; check DISABLED by hand here.
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = sluice();
-    cmd.args([
-        "serve",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ])
-    .arg("--state-file")
-    .arg(dir.path().join("state.json"))
+    serve_on_free_ports(
+        &mut cmd,
+        "config/sluice.yaml",
+        dir.path().join("state.json"),
+    )
     .env("RATE_LIMIT_ENABLED", "false")
     .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -297,18 +279,7 @@ fn serve_refuses_a_bad_config_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, "domains: nope\n").unwrap();
-    let out = sluice()
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
+    let out = serve_on_free_ports(&mut sluice(), &path, dir.path().join("state.json"))
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -339,19 +310,12 @@ async fn sighup_reloads_the_config() {
         )
     };
     std::fs::write(&config, yaml(10)).unwrap();
-    let (child, rx) = common::process::spawn_logged(
-        sluice()
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-            .args(["--http-addr", "127.0.0.1:0", "--reload-interval", "3600s"])
-            .arg("--state-file")
-            .arg(dir.path().join("state.json")),
+    let (child, rx) = spawn_logged(
+        serve_on_free_ports(&mut sluice(), &config, dir.path().join("state.json"))
+            .args(["--reload-interval", "3600s"]),
     );
     let mut child = KillOnDrop(child);
-    let ([grpc, http], _) =
-        common::process::addrs_from_log(&rx, ["serving RateLimitService", "serving /metrics"]);
+    let ([grpc, http], _) = addrs_from_log(&rx, ["serving RateLimitService", "serving /metrics"]);
     let http: std::net::SocketAddr = http.parse().unwrap();
     let mut client = RateLimitServiceClient::connect(format!("http://{grpc}"))
         .await

@@ -16,7 +16,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::h2raw::{self, flag, kind};
-use common::process::{addrs_from_log, spawn_logged};
+use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
 use common::{OK, descriptor, http_get, metric, request};
 use prost::Message;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -41,22 +41,13 @@ impl Server {
     fn start(extra: &[&str]) -> Server {
         let state = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args([
-            "serve",
-            "--config",
+        serve_on_free_ports(
+            &mut cmd,
             "benches/load.yaml",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--state-file")
-        .arg(state.path().join("state.json"))
+            state.path().join("state.json"),
+        )
         .args(extra)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUST_LOG", "info");
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
         let (child, log) = spawn_logged(&mut cmd);
         let ([grpc, http], _) =
             addrs_from_log(&log, ["serving RateLimitService", "serving /metrics"]);
@@ -152,35 +143,53 @@ async fn under_attack<F: Future<Output = ()>>(srv: &Server, attack: F) -> u64 {
 
 const MIB: u64 = 1024 * 1024;
 
+/// Opens a connection and writes `first`, then up to 1,000 batches of frames from `batch`
+/// (given the batch's number) until a write fails; then asserts that the server closes the
+/// connection with GOAWAY ENHANCE_YOUR_CALM. `what` names a batch's frames for the messages.
+async fn flood_is_cut_off(
+    addr: SocketAddr,
+    first: &[u8],
+    batch: impl Fn(u32) -> Vec<u8>,
+    what: &str,
+) {
+    let mut tcp = h2raw::open(addr).await;
+    tcp.write_all(first).await.unwrap();
+    let mut sent = 0;
+    for n in 0..1000 {
+        if tcp.write_all(&batch(n)).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let (goaway, closed) = h2raw::read_until_closed(&mut tcp, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "the server never closed a connection sending {sent} batches of {what}"
+    );
+    assert_eq!(
+        goaway,
+        Some(ENHANCE_YOUR_CALM),
+        "after {sent} batches of {what}"
+    );
+}
+
 /// HEADERS then RST_STREAM, thousands of times on one connection (CVE-2023-44487): h2 counts
 /// streams reset before they were taken and ends the connection with ENHANCE_YOUR_CALM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_reset_loop_is_cut_off_and_calls_go_on() {
     let srv = Server::start(&[]);
     let block = h2raw::grpc_headers(h2raw::RLS_PATH);
-    let grown = under_attack(&srv, async {
-        let mut tcp = h2raw::open(srv.grpc).await;
-        let mut sent = 0u32;
-        'attack: for batch in 0..100u32 {
-            let mut out = Vec::new();
-            for i in 0..100 {
-                let stream = 2 * (batch * 100 + i) + 1;
-                h2raw::frame(&mut out, kind::HEADERS, flag::END_HEADERS, stream, &block);
-                h2raw::frame(&mut out, kind::RST_STREAM, 0, stream, &CANCEL.to_be_bytes());
-            }
-            if tcp.write_all(&out).await.is_err() {
-                break 'attack;
-            }
-            sent += 100;
+    let resets = |batch: u32| {
+        let mut out = Vec::new();
+        for i in 0..100 {
+            let stream = 2 * (batch * 100 + i) + 1;
+            h2raw::frame(&mut out, kind::HEADERS, flag::END_HEADERS, stream, &block);
+            h2raw::frame(&mut out, kind::RST_STREAM, 0, stream, &CANCEL.to_be_bytes());
         }
-        let (goaway, closed) = h2raw::read_until_closed(&mut tcp, Duration::from_secs(10)).await;
-        assert!(
-            closed,
-            "the server never closed a connection resetting {sent} streams"
-        );
-        assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "after {sent} resets");
-    })
-    .await;
+        out
+    };
+    let what = "100 HEADERS + RST_STREAM";
+    let grown = under_attack(&srv, flood_is_cut_off(srv.grpc, &[], resets, what)).await;
     assert!(grown < 16 * MIB, "the server grew by {grown} bytes");
 }
 
@@ -189,34 +198,26 @@ async fn a_rapid_reset_loop_is_cut_off_and_calls_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_is_cut_off_and_calls_go_on() {
     let srv = Server::start(&[]);
-    let block = h2raw::grpc_headers(h2raw::RLS_PATH);
-    let grown = under_attack(&srv, async {
-        let mut tcp = h2raw::open(srv.grpc).await;
+    let mut headers = Vec::new();
+    h2raw::frame(
+        &mut headers,
+        kind::HEADERS,
+        0,
+        1,
+        &h2raw::grpc_headers(h2raw::RLS_PATH),
+    );
+    let continuations = |_| {
         let mut out = Vec::new();
-        h2raw::frame(&mut out, kind::HEADERS, 0, 1, &block);
-        tcp.write_all(&out).await.unwrap();
-        let mut sent = 0;
-        for _ in 0..1000 {
-            let mut out = Vec::new();
-            for _ in 0..100 {
-                h2raw::frame(&mut out, kind::CONTINUATION, 0, 1, &[]);
-            }
-            if tcp.write_all(&out).await.is_err() {
-                break;
-            }
-            sent += 100;
+        for _ in 0..100 {
+            h2raw::frame(&mut out, kind::CONTINUATION, 0, 1, &[]);
         }
-        let (goaway, closed) = h2raw::read_until_closed(&mut tcp, Duration::from_secs(10)).await;
-        assert!(
-            closed,
-            "the server never closed a connection sending {sent} CONTINUATIONs"
-        );
-        assert_eq!(
-            goaway,
-            Some(ENHANCE_YOUR_CALM),
-            "after {sent} CONTINUATIONs"
-        );
-    })
+        out
+    };
+    let what = "100 empty CONTINUATIONs";
+    let grown = under_attack(
+        &srv,
+        flood_is_cut_off(srv.grpc, &headers, continuations, what),
+    )
     .await;
     assert!(grown < 16 * MIB, "the server grew by {grown} bytes");
 }

@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
 use common::redis::{RedisCluster, RedisServer};
 use common::*;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
@@ -50,54 +49,27 @@ async fn replica(dir: &std::path::Path, name: &str, store: &str) -> Replica {
 async fn replica_with(dir: &std::path::Path, name: &str, yaml: &str, args: &[&str]) -> Replica {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(&config, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    serve_on_free_ports(&mut cmd, &config, dir.join(format!("{name}-state.json")))
         .args(args)
-        .arg("--state-file")
-        .arg(dir.join(format!("{name}-state.json")))
         .env("SLUICE_KEY_SECRET", "shared-test-secret")
         .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut grpc, mut admin, mut http) = (None, None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while grpc.is_none() || admin.is_none() || http.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("{name}: no start-up lines"));
-        let addr = || {
-            let at = line.find("addr=").unwrap() + 5;
-            line[at..].split_whitespace().next().unwrap().to_string()
-        };
-        if line.contains("serving RateLimitService") {
-            grpc = Some(addr());
-        } else if line.contains("serving Admin") {
-            admin = Some(addr());
-        } else if line.contains("serving /metrics") {
-            http = Some(addr().parse().unwrap());
-        }
-    }
+        .stdin(Stdio::null());
+    let (child, rx) = spawn_logged(&mut cmd);
+    let ([grpc, admin, http], _) = addrs_from_log(
+        &rx,
+        [
+            "serving RateLimitService",
+            "serving Admin",
+            "serving /metrics",
+        ],
+    );
     Replica {
-        http: http.unwrap(),
-        rls: RateLimitServiceClient::connect(format!("http://{}", grpc.unwrap()))
+        http: http.parse().unwrap(),
+        rls: RateLimitServiceClient::connect(format!("http://{grpc}"))
             .await
             .unwrap(),
-        admin: AdminClient::connect(format!("http://{}", admin.unwrap()))
+        admin: AdminClient::connect(format!("http://{admin}"))
             .await
             .unwrap(),
         child,

@@ -490,6 +490,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let rate = calls as f64 / args.duration;
     let in_flight = args.connections * args.concurrency;
     let h = &all.latency;
+    let [p50, p90, p99, p999] = [0.50, 0.90, 0.99, 0.999].map(|q| pct(h, q));
+    let (max, mean) = (h.max() as f64 / 1000.0, h.mean() / 1000.0);
     out!(
         "sluice-load: shape={} connections={} concurrency={} ({} in flight) warmup={}s duration={}s addr={}",
         args.shape.name(),
@@ -508,13 +510,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         all.failures
     );
     out!(
-        "  latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
-        pct(h, 0.50),
-        pct(h, 0.90),
-        pct(h, 0.99),
-        pct(h, 0.999),
-        h.max() as f64 / 1000.0,
-        h.mean() / 1000.0
+        "  latency ms: p50 {p50:.3}  p90 {p90:.3}  p99 {p99:.3}  p99.9 {p999:.3}  max {max:.3}  mean {mean:.3}"
     );
     if let Some(f) = &all.first_failure {
         out!("  first failure: {f}");
@@ -534,12 +530,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             all.over_limit,
             all.failures,
             rate,
-            pct(h, 0.50),
-            pct(h, 0.90),
-            pct(h, 0.99),
-            pct(h, 0.999),
-            h.max() as f64 / 1000.0,
-            h.mean() / 1000.0,
+            p50,
+            p90,
+            p99,
+            p999,
+            max,
+            mean,
             all.warmup_calls,
             cpu_seconds().map_or("null".to_string(), |c| format!("{c:.2}")),
             all.first_failure

@@ -6,8 +6,6 @@
 //! in the headers (tonic answers unary errors so) to [`MAX_MESSAGE_BYTES`]. sluice's own
 //! messages name fields and sizes, never values, and are shorter.
 
-use std::task::{Context, Poll};
-
 use http::HeaderValue;
 use http::header::HeaderName;
 
@@ -19,41 +17,17 @@ const CUT: &str = "...";
 
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
-/// See the module doc.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BoundedErrorsLayer;
-
-impl<S> tower::Layer<S> for BoundedErrorsLayer {
-    type Service = BoundedErrors<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        BoundedErrors(inner)
-    }
-}
+/// The layer: a `tower` response map with [`bound_message`].
+pub type BoundedErrorsLayer = tower::util::MapResponseLayer<
+    fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+>;
 
 /// See the module doc.
-#[derive(Debug, Clone)]
-pub struct BoundedErrors<S>(S);
-
-impl<S, Req, B> tower::Service<Req> for BoundedErrors<S>
-where
-    S: tower::Service<Req, Response = http::Response<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future =
-        futures_util::future::MapOk<S::Future, fn(http::Response<B>) -> http::Response<B>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        use futures_util::TryFutureExt as _;
-        self.0.call(req).map_ok(bound_message)
-    }
+pub fn bounded_errors() -> BoundedErrorsLayer {
+    tower::util::MapResponseLayer::new(bound_message)
 }
 
+/// Cuts an over-long `grpc-message` of `response`; anything else passes unchanged.
 fn bound_message<B>(mut response: http::Response<B>) -> http::Response<B> {
     if let Some(value) = response.headers_mut().get_mut(GRPC_MESSAGE)
         && value.len() > MAX_MESSAGE_BYTES

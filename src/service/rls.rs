@@ -24,9 +24,6 @@ use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitRes
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
 use crate::store::Store;
 
-/// The gRPC service name Envoy calls.
-pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
-
 /// The rate limit service: one method, `ShouldRateLimit`.
 #[derive(Debug)]
 pub struct RlsService<S> {
@@ -396,7 +393,7 @@ pub fn over_limit_body(limit_name: &str, retry_after_secs: u64) -> String {
 }
 
 /// Escapes `s` for a JSON string body (names come from config and may hold quotes).
-pub fn json_escape_into(s: &str, out: &mut String) {
+fn json_escape_into(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -42,8 +42,6 @@ pub struct Setup {
     pub token: Option<String>,
     /// Start the clock here instead of [`T0`].
     pub start: Option<Timestamp>,
-    /// The decision listener's connection limits (the server's defaults if `None`).
-    pub limits: Option<sluice::connections::Limits>,
 }
 
 /// A running server and a client connected to it; over the memory store unless started with
@@ -115,7 +113,6 @@ impl<S: Store> TestServer<S> {
         let options = Options {
             sweep_interval: Duration::from_secs(3600),
             admin_token: setup.token.clone(),
-            decisions: setup.limits.clone().unwrap_or_default(),
             ..Options::default()
         };
         let l = limiter.clone();

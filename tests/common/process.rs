@@ -2,10 +2,28 @@
 //! thread of their own so the child never blocks on a full pipe, and the addresses it reports
 //! at start-up are read from them.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+/// Adds `serve --config CONFIG` with every listener on a free loopback port (the log says which)
+/// and blocks kept in `STATE` to `cmd` (a `sluice` binary's command), logging at info level.
+pub fn serve_on_free_ports(
+    cmd: &mut Command,
+    config: impl AsRef<OsStr>,
+    state: impl AsRef<OsStr>,
+) -> &mut Command {
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .arg("--state-file")
+        .arg(state)
+        .env("RUST_LOG", "info")
+}
 
 /// Spawns `cmd` with its stderr (where sluice logs) on the returned channel, line by line. The
 /// pipe is read until the child closes it, even once the channel's receiver is gone: a child
