@@ -17,7 +17,7 @@ const CUT: &str = "...";
 
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
-/// The layer: a `tower` response map with [`bound_message`].
+/// The layer: a `tower` response map cutting an over-long `grpc-message`.
 pub type BoundedErrorsLayer = tower::util::MapResponseLayer<
     fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
 >;
