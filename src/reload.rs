@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{self, ConfigError, StoreSettings};
 use crate::limiter::Limiter;
@@ -34,7 +33,7 @@ pub struct Reloader<S> {
 impl<S: Store> Reloader<S> {
     /// A reloader for `path`, whose current contents were loaded with `store` settings.
     pub fn new(path: PathBuf, limiter: Arc<Limiter<S>>, store: StoreSettings) -> Self {
-        let last = std::fs::read(&path).map(|b| xxh3_64(&b)).unwrap_or(0);
+        let last = config::fingerprint(&path).unwrap_or(0);
         Self {
             path,
             limiter,
@@ -54,18 +53,10 @@ impl<S: Store> Reloader<S> {
     /// Reloads now; `Ok(true)` if the rules changed.
     pub fn reload(&self, why: &str) -> Result<bool, ConfigError> {
         let stats = self.limiter.stats();
-        let loaded = std::fs::read(&self.path)
-            .map_err(|source| ConfigError::Read {
-                file: self.path.display().to_string(),
-                source,
-            })
-            .and_then(|bytes| {
-                *self.last_attempt.lock() = xxh3_64(&bytes);
-                let text = String::from_utf8_lossy(&bytes);
-                config::parse(&text, &self.path.display().to_string(), |n| {
-                    std::env::var(n).ok()
-                })
-            });
+        if let Some(f) = config::fingerprint(&self.path) {
+            *self.last_attempt.lock() = f;
+        }
+        let loaded = config::load(&self.path);
         let cfg = match loaded {
             Ok(cfg) => cfg,
             Err(e) => {
@@ -104,10 +95,10 @@ impl<S: Store> Reloader<S> {
     /// Reloads if the file's bytes differ from the last attempt. A file that is briefly missing
     /// (mid-replace) is skipped until the next poll.
     pub fn poll(&self) {
-        let Ok(bytes) = std::fs::read(&self.path) else {
+        let Some(f) = config::fingerprint(&self.path) else {
             return;
         };
-        if xxh3_64(&bytes) != *self.last_attempt.lock() {
+        if f != *self.last_attempt.lock() {
             let _ = self.reload("file changed");
         }
     }

@@ -32,6 +32,83 @@ pub struct LimitCounts {
     pub shadow_over: AtomicU64,
 }
 
+/// envoyproxy/ratelimit's statistics of one key (`domain.key_value...`): what its Prometheus
+/// mapping exports as `ratelimit_service_rate_limit_*`. Hits, not requests: a descriptor with
+/// `hits_addend` 5 adds 5.
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    /// Every hit checked against the key's limit.
+    pub total_hits: AtomicU64,
+    /// Hits over the limit.
+    pub over_limit: AtomicU64,
+    /// Hits admitted above `NEAR_LIMIT_RATIO` of the limit (and those over it that crossed
+    /// that band in the same request).
+    pub near_limit: AtomicU64,
+    /// Hits admitted.
+    pub within_limit: AtomicU64,
+    /// Hits over the limit of a shadow rule (admitted).
+    pub shadow_mode: AtomicU64,
+    /// Hits refused from the local over-limit cache without asking the store.
+    pub over_limit_with_local_cache: AtomicU64,
+}
+
+/// Keys the reference's statistics may have at once. Rule keys are a handful, but
+/// `detailed_metric` and `value_to_metric` make one per distinct request value: a client could
+/// otherwise grow `/metrics` without bound.
+pub const DEFAULT_MAX_STAT_KEYS: usize = 10_000;
+
+/// [`KeyStats`] by key, the same counters across reloads (as the reference's stats store keeps
+/// them). Bounded: once full, new keys are counted together under [`KeyRegistry::OVERFLOW`].
+#[derive(Debug)]
+pub struct KeyRegistry {
+    map: dashmap::DashMap<Box<str>, Arc<KeyStats>>,
+    overflow: Arc<KeyStats>,
+    max: usize,
+    /// Keys that found the registry full.
+    pub overflowed: AtomicU64,
+}
+
+impl KeyRegistry {
+    /// The key under which keys past the bound are counted.
+    pub const OVERFLOW: &'static str = "overflow";
+
+    /// An empty registry holding at most `max` keys.
+    pub fn new(max: usize) -> Self {
+        Self {
+            map: dashmap::DashMap::new(),
+            overflow: Arc::default(),
+            max,
+            overflowed: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters of `key`, created if there is room.
+    pub fn get(&self, key: &str) -> Arc<KeyStats> {
+        if let Some(s) = self.map.get(key) {
+            return s.clone();
+        }
+        if self.map.len() >= self.max {
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
+            return self.overflow.clone();
+        }
+        self.map.entry(key.into()).or_default().clone()
+    }
+
+    /// Every key and its counters, sorted by key (for `/metrics`).
+    pub fn snapshot(&self) -> Vec<(String, Arc<KeyStats>)> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .map(|e| (e.key().to_string(), e.value().clone()))
+            .collect();
+        if self.overflowed.load(Ordering::Relaxed) > 0 {
+            v.push((Self::OVERFLOW.to_string(), self.overflow.clone()));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
 /// Upper bounds (seconds) of the decision latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
@@ -329,6 +406,8 @@ pub struct Stats {
     /// Generation of the config in force: 1 at start, +1 per reload that changed it.
     pub config_generation: AtomicU64,
     registry: Mutex<HashMap<(String, String), Arc<Counts>>>,
+    /// envoyproxy/ratelimit's per-key statistics, for reference rules.
+    pub keys: KeyRegistry,
     limits: Mutex<HashMap<(String, String, String), Arc<LimitCounts>>>,
     /// One set of maps per owned stripe, then [`SHARED_CLIENT_MAPS`] sets that threads without
     /// a stripe share, chosen by the client's hash.
@@ -406,6 +485,7 @@ impl Stats {
             reloads_failed: AtomicU64::new(0),
             config_generation: AtomicU64::new(1),
             registry: Mutex::new(HashMap::new()),
+            keys: KeyRegistry::new(DEFAULT_MAX_STAT_KEYS),
             limits: Mutex::new(HashMap::new()),
             clients: std::array::from_fn(|_| Stripe::default()),
             client_count: AtomicUsize::new(0),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use sluice::clock::Timestamp;
 use sluice::config;
-use sluice::store::{Charge, CounterKey, Store, StoreError, Verdict};
+use sluice::store::{Charge, CounterKey, Store, StoreError, Tally, Verdict};
 
 /// A store whose calls never complete; `waiting` counts those not yet dropped.
 struct Stuck {
@@ -42,6 +42,9 @@ impl Store for Stuck {
             let _waiting = waiting;
             std::future::pending::<Result<bool, StoreError>>().await
         }
+    }
+    async fn tally(&self, _: &[Tally<'_>], _: &mut [u64], _: Timestamp) -> Result<(), StoreError> {
+        Ok(())
     }
     async fn forget(&self, _: &[CounterKey]) -> Result<(), StoreError> {
         Ok(())

@@ -9,7 +9,7 @@ use sluice::clock::{ManualClock, Timestamp};
 use sluice::config;
 use sluice::limiter::{Descriptor, Limiter, Request};
 use sluice::service::rls::{UNAVAILABLE_BODY, to_response};
-use sluice::store::{Charge, CounterKey, FailurePolicy, Store, StoreError, Verdict};
+use sluice::store::{Charge, CounterKey, FailurePolicy, Store, StoreError, Tally, Verdict};
 use smallvec::smallvec;
 
 /// A store whose backend is down.
@@ -22,6 +22,9 @@ impl Store for DownStore {
         _: &mut [Verdict],
         _: Timestamp,
     ) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn tally(&self, _: &[Tally<'_>], _: &mut [u64], _: Timestamp) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))
     }
     async fn forget(&self, _: &[CounterKey]) -> Result<(), StoreError> {

@@ -10,6 +10,8 @@ pub mod env;
 pub mod locate;
 pub mod rate;
 pub mod raw;
+pub mod reference;
+pub mod reference_env;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -24,6 +26,7 @@ use crate::access::parse_net;
 use crate::algorithms::Policy;
 use crate::limiter::model::{AutoBlock, Condition, Domain, Limit, Reported, Rule, RuleSet};
 use crate::limiter::path::{PathRouter, PathTemplate};
+use crate::limiter::reference::ReferenceRules;
 use crate::store::{Backend, FailurePolicy, RedisNodes, RedisOptions, TimeSource};
 use locate::Seg;
 use rate::Rate;
@@ -78,6 +81,22 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// An envoyproxy/ratelimit file is not valid, in the reference's words.
+    #[error(transparent)]
+    Reference(#[from] reference::ReferenceError),
+    /// A reference setting in the environment cannot be read.
+    #[error("environment: {0}")]
+    Env(reference_env::EnvError),
+    /// A directory holds a sluice config beside the reference's files.
+    #[error(
+        "{dir}: {native} is a sluice config (it has `domains:`); a directory may hold only envoyproxy/ratelimit files. Serve a sluice config with --config FILE"
+    )]
+    Mixed {
+        /// The directory.
+        dir: String,
+        /// The first sluice file in it.
+        native: String,
+    },
     /// The file is not valid.
     #[error("{}", render_invalid(.file, *.line, .path, .message))]
     Invalid {
@@ -106,14 +125,145 @@ fn render_invalid(file: &str, line: Option<usize>, path: &str, message: &str) ->
     s
 }
 
-/// Reads and compiles the config at `path`, expanding variables from the process environment.
+/// Reads and compiles the config at `path`, with settings and variables from the process
+/// environment. `path` is a sluice config file, an envoyproxy/ratelimit file, or a directory
+/// of the reference's files (every `*.yaml` and `*.yml` below it, hidden ones skipped unless
+/// `RUNTIME_IGNOREDOTFILES=false`); the format is recognised from each file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    parse(&text, &file, |name| std::env::var(name).ok())
+    load_with(path, |name| std::env::var(name).ok())
+}
+
+/// [`load`] with variables looked up by `env`.
+pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let files = read_source(path, &env)?;
+    if !path.is_dir()
+        && let [one] = files.as_slice()
+        && !reference::is_reference(&one.text)
+    {
+        return parse(&one.text, &one.name, env);
+    }
+    let native: Vec<&str> = files
+        .iter()
+        .filter(|f| !reference::is_reference(&f.text))
+        .map(|f| f.name.as_str())
+        .collect();
+    if let Some(first) = native.first() {
+        return Err(ConfigError::Mixed {
+            dir: path.display().to_string(),
+            native: first.to_string(),
+        });
+    }
+    compile_reference(&files, env)
+}
+
+/// The config directory the reference's `RUNTIME_*` variables name, when `RUNTIME_ROOT` is set.
+pub fn runtime_dir(env: impl Fn(&str) -> Option<String>) -> Option<std::path::PathBuf> {
+    reference_env::Env(env).runtime().map(|r| r.config_dir())
+}
+
+/// The files at `path`: the file itself, or a directory's `*.yaml`/`*.yml` files (recursively,
+/// sorted by path, so loading and its errors do not depend on the directory's order).
+fn read_source(
+    path: &Path,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Vec<reference::File>, ConfigError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            file: p.display().to_string(),
+            source,
+        })
+    };
+    if !path.is_dir() {
+        return Ok(vec![reference::File {
+            name: path.display().to_string(),
+            text: read(path)?,
+        }]);
+    }
+    let skip_hidden = reference_env::Env(env)
+        .ignore_dot_files()
+        .map_err(ConfigError::Env)?;
+    let mut paths = Vec::new();
+    let mut dirs = vec![path.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| ConfigError::Read {
+            file: dir.display().to_string(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if skip_hidden && name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                dirs.push(p);
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                paths.push(p);
+            }
+        }
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            Ok(reference::File {
+                name: p.display().to_string(),
+                text: read(&p)?,
+            })
+        })
+        .collect()
+}
+
+/// A fingerprint of what [`load`] would read at `path` (names and bytes of every file), for
+/// reloads to notice a change; `None` when nothing can be read (a file briefly missing).
+pub fn fingerprint(path: &Path) -> Option<u64> {
+    let files = read_source(path, &|name| std::env::var(name).ok()).ok()?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for f in &files {
+        h.update(f.name.as_bytes());
+        h.update(&[0]);
+        h.update(f.text.as_bytes());
+        h.update(&[0]);
+    }
+    Some(h.digest())
+}
+
+/// Compiles envoyproxy/ratelimit files with the reference's settings from `env`.
+fn compile_reference(
+    files: &[reference::File],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let env = reference_env::Env(env);
+    let settings = env.settings().map_err(ConfigError::Env)?;
+    let backend = env.backend().map_err(ConfigError::Env)?;
+    let trees = reference::load(files, settings.merge_domain_config)?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for f in files {
+        h.update(f.name.as_bytes());
+        h.update(&[0]);
+        h.update(f.text.as_bytes());
+    }
+    h.update(format!("{settings:?}").as_bytes());
+    let hash = h.digest();
+    let mut rules = RuleSet::new(true, Vec::new());
+    rules.source_hash = hash;
+    rules.shadow = settings.shadow_mode;
+    rules.reference = Some(ReferenceRules {
+        trees,
+        settings,
+        files: files.iter().map(|f| f.name.clone()).collect(),
+    });
+    Ok(Config {
+        rules,
+        store: StoreSettings {
+            max_keys: DEFAULT_MAX_KEYS,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            on_error: FailurePolicy::Allow,
+        },
+        backend: backend.unwrap_or_default(),
+        max_clients: crate::stats::DEFAULT_MAX_CLIENTS,
+        hash,
+    })
 }
 
 /// Compiles config `text` (named `file` in errors), looking variables up with `env`.

@@ -7,6 +7,8 @@
 
 pub mod model;
 pub mod path;
+pub mod reference;
+pub mod tree;
 mod sip;
 
 use std::hash::Hasher;
@@ -107,7 +109,7 @@ pub struct ReportedLimit<'r> {
 }
 
 /// The answer for a request. It borrows from the [`RulesInForce`] it was decided with.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision<'r> {
     /// Whether any descriptor is over an enforced limit.
     pub over: bool,
@@ -120,6 +122,11 @@ pub struct Decision<'r> {
     pub blocked: Option<Blocked>,
     /// Set when the store failed and the failure policy denies: every descriptor is over.
     pub unavailable: bool,
+    /// Decided under envoyproxy/ratelimit's rules: the response is the reference's (no body,
+    /// no `retry-after`).
+    pub reference: bool,
+    /// What a reference decision adds (headers, dynamic metadata), when its settings ask.
+    pub extras: Option<Box<reference::ReferenceExtras>>,
 }
 
 impl Decision<'_> {
@@ -131,12 +138,16 @@ impl Decision<'_> {
             retry,
             blocked,
             unavailable,
+            reference,
+            extras,
         } = self;
         *over = false;
         statuses.clear();
         *retry = None;
         *blocked = None;
         *unavailable = false;
+        *reference = false;
+        *extras = None;
     }
 
     fn unlimited(descriptors: usize) -> Self {
@@ -236,6 +247,10 @@ pub struct Limiter<S> {
     stats: Arc<Stats>,
     on_store_error: FailurePolicy,
     store_errors: StoreErrorLog,
+    /// envoyproxy/ratelimit's service-wide counters, for reference rules.
+    pub reference_counts: reference::ServiceCounts,
+    /// envoyproxy/ratelimit's local over-limit cache, for reference rules.
+    pub local_cache: reference::LocalCache,
 }
 
 /// Counts store errors and logs them at most once per [`StoreErrorLog::EVERY`], with the
@@ -341,6 +356,8 @@ impl<S: Store> Limiter<S> {
             stats,
             on_store_error: FailurePolicy::Allow,
             store_errors: StoreErrorLog::default(),
+            reference_counts: reference::ServiceCounts::default(),
+            local_cache: reference::LocalCache::default(),
         }
     }
 
@@ -490,6 +507,11 @@ impl<S: Store> Limiter<S> {
                 return Ok(());
             }
             Some(Access::Normal) | None => {}
+        }
+        if let Some(reference) = &rules.reference {
+            return self
+                .decide_reference(reference, request, now, decision)
+                .await;
         }
         let Some(domain) = domain else {
             self.stats.total.record(Outcome::Allowed, false);
@@ -985,6 +1007,13 @@ fn attach_stats(mut rules: RuleSet, stats: &Stats) -> RuleSet {
         if let Some(ab) = &mut d.auto_block {
             for l in ab.max_requests.iter_mut().chain(ab.max_limited.iter_mut()) {
                 l.counts = stats.limit_counts_for(&d.name, "auto-block", &l.name);
+            }
+        }
+    }
+    if let Some(r) = &rules.reference {
+        for t in &r.trees {
+            for l in t.limits() {
+                let _ = l.stats.set(stats.keys.get(&l.key));
             }
         }
     }

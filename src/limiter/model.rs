@@ -37,6 +37,9 @@ pub struct RuleSet {
     pub allowlist: Vec<IpNet>,
     /// Hash of the config text this was compiled from (0 if built by hand).
     pub source_hash: u64,
+    /// envoyproxy/ratelimit's rules, when the config was the reference's files: then they
+    /// decide every request (and `domains` is empty).
+    pub reference: Option<super::reference::ReferenceRules>,
     index: HashMap<Box<str>, usize>,
 }
 
@@ -55,6 +58,7 @@ impl RuleSet {
             address_entry: "remote_address".to_string(),
             allowlist: Vec::new(),
             source_hash: 0,
+            reference: None,
             index,
         }
     }

@@ -50,7 +50,10 @@ impl<S: Store> RlsService<S> {
             to_request(request).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let rules = self.limiter.rules_in_force();
         let decision = self.limiter.decide(&rules, &view).await;
-        let response = to_response(&decision);
+        let mut response = to_response(&decision);
+        if let Some(metadata) = decision.extras.as_ref().and_then(|e| e.metadata.as_ref()) {
+            response.dynamic_metadata = Some(dynamic_metadata(request, metadata));
+        }
         self.limiter.stats().latency.observe(start.elapsed());
         Ok(response)
     }
@@ -306,7 +309,104 @@ pub fn to_response(decision: &Decision) -> RateLimitResponse {
         response.response_headers_to_add = headers;
         response.raw_body = denial.body().into_bytes();
     }
+    if let Some(extras) = &decision.extras {
+        response.response_headers_to_add.extend(
+            extras
+                .headers
+                .iter()
+                .map(|(k, v)| header(k, v.clone())),
+        );
+    }
     response
+}
+
+/// envoyproxy/ratelimit's `RESPONSE_DYNAMIC_METADATA`: the request's domain, descriptors
+/// (entries as `key=value`, their overrides and `hits_addend`), the request's `hits_addend`, and
+/// the merged `metadata` of the rules of the descriptors that passed.
+pub fn dynamic_metadata(
+    request: &RateLimitRequest,
+    metadata: &serde_json::Map<String, serde_json::Value>,
+) -> prost_types::Struct {
+    use prost_types::value::Kind;
+    let string = |s: String| prost_types::Value {
+        kind: Some(Kind::StringValue(s)),
+    };
+    let number = |n: f64| prost_types::Value {
+        kind: Some(Kind::NumberValue(n)),
+    };
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("domain".to_string(), string(request.domain.clone()));
+    let descriptors = request
+        .descriptors
+        .iter()
+        .map(|d| {
+            let mut f = std::collections::BTreeMap::new();
+            let entries = d
+                .entries
+                .iter()
+                .map(|e| string(format!("{}={}", e.key, e.value)))
+                .collect();
+            f.insert(
+                "entries".to_string(),
+                prost_types::Value {
+                    kind: Some(Kind::ListValue(prost_types::ListValue { values: entries })),
+                },
+            );
+            if let Some(l) = &d.limit {
+                let unit = RateLimitUnit::try_from(l.unit)
+                    .map_or_else(|_| l.unit.to_string(), |u| u.as_str_name().to_string());
+                f.insert(
+                    "limit".to_string(),
+                    string(format!("requests_per_unit:{} unit:{unit}", l.requests_per_unit)),
+                );
+            }
+            if let Some(h) = d.hits_addend {
+                f.insert("hitsAddend".to_string(), number(h as f64));
+            }
+            prost_types::Value {
+                kind: Some(Kind::StructValue(prost_types::Struct { fields: f })),
+            }
+        })
+        .collect();
+    fields.insert(
+        "descriptors".to_string(),
+        prost_types::Value {
+            kind: Some(Kind::ListValue(prost_types::ListValue {
+                values: descriptors,
+            })),
+        },
+    );
+    if request.hits_addend != 0 {
+        fields.insert(
+            "hitsAddend".to_string(),
+            number(f64::from(request.hits_addend)),
+        );
+    }
+    if !metadata.is_empty() {
+        fields.insert(
+            "metadata".to_string(),
+            json_value(&serde_json::Value::Object(metadata.clone())),
+        );
+    }
+    prost_types::Struct { fields }
+}
+
+/// A JSON value as a protobuf `Value`.
+fn json_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.iter().map(|(k, v)| (k.clone(), json_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 fn header(key: &str, value: String) -> HeaderValue {

@@ -26,7 +26,7 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
 use super::table::CounterTable;
-use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
+use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Tally, Verdict};
 use crate::algorithms::{CellState, Hits, evaluate};
 use crate::clock::Timestamp;
 
@@ -350,6 +350,42 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         self.apply_locked(charges, verdicts, now)
             .ok_or(StoreError::BatchTooLarge(charges.len()))
+    }
+
+    async fn tally(
+        &self,
+        tallies: &[Tally<'_>],
+        counts: &mut [u64],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let now = now.as_nanos();
+        for (t, count) in tallies.iter().zip(counts.iter_mut()) {
+            let w = t.window_secs.max(1).saturating_mul(1_000_000_000);
+            let window = now / w;
+            let mut map = self.shards[Self::shard_of(t.key)].lock();
+            let slot = map.get_mut_front(t.key.0, |front| front.expired(now));
+            let current = slot
+                .as_deref()
+                .filter(|c| !c.expired(now) && c.state.a == window)
+                .map_or(0, |c| c.state.b);
+            let Some(hits) = t.hits else {
+                *count = current;
+                continue;
+            };
+            let cell = Cell {
+                state: CellState {
+                    a: window,
+                    b: current.saturating_add(hits),
+                },
+                expires_at: window.saturating_add(1).saturating_mul(w),
+            };
+            *count = cell.state.b;
+            match slot {
+                Some(c) => *c = cell,
+                None => self.put_new(&mut map, t.key.0, cell, now),
+            }
+        }
+        Ok(())
     }
 
     async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {

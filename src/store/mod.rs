@@ -86,6 +86,24 @@ pub struct Verdict {
     pub reset_after: u64,
 }
 
+/// One counter of envoyproxy/ratelimit's arithmetic, for reference rules: a fixed window
+/// aligned to the epoch whose count grows by every hit, admitted or not (the reference's
+/// `INCRBY` and `EXPIRE`). The limiter decides from the count; the store only counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Tally<'a> {
+    /// The counter (its window is part of its state, not of the key).
+    pub key: CounterKey,
+    /// The reference's own key name, window start included, when the Redis store is to name
+    /// keys its way (`SLUICE_REDIS_KEYS=reference`); empty otherwise.
+    pub name: &'a str,
+    /// Window length in seconds.
+    pub window_secs: u64,
+    /// Hits to add; `None` reads the count without writing.
+    pub hits: Option<u64>,
+    /// How long Redis keeps the key (the window, plus the reference's expiry jitter).
+    pub ttl_secs: u64,
+}
+
 /// A store failed; the limiter turns this into the configured failure behaviour.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -123,6 +141,16 @@ pub trait Store: Send + Sync + 'static {
         verdicts: &mut [Verdict],
         now: Timestamp,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Counts each tally in order at `now` and writes each count after it into `counts` (same
+    /// length). Each tally is atomic on its own; a batch is not (the reference pipelines them).
+    /// A key may appear twice: the second sees the first's hits.
+    fn tally(
+        &self,
+        tallies: &[Tally<'_>],
+        counts: &mut [u64],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Forgets the given counters (an operator resetting a client).
     fn forget(&self, keys: &[CounterKey]) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -254,6 +282,18 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.apply(charges, verdicts, now).await,
             AnyStore::Redis(s) => s.apply(charges, verdicts, now).await,
+        }
+    }
+
+    async fn tally(
+        &self,
+        tallies: &[Tally<'_>],
+        counts: &mut [u64],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.tally(tallies, counts, now).await,
+            AnyStore::Redis(s) => s.tally(tallies, counts, now).await,
         }
     }
 

@@ -36,7 +36,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, Script, ScriptInvocation, TlsCertificates};
 use smallvec::SmallVec;
 
-use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Verdict};
+use super::{Charge, ChargeKind, CounterKey, Store, StoreError, Tally, Verdict};
 use crate::algorithms::{Hits, Policy};
 use crate::clock::Timestamp;
 
@@ -295,6 +295,25 @@ impl RedisHandle {
                 Conn::Cluster(cc) => {
                     let mut c = cc.get().await?;
                     cmd.query_async(&mut c).await.map_err(unavailable)
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl RedisHandle {
+    /// Runs a pipeline (not a transaction) under the deadline.
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        self.with_conn(|conn| async move {
+            match conn {
+                Conn::Single(mut c) => pipe.query_async(&mut c).await.map_err(unavailable),
+                Conn::Cluster(cc) => {
+                    let mut c = cc.get().await?;
+                    pipe.query_async(&mut c).await.map_err(unavailable)
                 }
             }
         })
@@ -581,6 +600,44 @@ impl Store for RedisStore {
         };
         self.over.remember(charges, verdicts, now);
         Ok(committed)
+    }
+
+    /// The reference's pipeline: `INCRBY` and `EXPIRE` per counter (`GET` for a read), in its
+    /// key names when the tally carries one, else in sluice's with the window's start appended.
+    /// Counted in the caller's windows (the names hold them), whatever [`TimeSource`] says.
+    async fn tally(
+        &self,
+        tallies: &[Tally<'_>],
+        counts: &mut [u64],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if tallies.is_empty() {
+            return Ok(());
+        }
+        let secs = now.as_nanos() / 1_000_000_000;
+        let mut pipe = redis::pipe();
+        for t in tallies {
+            let name = if t.name.is_empty() {
+                let w = t.window_secs.max(1);
+                format!("{}:{}", key_name(t.key), secs / w * w)
+            } else {
+                t.name.to_string()
+            };
+            match t.hits {
+                None => {
+                    pipe.cmd("GET").arg(&name);
+                }
+                Some(h) => {
+                    pipe.cmd("INCRBY").arg(&name).arg(h);
+                    pipe.cmd("EXPIRE").arg(&name).arg(t.ttl_secs.max(1)).ignore();
+                }
+            }
+        }
+        let values: Vec<Option<u64>> = self.handle.pipeline(&pipe).await?;
+        for (c, v) in counts.iter_mut().zip(values) {
+            *c = v.unwrap_or(0);
+        }
+        Ok(())
     }
 
     async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {
