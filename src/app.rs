@@ -114,6 +114,14 @@ pub enum AppError {
     Server(#[from] ServerError),
 }
 
+/// The config to load: `--config` if given; else, as envoyproxy/ratelimit does, the directory
+/// its `RUNTIME_ROOT`, `RUNTIME_SUBDIRECTORY` and `RUNTIME_APPDIRECTORY` name when
+/// `RUNTIME_ROOT` is set; else `config/sluice.yaml`.
+pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| config::runtime_dir(|n| std::env::var(n).ok()))
+        .unwrap_or_else(|| PathBuf::from("config/sluice.yaml"))
+}
+
 /// `sluice check`: the effective limits of the config at `path` and a closing verdict line, for
 /// the binary to print.
 pub fn check(path: &Path) -> Result<String, AppError> {
@@ -258,5 +266,14 @@ fn log_loaded(path: &Path, cfg: &Config) {
     for d in &cfg.rules.domains {
         let endpoints: Vec<&str> = d.rules.iter().map(|r| r.name.as_str()).collect();
         tracing::info!(target: LOG_TARGET, domain = %d.name, rules = ?endpoints, "loaded domain");
+    }
+    if let Some(r) = &cfg.rules.reference {
+        tracing::info!(target: LOG_TARGET, files = ?r.files, "envoyproxy/ratelimit config");
+        for t in &r.trees {
+            tracing::info!(target: LOG_TARGET, domain = %t.domain, rules = t.limits().len(), "loaded domain");
+        }
+        for w in config::reference_env::Env(|n: &str| std::env::var(n).ok()).unhonoured() {
+            tracing::warn!(target: LOG_TARGET, "{w}");
+        }
     }
 }

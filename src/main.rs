@@ -34,17 +34,19 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Validate a config file and print the effective limits.
     Check {
-        /// Config file.
-        #[arg(long, default_value = "config/sluice.yaml")]
-        config: PathBuf,
+        /// Config file, or directory of envoyproxy/ratelimit files (default: the RUNTIME_*
+        /// directory when RUNTIME_ROOT is set, else config/sluice.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Config file.
-    #[arg(long, default_value = "config/sluice.yaml", env = "SLUICE_CONFIG")]
-    config: PathBuf,
+    /// Config file, or directory of envoyproxy/ratelimit files (default: the RUNTIME_*
+    /// directory when RUNTIME_ROOT is set, else config/sluice.yaml).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
     /// Address for decisions (RateLimitService, health, reflection).
     #[arg(long, default_value = "0.0.0.0:8081", env = "SLUICE_GRPC_ADDR")]
     grpc_addr: SocketAddr,
@@ -105,7 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Command::Serve(args) => *args,
         Command::Check { config } => {
-            print!("{}", app::check(&config)?);
+            print!("{}", app::check(&app::config_path(config))?);
             return Ok(());
         }
     };
@@ -117,7 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         key_secret: std::env::var("SLUICE_KEY_SECRET")
             .ok()
             .filter(|s| !s.is_empty()),
-        config: args.config,
+        config: app::config_path(args.config),
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         http_addr: args.http_addr,

@@ -226,7 +226,150 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
     ];
     out.sample("sluice_config_info", &labels, 1);
     connections(&mut out, listeners);
+    if rules.reference.is_some() {
+        reference(&mut out, limiter);
+    }
     out.0
+}
+
+/// envoyproxy/ratelimit's statistics, under the names and labels its default Prometheus
+/// mapping (`src/stats/prom/default_mapper.yaml`) gives them: the stat
+/// `ratelimit.service.rate_limit.<domain>.<level1>[.<level2>...].<stat>` becomes
+/// `ratelimit_service_rate_limit_<stat>{domain, key1[, key2]}` (deeper levels are dropped, as
+/// the mapping's regular expression drops them). `over_limit_with_local_cache`, which the
+/// mapping leaves out, follows the same scheme.
+fn reference<S: Store>(out: &mut Exposition, limiter: &Limiter<S>) {
+    let stats = limiter.stats();
+    let keys = stats.keys.snapshot();
+    type Pick = fn(&crate::stats::KeyStats) -> &std::sync::atomic::AtomicU64;
+    let families: [(&str, &str, Pick); 6] = [
+        ("total_hits", "Hits checked against the rule.", |k| {
+            &k.total_hits
+        }),
+        ("over_limit", "Hits over the rule's limit.", |k| {
+            &k.over_limit
+        }),
+        (
+            "near_limit",
+            "Hits above NEAR_LIMIT_RATIO of the rule's limit.",
+            |k| &k.near_limit,
+        ),
+        ("within_limit", "Hits within the rule's limit.", |k| {
+            &k.within_limit
+        }),
+        (
+            "shadow_mode",
+            "Hits over the limit of a shadow rule, admitted.",
+            |k| &k.shadow_mode,
+        ),
+        (
+            "over_limit_with_local_cache",
+            "Hits refused from the local over-limit cache.",
+            |k| &k.over_limit_with_local_cache,
+        ),
+    ];
+    let labelled: Vec<(Vec<String>, &std::sync::Arc<crate::stats::KeyStats>)> = keys
+        .iter()
+        .map(|(k, v)| (sanitize(k).split('.').map(str::to_string).collect(), v))
+        .collect();
+    for (stat, help, pick) in families {
+        let name = format!("ratelimit_service_rate_limit_{stat}");
+        out.family(&name, "counter", help);
+        for (parts, v) in &labelled {
+            let mut labels: Vec<(&str, &str)> = Vec::with_capacity(3);
+            for (label, part) in ["domain", "key1", "key2"].iter().zip(parts.iter()) {
+                labels.push((label, part));
+            }
+            out.sample(&name, &labels, pick(v).load(Ordering::Relaxed));
+        }
+    }
+    out.single(
+        "ratelimit_service_config_load_success",
+        "counter",
+        "Config loads that succeeded, the first included.",
+        1 + stats.reloads_ok.load(Ordering::Relaxed),
+    );
+    out.single(
+        "ratelimit_service_config_load_error",
+        "counter",
+        "Config loads refused.",
+        stats.reloads_failed.load(Ordering::Relaxed),
+    );
+    out.single(
+        "ratelimit_service_global_shadow_mode",
+        "counter",
+        "Requests answered OK only because of SHADOW_MODE.",
+        limiter
+            .reference_counts
+            .global_shadow_mode
+            .load(Ordering::Relaxed),
+    );
+    out.single(
+        "ratelimit_service_rate_limit_domain_not_found",
+        "counter",
+        "Requests for a domain with no rules.",
+        limiter
+            .reference_counts
+            .domain_not_found
+            .load(Ordering::Relaxed),
+    );
+    out.single(
+        "ratelimit_service_local_cache_hits",
+        "counter",
+        "Descriptors refused from the local over-limit cache (LOCAL_CACHE_SIZE_IN_BYTES).",
+        limiter.local_cache.hits.load(Ordering::Relaxed),
+    );
+    out.single(
+        "sluice_reference_stat_keys_overflowed_total",
+        "counter",
+        "Statistics keys counted under key \"overflow\" because the registry was full.",
+        stats.keys.overflowed.load(Ordering::Relaxed),
+    );
+}
+
+/// The reference's `SanitizeStatName`: `:` and `|` become `_`, and so do the dots of IPv4
+/// addresses (so an address does not split into levels).
+fn sanitize(key: &str) -> String {
+    let replaced: String = key
+        .chars()
+        .map(|c| if c == ':' || c == '|' { '_' } else { c })
+        .collect();
+    let b = replaced.as_bytes();
+    let mut out = String::with_capacity(replaced.len());
+    let mut i = 0;
+    while i < b.len() {
+        if let Some(len) = ipv4_at(&b[i..]) {
+            out.push_str(&replaced[i..i + len].replace('.', "_"));
+            i += len;
+        } else {
+            let ch = replaced[i..].chars().next().unwrap_or(' ');
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
+}
+
+/// The length of `\d{1,3}(\.\d{1,3}){3}` at the start of `b` (leftmost-first, as Go's
+/// regexp), if it matches there.
+fn ipv4_at(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    for group in 0..4 {
+        if group > 0 {
+            if b.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && i - start < 3 && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+    }
+    Some(i)
 }
 
 /// The gRPC listeners' connections (`listener` is `decisions` or `admin`).
@@ -286,6 +429,16 @@ fn connections(out: &mut Exposition, listeners: &ListenerStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_stat_names_are_sanitised_as_the_reference_does() {
+        assert_eq!(
+            sanitize("d.remote_address_10.0.0.1"),
+            "d.remote_address_10_0_0_1"
+        );
+        assert_eq!(sanitize("d.k_a:b|c"), "d.k_a_b_c");
+        assert_eq!(sanitize("d.path_/v1.2/x"), "d.path_/v1.2/x");
+    }
 
     #[test]
     fn label_values_are_escaped() {

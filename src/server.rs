@@ -123,6 +123,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The gRPC health service name envoyproxy/ratelimit reports.
+pub const REFERENCE_HEALTH_NAME: &str = "ratelimit";
+
 /// Health and reflection, which each listener serves, with requests bounded by `limits`.
 fn common_routes(
     services: &[&str],
@@ -208,6 +211,18 @@ pub async fn run<S: Store>(
     let (health, routes) = common_routes(&[SERVICE_NAME], limits)?;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    // envoyproxy/ratelimit's health service name, which its users' probes ask for.
+    let healthy = crate::http::reference_healthy(&limiter.rules());
+    health
+        .set_service_status(
+            REFERENCE_HEALTH_NAME,
+            if healthy {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            },
+        )
         .await;
     let rls = RateLimitServiceServer::new(RlsService::new(limiter.clone()))
         .max_decoding_message_size(limits.max_request_bytes);

@@ -804,6 +804,35 @@ pub fn limits_table(rules: &RuleSet) -> String {
             }
         }
     }
+    for t in rules.reference.iter().flat_map(|r| &r.trees) {
+        let mut limits = t.limits();
+        limits.sort_by(|a, b| a.key.cmp(&b.key));
+        for l in limits {
+            let rule = l
+                .key
+                .strip_prefix(&format!("{}.", t.domain))
+                .unwrap_or(&l.key);
+            let (limit, reported) = match l.unit {
+                Some(u) if !l.unlimited => (
+                    format!("{}/{} [{}]", l.requests_per_unit, u.as_str(), l.name),
+                    format!("{}/{}", l.requests_per_unit, u.as_str()),
+                ),
+                _ => ("unlimited".to_string(), "-".to_string()),
+            };
+            let mut algo = "fixed_window (reference)".to_string();
+            if l.shadow {
+                algo.push_str(" (shadow)");
+            }
+            rows.push([
+                t.domain.clone(),
+                rule.to_string(),
+                "(descriptor values)".to_string(),
+                limit,
+                algo,
+                reported,
+            ]);
+        }
+    }
     let mut widths = [0usize; 6];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -131,9 +131,10 @@ fn show(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.clone(),
-        Value::Sequence(_) | Value::Mapping(_) | Value::Tagged(_) => {
-            serde_yaml::to_string(v).unwrap_or_default().trim().to_string()
-        }
+        Value::Sequence(_) | Value::Mapping(_) | Value::Tagged(_) => serde_yaml::to_string(v)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     }
 }
 
@@ -324,7 +325,11 @@ fn add_descriptors(node: &mut Node, parent: &str, list: Vec<RawDescriptor>) -> R
         let child = node
             .add(composite, limit, d.value_to_metric, d.share_threshold)
             .map_err(|_| format!("duplicate descriptor composite key '{full}'"))?;
-        add_descriptors(child, &format!("{full}."), d.descriptors.unwrap_or_default())?;
+        add_descriptors(
+            child,
+            &format!("{full}."),
+            d.descriptors.unwrap_or_default(),
+        )?;
     }
     Ok(())
 }

@@ -69,8 +69,14 @@ pub const NOT_HONOURED: &[(&str, &str)] = &[
     ("GRPC_HOST", "use --grpc-addr"),
     ("GRPC_PORT", "use --grpc-addr"),
     ("GRPC_UDS", "sluice listens on TCP only"),
-    ("DEBUG_HOST", "sluice has no debug listener; see /metrics and the admin service"),
-    ("DEBUG_PORT", "sluice has no debug listener; see /metrics and the admin service"),
+    (
+        "DEBUG_HOST",
+        "sluice has no debug listener; see /metrics and the admin service",
+    ),
+    (
+        "DEBUG_PORT",
+        "sluice has no debug listener; see /metrics and the admin service",
+    ),
     ("GRPC_MAX_CONNECTION_AGE", "see --idle-timeout"),
     ("GRPC_MAX_CONNECTION_AGE_GRACE", "see --idle-timeout"),
     ("GRPC_SERVER_USE_TLS", "not supported yet"),
@@ -81,19 +87,37 @@ pub const NOT_HONOURED: &[(&str, &str)] = &[
     ("LOG_LEVEL", "use RUST_LOG"),
     ("LOG_FORMAT", "sluice logs text"),
     ("CONFIG_TYPE", "only FILE is supported"),
-    ("FORCE_START_WITHOUT_INITIAL_CONFIG", "sluice needs a valid config to start"),
+    (
+        "FORCE_START_WITHOUT_INITIAL_CONFIG",
+        "sluice needs a valid config to start",
+    ),
     ("USE_STATSD", "statistics are on /metrics (Prometheus) only"),
-    ("STATSD_HOST", "statistics are on /metrics (Prometheus) only"),
-    ("STATSD_PORT", "statistics are on /metrics (Prometheus) only"),
-    ("USE_DOG_STATSD", "statistics are on /metrics (Prometheus) only"),
-    ("USE_DOG_STATSD_MOGRIFIERS", "statistics are on /metrics (Prometheus) only"),
+    (
+        "STATSD_HOST",
+        "statistics are on /metrics (Prometheus) only",
+    ),
+    (
+        "STATSD_PORT",
+        "statistics are on /metrics (Prometheus) only",
+    ),
+    (
+        "USE_DOG_STATSD",
+        "statistics are on /metrics (Prometheus) only",
+    ),
+    (
+        "USE_DOG_STATSD_MOGRIFIERS",
+        "statistics are on /metrics (Prometheus) only",
+    ),
     ("EXTRA_TAGS", "not supported"),
     ("STATS_FLUSH_INTERVAL", "/metrics is read live"),
     ("DISABLE_STATS", "not supported"),
     ("PROMETHEUS_ADDR", "/metrics is served on --http-addr"),
     ("PROMETHEUS_PATH", "/metrics is served on --http-addr"),
     ("PROMETHEUS_MAPPER_YAML", "the default mapping is built in"),
-    ("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS", "see sluice_decision_seconds"),
+    (
+        "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
+        "see sluice_decision_seconds",
+    ),
     ("REDIS_POOL_SIZE", "sluice multiplexes one connection"),
     ("REDIS_PIPELINE_WINDOW", "sluice pipelines by itself"),
     ("REDIS_PIPELINE_LIMIT", "sluice pipelines by itself"),
@@ -101,11 +125,23 @@ pub const NOT_HONOURED: &[(&str, &str)] = &[
     ("REDIS_PERSECOND", "one Redis serves every unit"),
     ("REDIS_PERSECOND_URL", "one Redis serves every unit"),
     ("REDIS_SENTINEL_AUTH", "Sentinel is not supported"),
-    ("REDIS_TLS_CLIENT_CERT", "client certificates for Redis are not supported"),
-    ("REDIS_TLS_CLIENT_KEY", "client certificates for Redis are not supported"),
-    ("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", "not supported: names are always verified"),
+    (
+        "REDIS_TLS_CLIENT_CERT",
+        "client certificates for Redis are not supported",
+    ),
+    (
+        "REDIS_TLS_CLIENT_KEY",
+        "client certificates for Redis are not supported",
+    ),
+    (
+        "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
+        "not supported: names are always verified",
+    ),
     ("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "not supported"),
-    ("REDIS_POOL_ON_EMPTY_BEHAVIOR", "sluice multiplexes one connection"),
+    (
+        "REDIS_POOL_ON_EMPTY_BEHAVIOR",
+        "sluice multiplexes one connection",
+    ),
     ("MEMCACHE_HOST_PORT", "memcached is not supported"),
     ("MEMCACHE_SRV", "memcached is not supported"),
     ("TRACING_ENABLED", "tracing is not supported"),
@@ -178,13 +214,16 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         let key_names = match self.raw("SLUICE_REDIS_KEYS").as_deref() {
             None | Some("sluice") => KeyNames::Sluice,
             Some("reference") => KeyNames::Reference,
-            Some(v) => return Err(self.bad("SLUICE_REDIS_KEYS", v, "expected sluice or reference")),
+            Some(v) => {
+                return Err(self.bad("SLUICE_REDIS_KEYS", v, "expected sluice or reference"));
+            }
         };
         Ok(ReferenceSettings {
             merge_domain_config: self.bool("MERGE_DOMAIN_CONFIG", false)?,
             shadow_mode: self.bool("SHADOW_MODE", false)?,
             quota_mode: self.bool("QUOTA_MODE", false)?,
-            stop_increment_when_over: self.bool("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", false)?,
+            stop_increment_when_over: self
+                .bool("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", false)?,
             near_limit_ratio: ratio,
             headers,
             dynamic_metadata: self.bool("RESPONSE_DYNAMIC_METADATA", false)?,
@@ -249,7 +288,12 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 })
                 .unwrap_or_default();
             match socket.as_str() {
-                "unix" => Ok(format!("redis+unix://{addr}{}", auth.as_deref().map(|a| format!("?pass={}", a.rsplit(':').next().unwrap_or(a))).unwrap_or_default())),
+                "unix" => Ok(format!(
+                    "redis+unix://{addr}{}",
+                    auth.as_deref()
+                        .map(|a| format!("?pass={}", a.rsplit(':').next().unwrap_or(a)))
+                        .unwrap_or_default()
+                )),
                 "tcp" => Ok(format!(
                     "{}://{userinfo}{addr}",
                     if tls { "rediss" } else { "redis" }
@@ -257,7 +301,11 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 other => Err(self.bad("REDIS_SOCKET_TYPE", other, "expected unix or tcp")),
             }
         };
-        let nodes = match self.string("REDIS_TYPE", "SINGLE").to_ascii_uppercase().as_str() {
+        let nodes = match self
+            .string("REDIS_TYPE", "SINGLE")
+            .to_ascii_uppercase()
+            .as_str()
+        {
             "SINGLE" => RedisNodes::Single(to_url(url.trim())?),
             "CLUSTER" => RedisNodes::Cluster(
                 url.split(',')
@@ -275,7 +323,10 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             options.timeout = parse_go_duration(&t)
                 .ok_or_else(|| self.bad("REDIS_TIMEOUT", &t, "expected a duration such as 10s"))?;
         }
-        options.tls_ca_file = self.raw("REDIS_TLS_CACERT").filter(|s| !s.is_empty()).map(PathBuf::from);
+        options.tls_ca_file = self
+            .raw("REDIS_TLS_CACERT")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
         Ok(Some(Backend::Redis(options)))
     }
 
@@ -372,8 +423,13 @@ mod tests {
         .backend()
         .unwrap()
         .unwrap();
-        let Backend::Redis(o) = b else { panic!("not redis") };
-        assert_eq!(o.nodes, RedisNodes::Single("redis://:secret@127.0.0.1:6379".into()));
+        let Backend::Redis(o) = b else {
+            panic!("not redis")
+        };
+        assert_eq!(
+            o.nodes,
+            RedisNodes::Single("redis://:secret@127.0.0.1:6379".into())
+        );
         assert_eq!(o.timeout, Duration::from_millis(250));
         let b = env(&[
             ("REDIS_SOCKET_TYPE", "tcp"),
@@ -384,7 +440,9 @@ mod tests {
         .backend()
         .unwrap()
         .unwrap();
-        let Backend::Redis(o) = b else { panic!("not redis") };
+        let Backend::Redis(o) = b else {
+            panic!("not redis")
+        };
         assert_eq!(
             o.nodes,
             RedisNodes::Cluster(vec!["rediss://a:1".into(), "rediss://b:2".into()])

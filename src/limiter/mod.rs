@@ -8,8 +8,8 @@
 pub mod model;
 pub mod path;
 pub mod reference;
-pub mod tree;
 mod sip;
+pub mod tree;
 
 use std::hash::Hasher;
 use std::num::NonZeroU64;

@@ -21,7 +21,7 @@ use smallvec::SmallVec;
 
 use super::model::{Reported, Unit};
 use super::tree::{RuleLimit, Tree};
-use super::{Decision, DecideError, Limiter, ReportedLimit, Request, Status};
+use super::{DecideError, Decision, Limiter, ReportedLimit, Request, Status};
 use crate::algorithms::Hits;
 use crate::clock::Timestamp;
 use crate::stats::{KeyStats, Outcome};

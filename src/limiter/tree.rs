@@ -178,7 +178,9 @@ impl Tree {
             .iter()
             .enumerate()
             .filter_map(|(i, &(how, node))| match (how, node) {
-                (How::Wildcard(_), Some(n)) if n.share_threshold && !n.wildcard_pattern.is_empty() => {
+                (How::Wildcard(_), Some(n))
+                    if n.share_threshold && !n.wildcard_pattern.is_empty() =>
+                {
                     let key = entries.get(i)?.0;
                     let pattern = n.wildcard_pattern.strip_prefix(key)?.strip_prefix('_')?;
                     Some((i, pattern))
@@ -311,10 +313,8 @@ impl Node {
             return Err(AddError::Duplicate);
         }
         if key.contains('*') {
-            self.wildcards.push((
-                key.as_str().into(),
-                key.split('*').map(Box::from).collect(),
-            ));
+            self.wildcards
+                .push((key.as_str().into(), key.split('*').map(Box::from).collect()));
         }
         let node = Node {
             limit,

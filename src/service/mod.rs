@@ -16,4 +16,5 @@
 
 pub mod bounded;
 pub mod codec;
+pub mod json;
 pub mod rls;

@@ -310,12 +310,9 @@ pub fn to_response(decision: &Decision) -> RateLimitResponse {
         response.raw_body = denial.body().into_bytes();
     }
     if let Some(extras) = &decision.extras {
-        response.response_headers_to_add.extend(
-            extras
-                .headers
-                .iter()
-                .map(|(k, v)| header(k, v.clone())),
-        );
+        response
+            .response_headers_to_add
+            .extend(extras.headers.iter().map(|(k, v)| header(k, v.clone())));
     }
     response
 }
@@ -357,7 +354,10 @@ pub fn dynamic_metadata(
                     .map_or_else(|_| l.unit.to_string(), |u| u.as_str_name().to_string());
                 f.insert(
                     "limit".to_string(),
-                    string(format!("requests_per_unit:{} unit:{unit}", l.requests_per_unit)),
+                    string(format!(
+                        "requests_per_unit:{} unit:{unit}",
+                        l.requests_per_unit
+                    )),
                 );
             }
             if let Some(h) = d.hits_addend {

@@ -629,7 +629,10 @@ impl Store for RedisStore {
                 }
                 Some(h) => {
                     pipe.cmd("INCRBY").arg(&name).arg(h);
-                    pipe.cmd("EXPIRE").arg(&name).arg(t.ttl_secs.max(1)).ignore();
+                    pipe.cmd("EXPIRE")
+                        .arg(&name)
+                        .arg(t.ttl_secs.max(1))
+                        .ignore();
                 }
             }
         }

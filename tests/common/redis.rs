@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sluice::clock::Timestamp;
 use sluice::store::{
-    Charge, CounterKey, Tally, RedisNodes, RedisOptions, RedisStore, Store, StoreError, TimeSource,
+    Charge, CounterKey, RedisNodes, RedisOptions, RedisStore, Store, StoreError, Tally, TimeSource,
     Verdict,
 };
 
@@ -398,7 +398,12 @@ impl Store for RedisFixture {
     ) -> Result<bool, StoreError> {
         self.store.apply(charges, verdicts, now).await
     }
-    async fn tally(&self, t: &[Tally<'_>], c: &mut [u64], now: Timestamp) -> Result<(), StoreError> {
+    async fn tally(
+        &self,
+        t: &[Tally<'_>],
+        c: &mut [u64],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         self.store.tally(t, c, now).await
     }
     async fn forget(&self, keys: &[CounterKey]) -> Result<(), StoreError> {

@@ -1,0 +1,669 @@
+//! envoyproxy/ratelimit's own test files (tests/data/envoyproxy-ratelimit), loaded as the
+//! reference loads them and answered as it answers: tables of request -> code, limit,
+//! remaining and reset under a manual clock, over the memory store and a real redis-server;
+//! each invalid file refused with the reference's reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::redis::RedisFixture;
+use common::*;
+use sluice::clock::Timestamp;
+use sluice::config::{self, Config};
+use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse;
+use sluice::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use sluice::store::Store;
+
+fn data(rel: &str) -> PathBuf {
+    repo_path("tests/data/envoyproxy-ratelimit").join(rel)
+}
+
+fn load(path: &Path, vars: &[(&str, &str)]) -> Result<Config, String> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    config::load_with(path, |k| vars.get(k).cloned()).map_err(|e| e.to_string())
+}
+
+/// A directory holding copies of `files` (from the test data), for loads of several files.
+fn dir_of(files: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, f) in files.iter().enumerate() {
+        let name = format!(
+            "{i}-{}",
+            Path::new(f).file_name().unwrap().to_string_lossy()
+        );
+        std::fs::copy(data(f), dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn every_invalid_file_is_refused_with_the_reference_reason() {
+    let cases = [
+        ("empty_domain.yaml", "config file cannot have empty domain"),
+        ("empty_key.yaml", "descriptor has empty key"),
+        (
+            "duplicate_key.yaml",
+            "duplicate descriptor composite key 'test-domain.key1_value1'",
+        ),
+        ("bad_limit_unit.yaml", "invalid rate limit unit 'foo'"),
+        (
+            "replaces_self.yaml",
+            "replaces should not contain name of same descriptor",
+        ),
+        (
+            "replaces_empty.yaml",
+            "should not have an empty replaces entry",
+        ),
+        ("bad_yaml.yaml", "error loading config file: yaml: line "),
+        (
+            "misspelled_key.yaml",
+            "config error, unknown key 'ratelimit'",
+        ),
+        (
+            "misspelled_key2.yaml",
+            "config error, unknown key 'requestsperunit'",
+        ),
+        (
+            "non_string_key.yaml",
+            "config error, key is not of type string: 0.25",
+        ),
+        (
+            "non_map_list.yaml",
+            "config error, yaml file contains list of type other than map: a",
+        ),
+        (
+            "unlimited_with_unit.yaml",
+            "should not specify rate limit unit when unlimited",
+        ),
+    ];
+    for (file, reason) in cases {
+        let path = data(&format!("test/config/{file}"));
+        let err = load(&path, &[]).expect_err(file);
+        let want = format!("{}: {reason}", path.display());
+        assert!(err.starts_with(&want), "{file}: got {err:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn a_second_file_for_a_domain_is_refused_unless_merging() {
+    let dir = dir_of(&[
+        "test/config/basic_config.yaml",
+        "test/config/duplicate_domain.yaml",
+    ]);
+    let err = load(dir.path(), &[]).unwrap_err();
+    assert!(
+        err.ends_with("1-duplicate_domain.yaml: duplicate domain 'test-domain' in config file"),
+        "{err}"
+    );
+
+    let dir = dir_of(&[
+        "test/config/merge_domain_key1.yaml",
+        "test/config/merge_domain_key2.yaml",
+    ]);
+    assert!(load(dir.path(), &[]).is_err());
+    let cfg = load(dir.path(), &[("MERGE_DOMAIN_CONFIG", "true")]).unwrap();
+    let r = cfg.rules.reference.unwrap();
+    assert_eq!(r.trees.len(), 1);
+    assert_eq!(r.trees[0].limits().len(), 2);
+
+    // Merging does not merge a key twice.
+    let dir = dir_of(&[
+        "test/config/merge_domain_key1.yaml",
+        "test/config/merge_domain_key1.yaml",
+    ]);
+    let err = load(dir.path(), &[("MERGE_DOMAIN_CONFIG", "true")]).unwrap_err();
+    assert!(
+        err.ends_with(
+            "1-merge_domain_key1.yaml: duplicate descriptor composite key 'test-domain.key1_value1'"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_valid_file_loads() {
+    for f in [
+        "test/config/basic_config.yaml",
+        "test/config/shadowmode_config.yaml",
+        "test/config/wildcard.yaml",
+        "test/config/share_threshold.yaml",
+        "test/config/metadata.yaml",
+        "test/config/merge_domain_key1.yaml",
+        "test/config/merge_domain_key2.yaml",
+        "examples/ratelimit/config/config.yaml",
+        "examples/ratelimit/config/example.yaml",
+        "test/integration/runtime/current/ratelimit/reload.yaml",
+    ] {
+        let cfg = load(&data(f), &[]).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(cfg.rules.reference.is_some(), "{f}");
+    }
+}
+
+#[test]
+fn the_runtime_directory_is_composed_from_the_reference_variables() {
+    let vars = [
+        (
+            "RUNTIME_ROOT",
+            data("test/integration/runtime/current")
+                .to_string_lossy()
+                .to_string(),
+        ),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit".to_string()),
+    ];
+    let dir = config::runtime_dir(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+        .unwrap();
+    let cfg = load(&dir, &[]).unwrap();
+    let r = cfg.rules.reference.unwrap();
+    let mut domains: Vec<&str> = r.trees.iter().map(|t| t.domain.as_str()).collect();
+    domains.sort();
+    // reload.yaml sits beside config/, so it is not loaded until copied in.
+    assert_eq!(domains, ["another", "basic", "share-threshold-test"]);
+}
+
+#[test]
+fn a_sluice_config_in_a_directory_of_reference_files_is_refused() {
+    let dir = dir_of(&["test/config/basic_config.yaml"]);
+    std::fs::copy(
+        repo_path("config/sluice.yaml"),
+        dir.path().join("sluice.yaml"),
+    )
+    .unwrap();
+    let err = load(dir.path(), &[]).unwrap_err();
+    assert!(err.contains("sluice.yaml is a sluice config"), "{err}");
+}
+
+/// One expected status: code, `(requests_per_unit, unit, name)` of `current_limit`,
+/// `limit_remaining`, `duration_until_reset` seconds.
+type Want = (Code, Option<(u32, i32, &'static str)>, u32, Option<i64>);
+
+const SECOND: i32 = 1;
+const MINUTE: i32 = 2;
+const HOUR: i32 = 3;
+const DAY: i32 = 4;
+
+fn statuses(r: &RateLimitResponse) -> Vec<Want> {
+    r.statuses
+        .iter()
+        .map(|s| {
+            (
+                Code::try_from(s.code).unwrap(),
+                s.current_limit.as_ref().map(|l| {
+                    (
+                        l.requests_per_unit,
+                        l.unit,
+                        // The names of the test data are 'static in the table.
+                        &*Box::leak(l.name.clone().into_boxed_str()),
+                    )
+                }),
+                s.limit_remaining,
+                s.duration_until_reset.as_ref().map(|d| d.seconds),
+            )
+        })
+        .collect()
+}
+
+fn d(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    descriptor(entries)
+}
+
+async fn basic_config_table<S: Store>(server: &TestServer<S>) {
+    use Code::{Ok as OK, OverLimit as OVER};
+    // 30 s past a whole day: 30 s into the minute, 30 s into the hour.
+    server.clock.set(Timestamp::from_secs(T0 + 30));
+    let ask = |ds: Vec<RateLimitDescriptor>| server.call(request("test-domain", ds));
+    let table: Vec<(Vec<RateLimitDescriptor>, Want)> = vec![
+        (
+            vec![d(&[("key1", "value1"), ("subkey1", "x")])],
+            (OK, Some((5, SECOND, "")), 4, Some(1)),
+        ),
+        (
+            vec![d(&[("key1", "value1"), ("subkey1", "subvalue1")])],
+            (OK, Some((10, SECOND, "")), 9, Some(1)),
+        ),
+        (vec![d(&[("key1", "value1")])], (OK, None, 0, None)),
+        (
+            vec![d(&[("key2", "value2")])],
+            (OK, Some((30, MINUTE, "")), 29, Some(30)),
+        ),
+        (vec![d(&[("key2", "value3")])], (OK, None, 0, None)),
+        (
+            vec![d(&[("key2", "other")])],
+            (OK, Some((20, MINUTE, "")), 19, Some(30)),
+        ),
+        (
+            vec![d(&[("key3", "any")])],
+            (OK, Some((1, HOUR, "")), 0, Some(3570)),
+        ),
+        (
+            vec![d(&[("key3", "any")])],
+            (OVER, Some((1, HOUR, "")), 0, Some(3570)),
+        ),
+        (
+            vec![d(&[("key4", "x")])],
+            (OK, Some((1, DAY, "key4_rate_limit")), 0, Some(86_370)),
+        ),
+        (
+            vec![d(&[("key5", "value5")])],
+            (OK, Some((15, DAY, "")), 14, Some(86_370)),
+        ),
+        (
+            vec![d(&[("key5", "value5"), ("subkey5", "subvalue5")])],
+            (OK, Some((25, DAY, "")), 24, Some(86_370)),
+        ),
+        (vec![d(&[("key6", "x")])], (OK, None, u32::MAX, None)),
+        (vec![d(&[("nothing", "here")])], (OK, None, 0, None)),
+        // Deeper than any rule: nothing applies.
+        (
+            vec![d(&[("key2", "value2"), ("deeper", "x")])],
+            (OK, None, 0, None),
+        ),
+    ];
+    for (i, (ds, want)) in table.into_iter().enumerate() {
+        let r = ask(ds).await;
+        assert_eq!(statuses(&r), vec![want], "row {i}");
+        assert_eq!(Code::try_from(r.overall_code).unwrap(), want.0, "row {i}");
+        assert!(r.raw_body.is_empty() && r.response_headers_to_add.is_empty());
+    }
+
+    // Refused requests are still counted: the hour's count keeps growing past the limit.
+    for _ in 0..3 {
+        let r = ask(vec![d(&[("key3", "any")])]).await;
+        assert_eq!(statuses(&r)[0].0, OVER);
+    }
+    // The whole request is charged, the descriptor that passed included.
+    let r = ask(vec![d(&[("key3", "any")]), d(&[("key2", "value2")])]).await;
+    assert_eq!(Code::try_from(r.overall_code).unwrap(), OVER);
+    assert_eq!(
+        statuses(&r),
+        vec![
+            (OVER, Some((1, HOUR, "")), 0, Some(3570)),
+            (OK, Some((30, MINUTE, "")), 28, Some(30)),
+        ]
+    );
+    // hits_addend 0 on a descriptor checks without counting; at exactly the limit it passes.
+    let mut check = d(&[("key5", "value5")]);
+    check.hits_addend = Some(0);
+    let r = ask(vec![check]).await;
+    assert_eq!(statuses(&r)[0], (OK, Some((15, DAY, "")), 14, Some(86_370)));
+    // The request's hits_addend charges every descriptor.
+    let mut req = request("test-domain", vec![d(&[("key5", "value5")])]);
+    req.hits_addend = 14;
+    let r = server.call(req).await;
+    assert_eq!(statuses(&r)[0], (OK, Some((15, DAY, "")), 0, Some(86_370)));
+    // A descriptor's limit override replaces the rule, keyed by its entries.
+    let mut o = d(&[("key1", "value1")]);
+    o.limit = Some(
+        sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
+            requests_per_unit: 2,
+            unit: 3, // HOUR
+        },
+    );
+    let r = ask(vec![o.clone()]).await;
+    assert_eq!(statuses(&r)[0], (OK, Some((2, HOUR, "")), 1, Some(3570)));
+
+    // The next window starts afresh, at its boundary.
+    server.clock.set(Timestamp::from_secs(T0 + 3600));
+    let r = ask(vec![d(&[("key3", "any")])]).await;
+    assert_eq!(statuses(&r)[0], (OK, Some((1, HOUR, "")), 0, Some(3600)));
+    // Unknown domain: OK, no limits.
+    let r = server
+        .call(request("nope", vec![d(&[("key3", "any")])]))
+        .await;
+    assert_eq!(statuses(&r), vec![(OK, None, 0, None)]);
+}
+
+#[tokio::test]
+async fn basic_config_answers_as_the_reference_over_memory() {
+    let cfg = load(&data("test/config/basic_config.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    basic_config_table(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn basic_config_answers_as_the_reference_over_redis() {
+    let Some(fixture) = RedisFixture::single() else {
+        return;
+    };
+    let cfg = load(&data("test/config/basic_config.yaml"), &[]).unwrap();
+    let server = TestServer::start_store(cfg, Setup::default(), fixture).await;
+    basic_config_table(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stop_increment_when_over_limit_charges_only_the_rules_over() {
+    let cfg = load(
+        &data("test/config/basic_config.yaml"),
+        &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")],
+    )
+    .unwrap();
+    let server = TestServer::start_with(cfg).await;
+    let both = || {
+        request(
+            "test-domain",
+            vec![d(&[("key3", "a")]), d(&[("key2", "value2")])],
+        )
+    };
+    let r = server.call(both()).await;
+    assert_eq!(statuses(&r)[1].2, 29);
+    let r = server.call(both()).await;
+    assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::OverLimit);
+    // Not charged: what is left is reported without this request.
+    assert_eq!(statuses(&r)[1].2, 29);
+    let r = server
+        .call(request("test-domain", vec![d(&[("key2", "value2")])]))
+        .await;
+    assert_eq!(statuses(&r)[0].2, 28);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shadow_rules_and_shadow_mode_answer_ok() {
+    let cfg = load(&data("test/config/shadowmode_config.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    for i in 0..12 {
+        let r = server
+            .call(request(
+                "test-domain",
+                vec![d(&[("key1", "value1"), ("subkey1", "subvalue1")])],
+            ))
+            .await;
+        assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::Ok, "{i}");
+        assert_eq!(statuses(&r)[0].2, 10u32.saturating_sub(i + 1));
+    }
+    let text = http_get(server.http_addr, "/metrics").await.1;
+    assert!(
+        text.contains(
+            "ratelimit_service_rate_limit_shadow_mode{domain=\"test-domain\",key1=\"key1_value1\",key2=\"subkey1_subvalue1\"} 2"
+        ),
+        "{text}"
+    );
+    server.stop().await;
+
+    let cfg = load(
+        &data("test/config/basic_config.yaml"),
+        &[("SHADOW_MODE", "true")],
+    )
+    .unwrap();
+    let server = TestServer::start_with(cfg).await;
+    for _ in 0..3 {
+        let r = server
+            .call(request("test-domain", vec![d(&[("key3", "a")])]))
+            .await;
+        assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::Ok);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wildcards_replaces_and_unlimited_follow_the_reference() {
+    let cfg = load(&data("test/config/wildcard.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    let one = |e: &[(&str, &str)]| request("test-domain", vec![d(e)]);
+    for (e, want) in [
+        (vec![("wild", "foo1")], Some(20)),
+        (vec![("wild", "foo")], Some(20)),
+        (vec![("wild", "fo")], None),
+        (vec![("midWild", "barxyzb")], Some(20)),
+        (vec![("midWild", "barxyzc")], None),
+        (vec![("multiWild", "foo1bar2baz")], Some(10)),
+        (vec![("multiWild", "foo1baz2bar")], None),
+        (vec![("nestedWild", "val1"), ("wild", "goo2")], Some(20)),
+        (vec![("noWild", "foo1")], None),
+    ] {
+        let r = server.call(one(&e)).await;
+        let got = r.statuses[0]
+            .current_limit
+            .as_ref()
+            .map(|l| l.requests_per_unit);
+        assert_eq!(got, want, "{e:?}");
+    }
+    server.stop().await;
+
+    let cfg = load(&data("examples/ratelimit/config/example.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    // `bar=bkthomps` (named bkthomps) is replaced by the matched `category=account` rule.
+    let r = server
+        .call(request(
+            "rl",
+            vec![
+                d(&[("foo", "x"), ("bar", "bkthomps")]),
+                d(&[("category", "account")]),
+            ],
+        ))
+        .await;
+    let s = statuses(&r);
+    assert_eq!(s[0], (Code::Ok, None, 0, None));
+    assert_eq!(s[1].1.map(|l| l.0), Some(4));
+    // `bay` is unlimited.
+    let r = server
+        .call(request("rl", vec![d(&[("foo", "x"), ("bay", "y")])]))
+        .await;
+    assert_eq!(statuses(&r)[0], (Code::Ok, None, u32::MAX, None));
+    // `bar=banned` allows nothing.
+    let r = server
+        .call(request("rl", vec![d(&[("foo", "x"), ("bar", "banned")])]))
+        .await;
+    assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::OverLimit);
+    assert_eq!(statuses(&r)[0].1, Some((0, MINUTE, "banned_limit")));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn limit_headers_and_dynamic_metadata_as_the_reference_sends_them() {
+    let cfg = load(
+        &data("test/config/metadata.yaml"),
+        &[
+            ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+            ("RESPONSE_DYNAMIC_METADATA", "true"),
+        ],
+    )
+    .unwrap();
+    let server = TestServer::start_with(cfg).await;
+    let rules = server.limiter.rules();
+    let domain = rules.reference.as_ref().unwrap().trees[0].domain.clone();
+    let text = std::fs::read_to_string(data("test/config/metadata.yaml")).unwrap();
+    // The first rule of the file: its key and value.
+    let key = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- key: "))
+        .unwrap()
+        .to_string();
+    let r = server
+        .call(request(&domain, vec![d(&[(key.as_str(), "anything")])]))
+        .await;
+    let headers: Vec<(&str, &str)> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect();
+    if r.statuses[0].current_limit.is_some() {
+        assert_eq!(headers.len(), 3, "{headers:?}");
+        assert_eq!(headers[0].0, "RateLimit-Limit");
+        assert_eq!(headers[1].0, "RateLimit-Remaining");
+        assert_eq!(headers[2].0, "RateLimit-Reset");
+    }
+    let md = r.dynamic_metadata.expect("dynamic metadata");
+    assert!(md.fields.contains_key("domain"));
+    assert!(md.fields.contains_key("descriptors"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn per_key_statistics_use_the_reference_prometheus_names() {
+    let cfg = load(&data("test/config/basic_config.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    for _ in 0..3 {
+        server
+            .call(request("test-domain", vec![d(&[("key3", "a")])]))
+            .await;
+    }
+    for _ in 0..2 {
+        server
+            .call(request("test-domain", vec![d(&[("key7", "b")])]))
+            .await;
+    }
+    let text = http_get(server.http_addr, "/metrics").await.1;
+    for line in [
+        "ratelimit_service_rate_limit_total_hits{domain=\"test-domain\",key1=\"key3\"} 3",
+        "ratelimit_service_rate_limit_over_limit{domain=\"test-domain\",key1=\"key3\"} 2",
+        "ratelimit_service_rate_limit_near_limit{domain=\"test-domain\",key1=\"key3\"} 1",
+        "ratelimit_service_rate_limit_within_limit{domain=\"test-domain\",key1=\"key3\"} 1",
+        // detailed_metric: keyed by the request's value.
+        "ratelimit_service_rate_limit_total_hits{domain=\"test-domain\",key1=\"key7_b\"} 2",
+        "ratelimit_service_config_load_success 1",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn json_endpoint_and_healthcheck_answer_as_the_reference() {
+    let cfg = load(&data("test/config/basic_config.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    let body =
+        r#"{"domain":"test-domain","descriptors":[{"entries":[{"key":"key3","value":"a"}]}]}"#;
+    let (code, text) = http_post(server.http_addr, "/json", body).await;
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["overallCode"], "OK");
+    assert_eq!(v["statuses"][0]["currentLimit"]["requestsPerUnit"], 1);
+    let (code, text) = http_post(server.http_addr, "/json", body).await;
+    assert_eq!(code, 429, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["overallCode"], "OVER_LIMIT");
+    let (code, text) = http_post(server.http_addr, "/json", "{not json").await;
+    assert_eq!((code, text.trim()), (400, "Bad Request"));
+    let (code, _) = http_get(server.http_addr, "/healthcheck").await;
+    assert_eq!(code, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reference_keys_in_redis_are_the_reference_keys() {
+    let Some(fixture) = RedisFixture::single() else {
+        return;
+    };
+    let cli = |args: &[&str]| fixture.server.as_ref().unwrap().cli(args);
+    let cfg = load(
+        &data("test/config/basic_config.yaml"),
+        &[
+            ("SLUICE_REDIS_KEYS", "reference"),
+            ("CACHE_KEY_PREFIX", "pre_"),
+        ],
+    )
+    .unwrap();
+    let _ = &cli;
+    let redis = fixture.server.as_ref().unwrap().url();
+    let server = TestServer::start_store(cfg, Setup::default(), fixture).await;
+    server.clock.set(Timestamp::from_secs(T0 + 30));
+    for _ in 0..3 {
+        server
+            .call(request(
+                "test-domain",
+                vec![d(&[("key2", "value2")]), d(&[("key3", "x")])],
+            ))
+            .await;
+    }
+    let client = ::redis::Client::open(redis.as_str()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let get = |k: String| {
+        let mut c = c.clone();
+        async move {
+            ::redis::cmd("GET")
+                .arg(k)
+                .query_async::<Option<u64>>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    // Fixed windows: the minute and the hour that hold T0 + 30 both start at T0.
+    assert_eq!(
+        get(format!("pre_test-domain_key2_value2_{T0}")).await,
+        Some(3)
+    );
+    assert_eq!(get(format!("pre_test-domain_key3_x_{T0}")).await, Some(3));
+    let ttl: i64 = ::redis::cmd("TTL")
+        .arg(format!("pre_test-domain_key2_value2_{T0}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((1..=60 + 300).contains(&ttl), "{ttl}");
+    // A reference replica adding to the same key is seen by sluice.
+    let _: u64 = ::redis::cmd("INCRBY")
+        .arg(format!("pre_test-domain_key2_value2_{T0}"))
+        .arg(20)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let r = server
+        .call(request("test-domain", vec![d(&[("key2", "value2")])]))
+        .await;
+    assert_eq!(r.statuses[0].limit_remaining, 30 - 24);
+    server.stop().await;
+}
+
+#[test]
+fn a_reload_follows_files_added_to_and_removed_from_the_directory() {
+    let dir = dir_of(&["test/integration/runtime/current/ratelimit/config/basic.yaml"]);
+    let cfg = load(dir.path(), &[]).unwrap();
+    let limiter = std::sync::Arc::new(sluice::limiter::Limiter::new(
+        cfg.rules,
+        sluice::store::MemoryStore::new(Default::default()),
+        std::sync::Arc::new(sluice::clock::ManualClock::new(Timestamp::from_secs(T0))),
+    ));
+    let reloader =
+        sluice::reload::Reloader::new(dir.path().to_path_buf(), limiter.clone(), cfg.store);
+    let domains = || -> Vec<String> {
+        let r = limiter.rules();
+        let mut v: Vec<String> = r
+            .reference
+            .as_ref()
+            .unwrap()
+            .trees
+            .iter()
+            .map(|t| t.domain.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(domains(), ["basic"]);
+    std::fs::copy(
+        data("test/integration/runtime/current/ratelimit/reload.yaml"),
+        dir.path().join("reload.yaml"),
+    )
+    .unwrap();
+    reloader.poll();
+    assert_eq!(domains(), ["basic", "reload"]);
+    // A bad file is refused and the running rules stay.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "domain: x\ndescriptors:\n  - value: v\n",
+    )
+    .unwrap();
+    reloader.poll();
+    assert_eq!(domains(), ["basic", "reload"]);
+    assert_eq!(
+        limiter
+            .stats()
+            .reloads_failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    std::fs::remove_file(dir.path().join("bad.yaml")).unwrap();
+    std::fs::remove_file(dir.path().join("reload.yaml")).unwrap();
+    reloader.poll();
+    assert_eq!(domains(), ["basic"]);
+    let _ = Duration::ZERO;
+}
