@@ -1289,3 +1289,185 @@ fn an_admin_block_turns_the_client_away_through_envoy_and_unblock_lets_it_back()
     assert!(removed);
     assert_passed(&stack.send(&read), "training");
 }
+
+// ---------------------------------------------------------------------------------------------
+// envoyproxy/ratelimit's own example, unchanged but for loopback addresses
+
+/// Starts an Envoy on `yaml` (written to `dir/name.yaml`) with extra `args`; returns it and its
+/// admin address once it is ready.
+fn start_envoy(dir: &Path, name: &'static str, yaml: &str, args: &[&str]) -> (Proc, SocketAddr) {
+    let envoy_bin = tool("envoy").expect("envoy");
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, yaml).unwrap();
+    let admin_file = dir.join(format!("{name}-admin-address"));
+    let log = dir.join(format!("{name}.log"));
+    let log_file = File::create(&log).unwrap();
+    let child = Command::new(envoy_bin)
+        .arg("-c")
+        .arg(&config)
+        .arg("--admin-address-path")
+        .arg(&admin_file)
+        .args(["--disable-hot-restart", "--concurrency", "1"])
+        .args(["--log-level", "warning", "--base-id-path"])
+        .arg(dir.join(format!("{name}-base-id")))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let mut proc = Proc { name, child, log };
+    let admin: SocketAddr = poll(&mut proc, "its admin address", || {
+        let text = std::fs::read_to_string(&admin_file).ok()?;
+        text.trim().parse().ok()
+    });
+    poll(&mut proc, "admin /ready = LIVE", || {
+        let r = try_send(admin, &Req::get("/ready")).ok()?;
+        (r.status == 200).then_some(())
+    });
+    (proc, admin)
+}
+
+/// The port of Envoy's first listener, from its admin `/listeners`.
+fn first_listener(admin: SocketAddr) -> SocketAddr {
+    let listeners = send(admin, &Req::get("/listeners?format=json")).json();
+    let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+        .as_u64()
+        .expect("listener port in /listeners");
+    SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()))
+}
+
+/// The upstream example (`examples/envoy/proxy.yaml` and `mock.yaml`, with
+/// `examples/ratelimit/config`) through the real Envoy, with the HTTP codes the upstream
+/// integration scripts (`simple-get.sh`, `trigger-ratelimit.sh`, `replaces.sh`,
+/// `trigger-shadow-mode-key.sh`) expect. The copies differ from upstream only in addresses
+/// (docker-compose host names and fixed ports become loopback and free ports) and in the rate
+/// limit call's timeout (2 s instead of 20 ms, so a loaded CI machine cannot fail open).
+#[test]
+fn the_upstream_example_answers_through_envoy_as_its_scripts_expect() {
+    if tool("envoy").is_none() {
+        return;
+    }
+    let examples = repo_path("tests/data/envoyproxy-ratelimit/examples");
+    let dir = tempfile::tempdir().unwrap();
+
+    // sluice on the example's config directory, with the example's settings.
+    let log = dir.path().join("sluice.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(examples.join("ratelimit/config"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .env("RUST_LOG", "info")
+        .env("RESPONSE_DYNAMIC_METADATA", "true")
+        .env_remove("REDIS_URL")
+        .env_remove("BACKEND_TYPE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let lines = tee_lines(child.stderr.take().unwrap(), &log);
+    let mut sluice = Proc {
+        name: "sluice",
+        child,
+        log,
+    };
+    let line = wait_for_line(&mut sluice, &lines, "serving RateLimitService");
+    let sluice_addr = parse_after(&line, "addr=");
+
+    let (m1, m2) = (common::redis::free_port(), common::redis::free_port());
+    let mock = std::fs::read_to_string(examples.join("envoy/mock.yaml"))
+        .unwrap()
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("port_value: 9999", &format!("port_value: {m1}"))
+        .replace("port_value: 10001", &format!("port_value: {m2}"))
+        .replace("port_value: 8001", "port_value: 0");
+    let (_mock, _) = start_envoy(dir.path(), "mock", &mock, &[]);
+
+    let proxy = std::fs::read_to_string(examples.join("envoy/proxy.yaml"))
+        .unwrap()
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("address: ratelimit", "address: 127.0.0.1")
+        .replace(
+            "port_value: 8081",
+            &format!("port_value: {}", sluice_addr.port()),
+        )
+        .replace("address: envoy-mock", "address: 127.0.0.1")
+        .replace("port_value: 9999", &format!("port_value: {m1}"))
+        .replace("port_value: 10001", &format!("port_value: {m2}"))
+        .replace("port_value: 8888", "port_value: 0")
+        .replace("port_value: 8001", "port_value: 0")
+        .replace(
+            "failure_mode_deny: false",
+            "failure_mode_deny: false\n                      timeout: 2s",
+        );
+    let (_proxy, admin) = start_envoy(dir.path(), "proxy", &proxy, &["--service-cluster", "proxy"]);
+    let listener = first_listener(admin);
+
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut r = Req::get(path);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        send(listener, &r).status
+    };
+    // simple-get.sh
+    assert_eq!(get("/twoheader", &[("foo", "test"), ("baz", "shady")]), 200);
+    // trigger-ratelimit.sh: `baz=not-so-shady` allows 3 a minute.
+    let pelle = [("foo", "pelle"), ("baz", "not-so-shady")];
+    for i in 0..3 {
+        assert_eq!(get("/twoheader", &pelle), 200, "request {i}");
+    }
+    assert_eq!(get("/twoheader", &pelle), 429);
+    assert_eq!(get("/twoheader", &pelle), 429);
+    // replaces.sh, in its order: 200 is assert_ok, 429 assert_limited.
+    let banned = [("foo", "bkthomps"), ("bar", "banned")];
+    assert_eq!(get("/twoheader", &banned), 429);
+    let four = |dest: &'static str| {
+        [
+            ("foo", "bkthomps"),
+            ("bar", "banned"),
+            ("source_cluster", "proxy"),
+            ("destination_cluster", dest),
+        ]
+    };
+    assert_eq!(get("/fourheader", &four("mock")), 429);
+    assert_eq!(get("/fourheader", &four("override")), 200);
+    assert_eq!(get("/fourheader", &four("override")), 200);
+    assert_eq!(get("/fourheader", &four("override")), 429);
+    let mine = |dest: &'static str| {
+        [
+            ("foo", "my_foo"),
+            ("bar", "bkthomps"),
+            ("source_cluster", "proxy"),
+            ("destination_cluster", dest),
+        ]
+    };
+    assert_eq!(get("/fourheader", &mine("bkthomps")), 200);
+    assert_eq!(get("/fourheader", &mine("bkthomps")), 200);
+    assert_eq!(get("/fourheader", &mine("bkthomps")), 429);
+    assert_eq!(get("/fourheader", &mine("not_bkthomps")), 200);
+    assert_eq!(get("/fourheader", &mine("not_bkthomps")), 429);
+    assert_eq!(get("/fourheader", &mine("bkthomps")), 429);
+    let five = [
+        ("foo", "my_foo"),
+        ("bar", "bkthomps"),
+        ("source_cluster", "proxy"),
+        ("destination_cluster", "fake"),
+        ("category", "account"),
+    ];
+    for i in 0..3 {
+        assert_eq!(get("/fiveheader", &five), 200, "fiveheader {i}");
+    }
+    // trigger-shadow-mode-key.sh: over the shadow rule's 3 a minute, still let through.
+    for i in 0..6 {
+        assert_eq!(
+            get("/twoheader", &[("foo", "pelle"), ("baz", "shady")]),
+            200,
+            "shadow {i}"
+        );
+    }
+}
