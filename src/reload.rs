@@ -1,5 +1,6 @@
-//! Hot reload of the config file. The file is polled (every second by default): its bytes are
-//! hashed and compared with the last attempt, which catches every way a file changes: an
+//! Hot reload of the config file, or of a directory of envoyproxy/ratelimit files (then the
+//! names and bytes of all of them: a file added, changed or removed is a change). The path is
+//! polled (every second by default): its bytes are hashed and compared with the last attempt, which catches every way a file changes: an
 //! in-place write, an editor's or `mv`'s atomic replace, and a Kubernetes ConfigMap's `..data`
 //! symlink swap (the path is resolved afresh on every read). SIGHUP reloads at once.
 //!

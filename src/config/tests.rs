@@ -261,7 +261,8 @@ fn limit_identity_ignores_the_count() {
 
 #[test]
 fn envoyproxy_ratelimit_test_configs_are_not_mistaken_for_ours() {
-    // Another format's file must fail loudly, not load as an empty config.
+    // `parse` reads sluice's format only (`load` tells the formats apart): another format's
+    // file must fail loudly, not load as an empty config.
     let text = "domain: mongo_cps\ndescriptors:\n  - key: database\n    value: users\n";
     let err = parse_err(text);
     assert!(err.contains("unknown field `domain`"), "{err}");
