@@ -667,3 +667,61 @@ fn a_reload_follows_files_added_to_and_removed_from_the_directory() {
     assert_eq!(domains(), ["basic"]);
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn share_threshold_counts_every_matching_value_in_one_counter() {
+    let cfg = load(&data("test/config/share_threshold.yaml"), &[]).unwrap();
+    let server = TestServer::start_with(cfg).await;
+    let mut left = Vec::new();
+    for v in ["files/a", "files/b", "files/c/d"] {
+        let r = server
+            .call(request("test-domain", vec![d(&[("files", v)])]))
+            .await;
+        left.push(r.statuses[0].limit_remaining);
+    }
+    assert_eq!(left, [99, 98, 97]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_local_cache_refuses_keys_already_over_without_counting() {
+    let cfg = load(
+        &data("test/config/basic_config.yaml"),
+        &[("LOCAL_CACHE_SIZE_IN_BYTES", "4096")],
+    )
+    .unwrap();
+    let server = TestServer::start_with(cfg).await;
+    let codes: Vec<i32> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let r = server
+                .call(request("test-domain", vec![d(&[("key3", "a")])]))
+                .await;
+            v.push(r.overall_code);
+        }
+        v
+    };
+    assert_eq!(
+        codes,
+        [
+            Code::Ok as i32,
+            Code::OverLimit as i32,
+            Code::OverLimit as i32
+        ]
+    );
+    let text = http_get(server.http_addr, "/metrics").await.1;
+    for line in [
+        "ratelimit_service_local_cache_hits 1",
+        "ratelimit_service_rate_limit_over_limit_with_local_cache{domain=\"test-domain\",key1=\"key3\"} 1",
+        "ratelimit_service_rate_limit_over_limit{domain=\"test-domain\",key1=\"key3\"} 2",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    // The cache ends with the window.
+    server.clock.set(Timestamp::from_secs(T0 + 3600));
+    let r = server
+        .call(request("test-domain", vec![d(&[("key3", "a")])]))
+        .await;
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    server.stop().await;
+}
