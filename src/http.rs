@@ -118,10 +118,8 @@ async fn json_call<S: Store>(
         json::Overall::OverLimit => StatusCode::TOO_MANY_REQUESTS,
         json::Overall::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        json::response(&response).to_string(),
-    )
-        .into_response()
+    match json::response(&response) {
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }

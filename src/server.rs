@@ -212,18 +212,14 @@ pub async fn run<S: Store>(
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
-    // envoyproxy/ratelimit's health service name, which its users' probes ask for.
-    let healthy = crate::http::reference_healthy(&limiter.rules());
-    health
-        .set_service_status(
-            REFERENCE_HEALTH_NAME,
-            if healthy {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            },
-        )
-        .await;
+    // envoyproxy/ratelimit's health service name, which its users' probes ask for, kept in
+    // step with the rules in force.
+    let healthy = set_reference_health(&health, &limiter, None).await;
+    let reference_health = AbortOnDrop(tokio::spawn(follow_reference_health(
+        health.clone(),
+        limiter.clone(),
+        healthy,
+    )));
     let rls = RateLimitServiceServer::new(RlsService::new(limiter.clone()))
         .max_decoding_message_size(limits.max_request_bytes);
     let (accept_loop, spreads) = connections::spread(
@@ -339,6 +335,7 @@ pub async fn run<S: Store>(
     };
     upkeep.abort();
     saver.abort();
+    drop(reference_health);
     http.abort();
     // Whatever automatic blocks happened last are saved before we go.
     let access = limiter.access().clone();
@@ -350,6 +347,41 @@ pub async fn run<S: Store>(
 
 /// Drops expired counters, expired blocks and idle clients every `sweep_interval`, off the
 /// request path.
+/// Reports gRPC health for envoyproxy/ratelimit's service name `ratelimit` as the reference
+/// does, when it differs from `last`; returns it. With `HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`
+/// a rule set with no domain is NOT_SERVING.
+async fn set_reference_health<S: Store>(
+    health: &HealthReporter,
+    limiter: &Limiter<S>,
+    last: Option<bool>,
+) -> bool {
+    let healthy = crate::http::reference_healthy(&limiter.rules());
+    if last != Some(healthy) {
+        let status = if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health
+            .set_service_status(REFERENCE_HEALTH_NAME, status)
+            .await;
+    }
+    healthy
+}
+
+/// Keeps the `ratelimit` health in step with reloads, checking every second.
+async fn follow_reference_health<S: Store>(
+    health: HealthReporter,
+    limiter: Arc<Limiter<S>>,
+    mut healthy: bool,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        healthy = set_reference_health(&health, &limiter, Some(healthy)).await;
+    }
+}
+
 async fn upkeep<S: Store>(limiter: Arc<Limiter<S>>, options: Options) {
     let mut tick = tokio::time::interval(options.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1426,26 +1426,20 @@ fn the_upstream_example_answers_through_envoy_as_its_scripts_expect() {
     // replaces.sh, in its order: 200 is assert_ok, 429 assert_limited.
     let banned = [("foo", "bkthomps"), ("bar", "banned")];
     assert_eq!(get("/twoheader", &banned), 429);
-    let four = |dest: &'static str| {
+    let headers = |foo: &'static str, bar: &'static str, dest: &'static str| {
         [
-            ("foo", "bkthomps"),
-            ("bar", "banned"),
+            ("foo", foo),
+            ("bar", bar),
             ("source_cluster", "proxy"),
             ("destination_cluster", dest),
         ]
     };
+    let four = |dest| headers("bkthomps", "banned", dest);
     assert_eq!(get("/fourheader", &four("mock")), 429);
     assert_eq!(get("/fourheader", &four("override")), 200);
     assert_eq!(get("/fourheader", &four("override")), 200);
     assert_eq!(get("/fourheader", &four("override")), 429);
-    let mine = |dest: &'static str| {
-        [
-            ("foo", "my_foo"),
-            ("bar", "bkthomps"),
-            ("source_cluster", "proxy"),
-            ("destination_cluster", dest),
-        ]
-    };
+    let mine = |dest| headers("my_foo", "bkthomps", dest);
     assert_eq!(get("/fourheader", &mine("bkthomps")), 200);
     assert_eq!(get("/fourheader", &mine("bkthomps")), 200);
     assert_eq!(get("/fourheader", &mine("bkthomps")), 429);

@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::redis::RedisFixture;
 use common::*;
@@ -181,14 +180,19 @@ fn a_sluice_config_in_a_directory_of_reference_files_is_refused() {
     assert!(err.contains("sluice.yaml is a sluice config"), "{err}");
 }
 
-/// One expected status: code, `(requests_per_unit, unit, name)` of `current_limit`,
-/// `limit_remaining`, `duration_until_reset` seconds.
-type Want = (Code, Option<(u32, i32, &'static str)>, u32, Option<i64>);
+/// One status: code, `(requests_per_unit, unit, name)` of `current_limit`, `limit_remaining`,
+/// `duration_until_reset` seconds.
+type Want = (Code, Option<(u32, i32, String)>, u32, Option<i64>);
 
 const SECOND: i32 = 1;
 const MINUTE: i32 = 2;
 const HOUR: i32 = 3;
 const DAY: i32 = 4;
+
+/// An expected `current_limit`.
+fn lim(requests_per_unit: u32, unit: i32, name: &str) -> Option<(u32, i32, String)> {
+    Some((requests_per_unit, unit, name.to_string()))
+}
 
 fn statuses(r: &RateLimitResponse) -> Vec<Want> {
     r.statuses
@@ -196,14 +200,9 @@ fn statuses(r: &RateLimitResponse) -> Vec<Want> {
         .map(|s| {
             (
                 Code::try_from(s.code).unwrap(),
-                s.current_limit.as_ref().map(|l| {
-                    (
-                        l.requests_per_unit,
-                        l.unit,
-                        // The names of the test data are 'static in the table.
-                        &*Box::leak(l.name.clone().into_boxed_str()),
-                    )
-                }),
+                s.current_limit
+                    .as_ref()
+                    .map(|l| (l.requests_per_unit, l.unit, l.name.clone())),
                 s.limit_remaining,
                 s.duration_until_reset.as_ref().map(|d| d.seconds),
             )
@@ -223,41 +222,41 @@ async fn basic_config_table<S: Store>(server: &TestServer<S>) {
     let table: Vec<(Vec<RateLimitDescriptor>, Want)> = vec![
         (
             vec![d(&[("key1", "value1"), ("subkey1", "x")])],
-            (OK, Some((5, SECOND, "")), 4, Some(1)),
+            (OK, lim(5, SECOND, ""), 4, Some(1)),
         ),
         (
             vec![d(&[("key1", "value1"), ("subkey1", "subvalue1")])],
-            (OK, Some((10, SECOND, "")), 9, Some(1)),
+            (OK, lim(10, SECOND, ""), 9, Some(1)),
         ),
         (vec![d(&[("key1", "value1")])], (OK, None, 0, None)),
         (
             vec![d(&[("key2", "value2")])],
-            (OK, Some((30, MINUTE, "")), 29, Some(30)),
+            (OK, lim(30, MINUTE, ""), 29, Some(30)),
         ),
         (vec![d(&[("key2", "value3")])], (OK, None, 0, None)),
         (
             vec![d(&[("key2", "other")])],
-            (OK, Some((20, MINUTE, "")), 19, Some(30)),
+            (OK, lim(20, MINUTE, ""), 19, Some(30)),
         ),
         (
             vec![d(&[("key3", "any")])],
-            (OK, Some((1, HOUR, "")), 0, Some(3570)),
+            (OK, lim(1, HOUR, ""), 0, Some(3570)),
         ),
         (
             vec![d(&[("key3", "any")])],
-            (OVER, Some((1, HOUR, "")), 0, Some(3570)),
+            (OVER, lim(1, HOUR, ""), 0, Some(3570)),
         ),
         (
             vec![d(&[("key4", "x")])],
-            (OK, Some((1, DAY, "key4_rate_limit")), 0, Some(86_370)),
+            (OK, lim(1, DAY, "key4_rate_limit"), 0, Some(86_370)),
         ),
         (
             vec![d(&[("key5", "value5")])],
-            (OK, Some((15, DAY, "")), 14, Some(86_370)),
+            (OK, lim(15, DAY, ""), 14, Some(86_370)),
         ),
         (
             vec![d(&[("key5", "value5"), ("subkey5", "subvalue5")])],
-            (OK, Some((25, DAY, "")), 24, Some(86_370)),
+            (OK, lim(25, DAY, ""), 24, Some(86_370)),
         ),
         (vec![d(&[("key6", "x")])], (OK, None, u32::MAX, None)),
         (vec![d(&[("nothing", "here")])], (OK, None, 0, None)),
@@ -269,8 +268,8 @@ async fn basic_config_table<S: Store>(server: &TestServer<S>) {
     ];
     for (i, (ds, want)) in table.into_iter().enumerate() {
         let r = ask(ds).await;
-        assert_eq!(statuses(&r), vec![want], "row {i}");
         assert_eq!(Code::try_from(r.overall_code).unwrap(), want.0, "row {i}");
+        assert_eq!(statuses(&r), vec![want], "row {i}");
         assert!(r.raw_body.is_empty() && r.response_headers_to_add.is_empty());
     }
 
@@ -285,20 +284,20 @@ async fn basic_config_table<S: Store>(server: &TestServer<S>) {
     assert_eq!(
         statuses(&r),
         vec![
-            (OVER, Some((1, HOUR, "")), 0, Some(3570)),
-            (OK, Some((30, MINUTE, "")), 28, Some(30)),
+            (OVER, lim(1, HOUR, ""), 0, Some(3570)),
+            (OK, lim(30, MINUTE, ""), 28, Some(30)),
         ]
     );
     // hits_addend 0 on a descriptor checks without counting; at exactly the limit it passes.
     let mut check = d(&[("key5", "value5")]);
     check.hits_addend = Some(0);
     let r = ask(vec![check]).await;
-    assert_eq!(statuses(&r)[0], (OK, Some((15, DAY, "")), 14, Some(86_370)));
+    assert_eq!(statuses(&r)[0], (OK, lim(15, DAY, ""), 14, Some(86_370)));
     // The request's hits_addend charges every descriptor.
     let mut req = request("test-domain", vec![d(&[("key5", "value5")])]);
     req.hits_addend = 14;
     let r = server.call(req).await;
-    assert_eq!(statuses(&r)[0], (OK, Some((15, DAY, "")), 0, Some(86_370)));
+    assert_eq!(statuses(&r)[0], (OK, lim(15, DAY, ""), 0, Some(86_370)));
     // A descriptor's limit override replaces the rule, keyed by its entries.
     let mut o = d(&[("key1", "value1")]);
     o.limit = Some(
@@ -308,12 +307,12 @@ async fn basic_config_table<S: Store>(server: &TestServer<S>) {
         },
     );
     let r = ask(vec![o.clone()]).await;
-    assert_eq!(statuses(&r)[0], (OK, Some((2, HOUR, "")), 1, Some(3570)));
+    assert_eq!(statuses(&r)[0], (OK, lim(2, HOUR, ""), 1, Some(3570)));
 
     // The next window starts afresh, at its boundary.
     server.clock.set(Timestamp::from_secs(T0 + 3600));
     let r = ask(vec![d(&[("key3", "any")])]).await;
-    assert_eq!(statuses(&r)[0], (OK, Some((1, HOUR, "")), 0, Some(3600)));
+    assert_eq!(statuses(&r)[0], (OK, lim(1, HOUR, ""), 0, Some(3600)));
     // Unknown domain: OK, no limits.
     let r = server
         .call(request("nope", vec![d(&[("key3", "any")])]))
@@ -444,7 +443,7 @@ async fn wildcards_replaces_and_unlimited_follow_the_reference() {
         .await;
     let s = statuses(&r);
     assert_eq!(s[0], (Code::Ok, None, 0, None));
-    assert_eq!(s[1].1.map(|l| l.0), Some(4));
+    assert_eq!(s[1].1.as_ref().map(|l| l.0), Some(4));
     // `bay` is unlimited.
     let r = server
         .call(request("rl", vec![d(&[("foo", "x"), ("bay", "y")])]))
@@ -455,47 +454,91 @@ async fn wildcards_replaces_and_unlimited_follow_the_reference() {
         .call(request("rl", vec![d(&[("foo", "x"), ("bar", "banned")])]))
         .await;
     assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::OverLimit);
-    assert_eq!(statuses(&r)[0].1, Some((0, MINUTE, "banned_limit")));
+    assert_eq!(statuses(&r)[0].1, lim(0, MINUTE, "banned_limit"));
     server.stop().await;
 }
 
 #[tokio::test]
 async fn limit_headers_and_dynamic_metadata_as_the_reference_sends_them() {
+    use prost_types::value::Kind;
     let cfg = load(
         &data("test/config/metadata.yaml"),
         &[
             ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+            ("LIMIT_RESET_HEADER", "X-Reset"),
             ("RESPONSE_DYNAMIC_METADATA", "true"),
         ],
     )
     .unwrap();
     let server = TestServer::start_with(cfg).await;
-    let rules = server.limiter.rules();
-    let domain = rules.reference.as_ref().unwrap().trees[0].domain.clone();
-    let text = std::fs::read_to_string(data("test/config/metadata.yaml")).unwrap();
-    // The first rule of the file: its key and value.
-    let key = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("- key: "))
-        .unwrap()
-        .to_string();
+    server.clock.set(Timestamp::from_secs(T0 + 15));
+    // key2 (20/minute, metadata service_with_quota) and key1.subkey1 (5/second, metadata
+    // name: service_1): the headers report the one closest to its limit.
     let r = server
-        .call(request(&domain, vec![d(&[(key.as_str(), "anything")])]))
+        .call(request(
+            "test-domain",
+            vec![
+                d(&[("key2", "x")]),
+                d(&[("key1", "value1"), ("subkey1", "y")]),
+            ],
+        ))
         .await;
     let headers: Vec<(&str, &str)> = r
         .response_headers_to_add
         .iter()
         .map(|h| (h.key.as_str(), h.value.as_str()))
         .collect();
-    if r.statuses[0].current_limit.is_some() {
-        assert_eq!(headers.len(), 3, "{headers:?}");
-        assert_eq!(headers[0].0, "RateLimit-Limit");
-        assert_eq!(headers[1].0, "RateLimit-Remaining");
-        assert_eq!(headers[2].0, "RateLimit-Reset");
-    }
+    assert_eq!(
+        headers,
+        [
+            ("RateLimit-Limit", "5"),
+            ("RateLimit-Remaining", "4"),
+            ("X-Reset", "1")
+        ]
+    );
     let md = r.dynamic_metadata.expect("dynamic metadata");
-    assert!(md.fields.contains_key("domain"));
-    assert!(md.fields.contains_key("descriptors"));
+    let field = |v: &prost_types::Value| v.kind.clone();
+    assert_eq!(
+        md.fields.get("domain").and_then(field),
+        Some(Kind::StringValue("test-domain".into()))
+    );
+    let Some(Kind::StructValue(meta)) = md.fields.get("metadata").and_then(field) else {
+        panic!("no merged metadata: {md:?}")
+    };
+    let mut keys: Vec<&String> = meta.fields.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["name", "service_with_quota"]);
+    let Some(Kind::ListValue(ds)) = md.fields.get("descriptors").and_then(field) else {
+        panic!("no descriptors: {md:?}")
+    };
+    assert_eq!(ds.values.len(), 2);
+
+    // A descriptor over its limit contributes no metadata; headers report it (remaining 0).
+    for _ in 0..5 {
+        server
+            .call(request(
+                "test-domain",
+                vec![d(&[("key1", "value1"), ("subkey1", "y")])],
+            ))
+            .await;
+    }
+    let r = server
+        .call(request(
+            "test-domain",
+            vec![
+                d(&[("key1", "value1"), ("subkey1", "y")]),
+                d(&[("key2", "x")]),
+            ],
+        ))
+        .await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(r.response_headers_to_add[1].value, "0");
+    let md = r.dynamic_metadata.expect("dynamic metadata");
+    let Some(Kind::StructValue(meta)) = md.fields.get("metadata").and_then(field) else {
+        panic!("no merged metadata: {md:?}")
+    };
+    let keys: Vec<&String> = meta.fields.keys().collect();
+    assert_eq!(keys, ["service_with_quota"]);
     server.stop().await;
 }
 
@@ -555,7 +598,6 @@ async fn reference_keys_in_redis_are_the_reference_keys() {
     let Some(fixture) = RedisFixture::single() else {
         return;
     };
-    let cli = |args: &[&str]| fixture.server.as_ref().unwrap().cli(args);
     let cfg = load(
         &data("test/config/basic_config.yaml"),
         &[
@@ -564,7 +606,6 @@ async fn reference_keys_in_redis_are_the_reference_keys() {
         ],
     )
     .unwrap();
-    let _ = &cli;
     let redis = fixture.server.as_ref().unwrap().url();
     let server = TestServer::start_store(cfg, Setup::default(), fixture).await;
     server.clock.set(Timestamp::from_secs(T0 + 30));
@@ -665,7 +706,6 @@ fn a_reload_follows_files_added_to_and_removed_from_the_directory() {
     std::fs::remove_file(dir.path().join("reload.yaml")).unwrap();
     reloader.poll();
     assert_eq!(domains(), ["basic"]);
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test]
@@ -723,5 +763,40 @@ async fn the_local_cache_refuses_keys_already_over_without_counting() {
         .call(request("test-domain", vec![d(&[("key3", "a")])]))
         .await;
     assert_eq!(r.overall_code, Code::Ok as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_follows_whether_a_domain_is_loaded() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let vars = [("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", "true")];
+    let empty = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(load(empty.path(), &vars).unwrap()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let mut status = async || {
+        let request = HealthCheckRequest {
+            service: "ratelimit".into(),
+        };
+        client.check(request).await.unwrap().into_inner().status
+    };
+    assert_eq!(status().await, ServingStatus::NotServing as i32);
+    assert_eq!(http_get(server.http_addr, "/healthcheck").await.0, 500);
+
+    let loaded = load(&data("test/config/basic_config.yaml"), &vars).unwrap();
+    server.limiter.swap_rules(loaded.rules);
+    assert_eq!(http_get(server.http_addr, "/healthcheck").await.0, 200);
+    // gRPC health is checked every second: poll it, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status().await != ServingStatus::Serving as i32 {
+        assert!(std::time::Instant::now() < deadline, "still NOT_SERVING");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }

@@ -29,38 +29,6 @@ impl RuntimeDirs {
     }
 }
 
-/// The variables sluice reads, honoured as the reference does.
-pub const HONOURED: &[&str] = &[
-    "MERGE_DOMAIN_CONFIG",
-    "SHADOW_MODE",
-    "QUOTA_MODE",
-    "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
-    "NEAR_LIMIT_RATIO",
-    "LIMIT_RESPONSE_HEADERS_ENABLED",
-    "LIMIT_LIMIT_HEADER",
-    "LIMIT_REMAINING_HEADER",
-    "LIMIT_RESET_HEADER",
-    "RESPONSE_DYNAMIC_METADATA",
-    "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED",
-    "RUNTIME_ROOT",
-    "RUNTIME_SUBDIRECTORY",
-    "RUNTIME_APPDIRECTORY",
-    "RUNTIME_WATCH_ROOT",
-    "RUNTIME_IGNOREDOTFILES",
-    "BACKEND_TYPE",
-    "REDIS_URL",
-    "REDIS_SOCKET_TYPE",
-    "REDIS_TYPE",
-    "REDIS_AUTH",
-    "REDIS_TLS",
-    "REDIS_TLS_CACERT",
-    "REDIS_TIMEOUT",
-    "LOCAL_CACHE_SIZE_IN_BYTES",
-    "CACHE_KEY_PREFIX",
-    "EXPIRATION_JITTER_MAX_SECONDS",
-    "USE_PROMETHEUS",
-];
-
 /// Reference variables with no sluice equivalent, or one under another name: set, they are
 /// named in a warning with what to use instead.
 pub const NOT_HONOURED: &[(&str, &str)] = &[
@@ -275,30 +243,31 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         let tls = self.bool("REDIS_TLS", false)?;
         let auth = self.raw("REDIS_AUTH").filter(|a| !a.is_empty());
         let socket = self.string("REDIS_SOCKET_TYPE", "unix");
+        // REDIS_AUTH is `password` or `user:password`.
+        let (user, pass) = match auth
+            .as_deref()
+            .map(|a| a.split_once(':').unwrap_or(("", a)))
+        {
+            Some((u, p)) => (u.to_string(), Some(p.to_string())),
+            None => (String::new(), None),
+        };
         let to_url = |addr: &str| -> Result<String, EnvError> {
             if addr.contains("://") {
                 return Ok(addr.to_string());
             }
-            // REDIS_AUTH is `password` or `user:password`.
-            let userinfo = auth
-                .as_deref()
-                .map(|a| match a.split_once(':') {
-                    Some((u, p)) => format!("{u}:{p}@"),
-                    None => format!(":{a}@"),
-                })
-                .unwrap_or_default();
-            match socket.as_str() {
-                "unix" => Ok(format!(
-                    "redis+unix://{addr}{}",
-                    auth.as_deref()
-                        .map(|a| format!("?pass={}", a.rsplit(':').next().unwrap_or(a)))
-                        .unwrap_or_default()
-                )),
-                "tcp" => Ok(format!(
-                    "{}://{userinfo}{addr}",
-                    if tls { "rediss" } else { "redis" }
-                )),
-                other => Err(self.bad("REDIS_SOCKET_TYPE", other, "expected unix or tcp")),
+            match (socket.as_str(), &pass) {
+                ("unix", None) => Ok(format!("redis+unix://{addr}")),
+                ("unix", Some(p)) if user.is_empty() => Ok(format!("redis+unix://{addr}?pass={p}")),
+                ("unix", Some(p)) => Ok(format!("redis+unix://{addr}?user={user}&pass={p}")),
+                ("tcp", _) => {
+                    let scheme = if tls { "rediss" } else { "redis" };
+                    let userinfo = pass
+                        .as_ref()
+                        .map(|p| format!("{user}:{p}@"))
+                        .unwrap_or_default();
+                    Ok(format!("{scheme}://{userinfo}{addr}"))
+                }
+                (other, _) => Err(self.bad("REDIS_SOCKET_TYPE", other, "expected unix or tcp")),
             }
         };
         let nodes = match self
@@ -412,42 +381,44 @@ mod tests {
         assert_eq!(e.name, "NEAR_LIMIT_RATIO");
     }
 
+    fn redis(vars: &[(&str, &str)]) -> RedisOptions {
+        match env(vars).backend().unwrap() {
+            Some(Backend::Redis(o)) => o,
+            other => panic!("not redis: {other:?}"),
+        }
+    }
+
     #[test]
     fn redis_variables_become_the_redis_store() {
-        let b = env(&[
+        let o = redis(&[
             ("REDIS_SOCKET_TYPE", "tcp"),
             ("REDIS_URL", "127.0.0.1:6379"),
             ("REDIS_AUTH", "secret"),
             ("REDIS_TIMEOUT", "250ms"),
-        ])
-        .backend()
-        .unwrap()
-        .unwrap();
-        let Backend::Redis(o) = b else {
-            panic!("not redis")
-        };
-        assert_eq!(
-            o.nodes,
-            RedisNodes::Single("redis://:secret@127.0.0.1:6379".into())
-        );
+        ]);
+        let single = |u: &str| RedisNodes::Single(u.into());
+        assert_eq!(o.nodes, single("redis://:secret@127.0.0.1:6379"));
         assert_eq!(o.timeout, Duration::from_millis(250));
-        let b = env(&[
+        let o = redis(&[
             ("REDIS_SOCKET_TYPE", "tcp"),
             ("REDIS_TLS", "true"),
             ("REDIS_TYPE", "cluster"),
             ("REDIS_URL", "a:1,b:2"),
-        ])
-        .backend()
-        .unwrap()
-        .unwrap();
-        let Backend::Redis(o) = b else {
-            panic!("not redis")
-        };
+        ]);
         assert_eq!(
             o.nodes,
             RedisNodes::Cluster(vec!["rediss://a:1".into(), "rediss://b:2".into()])
         );
+        // The reference's default socket type is unix.
+        let o = redis(&[("REDIS_URL", "/run/r.sock"), ("REDIS_AUTH", "u:p")]);
+        assert_eq!(o.nodes, single("redis+unix:///run/r.sock?user=u&pass=p"));
+        let o = redis(&[("REDIS_URL", "/run/r.sock")]);
+        assert_eq!(o.nodes, single("redis+unix:///run/r.sock"));
         assert!(env(&[("BACKEND_TYPE", "memcache")]).backend().is_err());
+        assert_eq!(
+            env(&[("BACKEND_TYPE", "memory")]).backend().unwrap(),
+            Some(Backend::Memory)
+        );
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - *conditional* rules by [`Condition`]s on entries (every one that holds applies).
 //!
 //! sluice's YAML compiles endpoints into routed rules and `global` limits into a conditional
-//! rule; a front end for envoyproxy/ratelimit's nested descriptors would compile each leaf into a
-//! conditional rule. Nothing here knows about YAML.
+//! rule. envoyproxy/ratelimit's nested descriptors are not compiled into this model: the
+//! reference finds at most one rule per descriptor by walking its entries in order, where here
+//! every rule that holds applies; they live in [`super::tree`] and [`RuleSet::reference`].
+//! Nothing here knows about YAML.
 
 use std::collections::HashMap;
 use std::sync::Arc;

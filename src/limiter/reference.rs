@@ -136,45 +136,55 @@ pub struct ServiceCounts {
     pub domain_not_found: AtomicU64,
 }
 
-/// The rule a descriptor is subject to.
-enum Lim<'r> {
-    Rule(&'r RuleLimit),
-    Override { requests_per_unit: u32, unit: Unit },
-}
-
+/// The rule a descriptor is subject to, as the decision reads it (a configured rule, or the
+/// descriptor's `limit` override, which has no name and is never shadowed).
 struct Chosen<'r> {
-    lim: Lim<'r>,
-    stats: Arc<KeyStats>,
+    requests_per_unit: u32,
+    unit: Unit,
+    name: &'r str,
+    shadow: bool,
+    quota: bool,
+    metadata: Option<&'r serde_json::Map<String, serde_json::Value>>,
+    stats: StatsRef<'r>,
+    /// Per entry index, the `share_threshold` pattern counted in place of the entry's value.
     shared: SmallVec<[(usize, &'r str); 1]>,
 }
 
-impl Chosen<'_> {
-    fn requests_per_unit(&self) -> u32 {
-        match self.lim {
-            Lim::Rule(r) => r.requests_per_unit,
-            Lim::Override {
-                requests_per_unit, ..
-            } => requests_per_unit,
+/// A rule's statistics: its own, borrowed from the rule set, or those of a key built for this
+/// request (`detailed_metric`, `value_to_metric`, an override). Borrowing spares the request
+/// path a reference-count write to a cache line every core shares.
+enum StatsRef<'r> {
+    Rule(&'r KeyStats),
+    Key(Arc<KeyStats>),
+}
+
+impl std::ops::Deref for StatsRef<'_> {
+    type Target = KeyStats;
+    fn deref(&self) -> &KeyStats {
+        match self {
+            StatsRef::Rule(s) => s,
+            StatsRef::Key(s) => s,
         }
     }
-    fn unit(&self) -> Unit {
-        match self.lim {
-            Lim::Rule(r) => r.unit.unwrap_or(Unit::Second),
-            Lim::Override { unit, .. } => unit,
-        }
-    }
-    fn name(&self) -> &str {
-        match self.lim {
-            Lim::Rule(r) => &r.name,
-            Lim::Override { .. } => "",
-        }
-    }
-    fn shadow(&self) -> bool {
-        matches!(self.lim, Lim::Rule(r) if r.shadow)
-    }
-    fn quota(&self) -> bool {
-        matches!(self.lim, Lim::Rule(r) if r.quota)
-    }
+}
+
+/// One descriptor of a request on its way through the decision.
+struct Slot<'r> {
+    /// Its rule; `None` when none applies (or it was replaced, or is unlimited).
+    chosen: Option<Chosen<'r>>,
+    /// It matched an `unlimited` rule.
+    unlimited: bool,
+    /// Hits it adds.
+    hits: u64,
+    /// Its counter.
+    key: CounterKey,
+    /// Known over its limit in this window (the local cache): not counted again.
+    cached: bool,
+    /// Over its limit once this request's hits are added (read first, with
+    /// `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`).
+    would_be_over: bool,
+    /// Its count after this request.
+    after: u64,
 }
 
 /// Domain separation of reference counter keys from sluice's own.
@@ -184,6 +194,61 @@ const TAG_REFERENCE: u8 = 5;
 fn reset_secs(unit: Unit, now: Timestamp) -> u64 {
     let secs = now.as_nanos() / 1_000_000_000;
     unit.seconds() - secs % unit.seconds()
+}
+
+/// How one descriptor's hits are counted in the reference's statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Counted {
+    over: bool,
+    remaining: u64,
+    near: bool,
+    over_limit: u64,
+    near_limit: u64,
+    within_limit: u64,
+    shadow_mode: u64,
+}
+
+/// The reference's `GetResponseDescriptorStatus` for a limit of `limit`: whether the descriptor
+/// is over, what remains, and how its `hits` split between the statistics, given the count
+/// `after` them (the count before may be less than `after - hits` when they were not added:
+/// the reference computes it so and so does this). `cached`: refused from the local cache.
+fn judge(limit: u64, ratio: f32, after: u64, hits: u64, cached: bool, shadow: bool) -> Counted {
+    let before = after.wrapping_sub(hits);
+    let mut c = Counted::default();
+    if cached {
+        c.over = true;
+        c.over_limit = hits;
+    } else {
+        let near_at = (limit as f32 * ratio).floor() as u64;
+        if after > limit {
+            c.over = true;
+            if before >= limit {
+                c.over_limit = hits;
+            } else {
+                c.over_limit = after - limit;
+                c.near_limit = limit - near_at.max(before).min(limit);
+            }
+        } else {
+            c.remaining = limit - after;
+            c.near = after > near_at;
+            if c.near {
+                c.near_limit = if before >= near_at {
+                    hits
+                } else {
+                    after - near_at
+                };
+            }
+            c.within_limit = hits;
+        }
+    }
+    if c.over && shadow {
+        c.shadow_mode = if cached || before >= limit {
+            hits
+        } else {
+            after - limit
+        };
+    }
+    c
 }
 
 impl<S: Store> Limiter<S> {
@@ -196,93 +261,32 @@ impl<S: Store> Limiter<S> {
         decision: &mut Decision<'r>,
     ) -> Result<(), DecideError> {
         let settings = &rules.settings;
-        let n = request.descriptors.len();
         decision.reference = true;
         let Some(tree) = rules.tree(request.domain) else {
             self.reference_counts
                 .domain_not_found
                 .fetch_add(1, Ordering::Relaxed);
             self.stats.total.record(Outcome::Allowed, false);
-            *decision = Decision::unlimited(n);
-            decision.reference = true;
-            decision.statuses.iter_mut().for_each(|s| s.remaining = 0);
+            decision
+                .statuses
+                .extend(request.descriptors.iter().map(|_| Status::UNLIMITED));
             return Ok(());
         };
 
-        // Which rule each descriptor is subject to.
-        let mut chosen: SmallVec<[Option<Chosen<'r>>; 2]> = SmallVec::with_capacity(n);
-        let mut unlimited: SmallVec<[bool; 2]> = SmallVec::from_elem(false, n);
-        let mut replacing: SmallVec<[&'r str; 2]> = SmallVec::new();
-        for (i, d) in request.descriptors.iter().enumerate() {
-            if let Some(o) = d.limit_override {
-                let key = descriptor_key(&tree.domain, &d.entries);
-                chosen.push(Some(Chosen {
-                    lim: Lim::Override {
-                        requests_per_unit: o.requests_per_unit,
-                        unit: o.unit,
-                    },
-                    stats: self.stats.keys.get(&key),
-                    shared: SmallVec::new(),
-                }));
-                continue;
-            }
-            let Some(found) = tree.find(&d.entries) else {
-                chosen.push(None);
-                continue;
-            };
-            let limit: &'r RuleLimit = found.limit;
-            replacing.extend(limit.replaces.iter().map(|r| &**r));
-            if limit.unlimited {
-                unlimited[i] = true;
-                chosen.push(None);
-                continue;
-            }
-            let stats = match &found.stats_key {
-                Some(k) => self.stats.keys.get(k),
-                None => limit
-                    .stats
-                    .get()
-                    .cloned()
-                    .unwrap_or_else(|| self.stats.keys.get(&limit.key)),
-            };
-            chosen.push(Some(Chosen {
-                lim: Lim::Rule(limit),
-                stats,
-                shared: found.shared,
-            }));
-        }
-        if !replacing.is_empty() {
-            for c in chosen.iter_mut() {
-                if c.as_ref()
-                    .is_some_and(|c| !c.name().is_empty() && replacing.contains(&c.name()))
-                {
-                    *c = None;
-                }
+        let mut slots = self.choose(tree, request);
+        let cache_on = settings.local_cache_bytes > 0;
+        for s in &mut slots {
+            if cache_on && s.chosen.is_some() {
+                s.cached = self.local_cache.is_over(s.key, now);
             }
         }
-
-        let hits: SmallVec<[u64; 2]> = request
-            .descriptors
-            .iter()
-            .map(|d| match d.hits {
-                // The reference predates `is_negative_hits`: it adds the hits either way.
-                Hits::Take(h) | Hits::Return(h) => h,
-            })
-            .collect();
-        let keys: SmallVec<[CounterKey; 2]> = chosen
-            .iter()
-            .zip(&request.descriptors)
-            .map(|(c, d)| match c {
-                Some(c) => self.reference_key(&tree.domain, &d.entries, c),
-                None => CounterKey(0),
-            })
-            .collect();
+        let any_cached = slots.iter().any(|s| s.cached);
         let names: SmallVec<[String; 2]> = match settings.key_names {
             KeyNames::Sluice => SmallVec::new(),
-            KeyNames::Reference => chosen
+            KeyNames::Reference => slots
                 .iter()
                 .zip(&request.descriptors)
-                .map(|(c, d)| match c {
+                .map(|(s, d)| match &s.chosen {
                     Some(c) => reference_key_name(
                         &settings.cache_key_prefix,
                         &tree.domain,
@@ -294,198 +298,120 @@ impl<S: Store> Limiter<S> {
                 })
                 .collect(),
         };
-        for (c, &h) in chosen.iter().zip(&hits) {
-            if let Some(c) = c {
-                c.stats.total_hits.fetch_add(h, Ordering::Relaxed);
-            }
-        }
-
-        // The local over-limit cache: keys already over in this window are not counted again.
-        let cache_on = settings.local_cache_bytes > 0;
-        let mut cached_over: SmallVec<[bool; 2]> = SmallVec::from_elem(false, n);
-        if cache_on {
-            for (i, c) in chosen.iter().enumerate() {
-                if c.is_some() && self.local_cache.is_over(keys[i], now) {
-                    cached_over[i] = true;
-                }
-            }
-        }
-        let any_cached = cached_over.iter().any(|&b| b);
+        let tally = |i: usize, s: &Slot<'_>, hits: Option<u64>| Tally {
+            key: s.key,
+            name: names.get(i).map_or("", String::as_str),
+            window_secs: s.chosen.as_ref().map_or(1, |c| c.unit.seconds()),
+            hits,
+            ttl_jitter_secs: settings.expiration_jitter_max_seconds,
+        };
 
         // With STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, a first read finds the rules this
         // request would take over their limit.
-        let mut would_be_over: SmallVec<[bool; 2]> = SmallVec::from_elem(false, n);
         if settings.stop_increment_when_over && !any_cached {
-            let reads: SmallVec<[Tally<'_>; 2]> = (0..n)
-                .filter(|&i| chosen[i].is_some())
-                .map(|i| self.tally_of(&chosen[i], keys[i], &names, i, None, settings))
-                .collect();
-            let mut counts: SmallVec<[u64; 2]> = SmallVec::from_elem(0, reads.len());
-            self.store.tally(&reads, &mut counts, now).await?;
-            let mut k = 0;
-            for i in 0..n {
-                if let Some(c) = &chosen[i] {
-                    would_be_over[i] =
-                        counts[k].saturating_add(hits[i]) > u64::from(c.requests_per_unit());
-                    k += 1;
+            let (reads, counts) = self
+                .tally_counted(
+                    &slots,
+                    |i, s| (s.chosen.is_some()).then(|| tally(i, s, None)),
+                    now,
+                )
+                .await?;
+            for (i, count) in reads.into_iter().zip(counts) {
+                let s = &mut slots[i];
+                if let Some(c) = &s.chosen {
+                    s.would_be_over = count.saturating_add(s.hits) > u64::from(c.requests_per_unit);
                 }
             }
         }
-        let any_would_be_over = would_be_over.iter().any(|&b| b);
-
-        let to_count: SmallVec<[usize; 2]> = (0..n)
-            .filter(|&i| chosen[i].is_some() && !cached_over[i])
-            .collect();
-        let tallies: SmallVec<[Tally<'_>; 2]> = to_count
-            .iter()
-            .map(|&i| {
-                let add = if !settings.stop_increment_when_over
-                    || (!any_cached && (!any_would_be_over || would_be_over[i]))
-                {
-                    hits[i]
-                } else {
-                    0
-                };
-                self.tally_of(&chosen[i], keys[i], &names, i, Some(add), settings)
-            })
-            .collect();
-        let mut after_counts: SmallVec<[u64; 2]> = SmallVec::from_elem(0, tallies.len());
-        if !tallies.is_empty() {
-            self.store.tally(&tallies, &mut after_counts, now).await?;
-        }
-        let mut after: SmallVec<[u64; 2]> = SmallVec::from_elem(0, n);
-        for (&i, &c) in to_count.iter().zip(&after_counts) {
-            after[i] = c;
+        let any_would_be_over = slots.iter().any(|s| s.would_be_over);
+        let stop = settings.stop_increment_when_over;
+        let (counted, counts) = self
+            .tally_counted(
+                &slots,
+                |i, s| {
+                    (s.chosen.is_some() && !s.cached).then(|| {
+                        let charged =
+                            !stop || (!any_cached && (!any_would_be_over || s.would_be_over));
+                        tally(i, s, Some(if charged { s.hits } else { 0 }))
+                    })
+                },
+                now,
+            )
+            .await?;
+        for (i, count) in counted.into_iter().zip(counts) {
+            slots[i].after = count;
         }
 
-        // Statuses, as the reference's GetResponseDescriptorStatus and service worker write them.
-        let ratio = settings.near_limit_ratio;
+        // Statuses, as the reference's service worker writes them.
         let mut failed = 0usize;
         let (mut quota_total, mut quota_failed) = (0usize, 0usize);
-        let mut min_remaining = u64::from(u32::MAX);
-        let mut minimum: Option<usize> = None;
-        let mut passed: SmallVec<[usize; 2]> = SmallVec::new();
-        for i in 0..n {
-            let status = match &chosen[i] {
-                None if unlimited[i] => Status {
-                    remaining: u64::from(u32::MAX),
-                    ..Status::UNLIMITED
-                },
+        let mut minimum: Option<(u64, usize)> = None;
+        for (i, s) in slots.iter().enumerate() {
+            let status = match &s.chosen {
                 None => Status {
-                    remaining: 0,
+                    remaining: if s.unlimited { u64::from(u32::MAX) } else { 0 },
                     ..Status::UNLIMITED
                 },
                 Some(c) => {
-                    let h = hits[i];
-                    let limit = u64::from(c.requests_per_unit());
-                    let unit = c.unit();
-                    let reported = Some(ReportedLimit {
-                        name: match c.lim {
-                            Lim::Rule(r) => &r.name,
-                            Lim::Override { .. } => "",
-                        },
-                        reported: Reported {
-                            requests_per_unit: c.requests_per_unit(),
-                            unit,
-                        },
-                    });
-                    let reset_after = reset_secs(unit, now) * 1_000_000_000;
-                    let s = &c.stats;
-                    let mut over = false;
-                    let mut status = if cached_over[i] {
-                        over = true;
-                        s.over_limit.fetch_add(h, Ordering::Relaxed);
-                        s.over_limit_with_local_cache
-                            .fetch_add(h, Ordering::Relaxed);
-                        Status {
-                            over: true,
-                            limit: reported,
-                            remaining: 0,
-                            reset_after,
-                            near: false,
+                    let limit = u64::from(c.requests_per_unit);
+                    let counted = judge(
+                        limit,
+                        settings.near_limit_ratio,
+                        s.after,
+                        s.hits,
+                        s.cached,
+                        c.shadow,
+                    );
+                    let k = &c.stats;
+                    k.total_hits.fetch_add(s.hits, Ordering::Relaxed);
+                    for (stat, n) in [
+                        (&k.over_limit, counted.over_limit),
+                        (&k.near_limit, counted.near_limit),
+                        (&k.within_limit, counted.within_limit),
+                        (&k.shadow_mode, counted.shadow_mode),
+                    ] {
+                        if n > 0 {
+                            stat.fetch_add(n, Ordering::Relaxed);
                         }
-                    } else {
-                        let a = after[i];
-                        let before = a.wrapping_sub(h);
-                        let near_at = (limit as f32 * ratio).floor() as u64;
-                        if a > limit {
-                            over = true;
-                            if before >= limit {
-                                s.over_limit.fetch_add(h, Ordering::Relaxed);
-                            } else {
-                                s.over_limit.fetch_add(a - limit, Ordering::Relaxed);
-                                s.near_limit.fetch_add(
-                                    limit.saturating_sub(near_at.max(before)),
-                                    Ordering::Relaxed,
-                                );
-                            }
-                            if cache_on {
-                                self.local_cache.remember(
-                                    keys[i],
-                                    now,
-                                    unit,
-                                    settings.local_cache_bytes,
-                                );
-                            }
-                            Status {
-                                over: true,
-                                limit: reported,
-                                remaining: 0,
-                                reset_after,
-                                near: false,
-                            }
-                        } else {
-                            let near = a > near_at;
-                            if near {
-                                let n = if before >= near_at { h } else { a - near_at };
-                                s.near_limit.fetch_add(n, Ordering::Relaxed);
-                            }
-                            s.within_limit.fetch_add(h, Ordering::Relaxed);
-                            Status {
-                                over: false,
-                                limit: reported,
-                                remaining: limit - a,
-                                reset_after,
-                                near,
-                            }
-                        }
-                    };
-                    if over && c.shadow() {
-                        status.over = false;
-                        let before = after[i].wrapping_sub(h);
-                        let n = if cached_over[i] || before >= limit {
-                            h
-                        } else {
-                            after[i] - limit
-                        };
-                        s.shadow_mode.fetch_add(n, Ordering::Relaxed);
                     }
-                    status
+                    if s.cached {
+                        k.over_limit_with_local_cache
+                            .fetch_add(s.hits, Ordering::Relaxed);
+                    } else if counted.over && cache_on {
+                        self.local_cache
+                            .remember(s.key, now, c.unit, settings.local_cache_bytes);
+                    }
+                    Status {
+                        over: counted.over && !c.shadow,
+                        limit: Some(ReportedLimit {
+                            name: c.name,
+                            reported: Reported {
+                                requests_per_unit: c.requests_per_unit,
+                                unit: c.unit,
+                            },
+                        }),
+                        remaining: counted.remaining,
+                        reset_after: reset_secs(c.unit, now) * 1_000_000_000,
+                        near: counted.near,
+                    }
                 }
             };
-            if settings.headers.is_some()
-                && status.limit.is_some()
-                && status.remaining < min_remaining
-            {
-                min_remaining = status.remaining;
-                minimum = Some(i);
+            // The headers report the descriptor closest to its limit, or the last one over.
+            let least = minimum.map_or(u64::from(u32::MAX), |(m, _)| m);
+            if status.limit.is_some() && status.remaining < least {
+                minimum = Some((status.remaining, i));
             }
-            if !unlimited[i] {
-                let quota = settings.quota_mode || chosen[i].as_ref().is_some_and(|c| c.quota());
-                if status.over {
-                    if quota {
-                        quota_failed += 1;
-                    } else {
+            if !s.unlimited {
+                let quota = settings.quota_mode || s.chosen.as_ref().is_some_and(|c| c.quota);
+                match (status.over, quota) {
+                    (true, true) => quota_failed += 1,
+                    (true, false) => {
                         failed += 1;
-                        minimum = Some(i);
-                        min_remaining = 0;
+                        minimum = Some((0, i));
                     }
-                } else {
-                    passed.push(i);
+                    (false, _) => {}
                 }
-                if quota {
-                    quota_total += 1;
-                }
+                quota_total += usize::from(quota);
             }
             decision.statuses.push(status);
         }
@@ -497,45 +423,155 @@ impl<S: Store> Limiter<S> {
                 .fetch_add(1, Ordering::Relaxed);
         }
         decision.over = over;
-
-        let wants_headers = settings.headers.is_some() && minimum.is_some();
-        if wants_headers || settings.dynamic_metadata {
-            let mut extras = ReferenceExtras::default();
-            if let (Some(h), Some(i)) = (&settings.headers, minimum)
-                && let (Some(s), Some(c)) = (decision.statuses.get(i), &chosen[i])
-            {
-                extras.headers = vec![
-                    (h.limit.clone(), c.requests_per_unit().to_string()),
-                    (h.remaining.clone(), s.remaining.to_string()),
-                    (h.reset.clone(), reset_secs(c.unit(), now).to_string()),
-                ];
-            }
-            if settings.dynamic_metadata {
-                let mut merged = serde_json::Map::new();
-                for &i in &passed {
-                    if let Some(Chosen {
-                        lim: Lim::Rule(r), ..
-                    }) = &chosen[i]
-                        && let Some(m) = &r.metadata
-                    {
-                        merge_metadata(&mut merged, m);
-                    }
-                }
-                extras.metadata = Some(merged);
-            }
-            decision.extras = Some(Box::new(extras));
-        }
+        decision.extras = self.extras(settings, &slots, decision, minimum.map(|(_, i)| i), now);
 
         let near = decision.statuses.iter().any(|s| s.near);
-        self.stats.total.record(
-            if decision.over {
-                Outcome::Limited
-            } else {
-                Outcome::Allowed
-            },
-            near,
-        );
+        let outcome = if over {
+            Outcome::Limited
+        } else {
+            Outcome::Allowed
+        };
+        self.stats.total.record(outcome, near);
         Ok(())
+    }
+
+    /// Per descriptor, the rule it is subject to (the reference's `constructLimitsToCheck`):
+    /// its override, else the tree's rule; unlimited rules and rules another matched rule
+    /// `replaces` are left out.
+    fn choose<'r>(&self, tree: &'r Tree, request: &Request<'_>) -> SmallVec<[Slot<'r>; 2]> {
+        let mut replacing: SmallVec<[&'r str; 2]> = SmallVec::new();
+        let mut slots: SmallVec<[Slot<'r>; 2]> = request
+            .descriptors
+            .iter()
+            .map(|d| {
+                // The reference predates `is_negative_hits`: it adds the hits either way.
+                let (Hits::Take(hits) | Hits::Return(hits)) = d.hits;
+                let mut slot = Slot {
+                    chosen: None,
+                    unlimited: false,
+                    hits,
+                    key: CounterKey(0),
+                    cached: false,
+                    would_be_over: false,
+                    after: 0,
+                };
+                if let Some(o) = d.limit_override {
+                    slot.chosen = Some(Chosen {
+                        requests_per_unit: o.requests_per_unit,
+                        unit: o.unit,
+                        name: "",
+                        shadow: false,
+                        quota: false,
+                        metadata: None,
+                        stats: StatsRef::Key(
+                            self.stats
+                                .keys
+                                .get(&descriptor_key(&tree.domain, &d.entries)),
+                        ),
+                        shared: SmallVec::new(),
+                    });
+                } else if let Some(found) = tree.find(&d.entries) {
+                    let limit: &'r RuleLimit = found.limit;
+                    replacing.extend(limit.replaces.iter().map(|r| &**r));
+                    slot.unlimited = limit.unlimited;
+                    if !limit.unlimited {
+                        let stats = match (&found.stats_key, limit.stats.get()) {
+                            (None, Some(s)) => StatsRef::Rule(s),
+                            (Some(k), _) => StatsRef::Key(self.stats.keys.get(k)),
+                            (None, None) => StatsRef::Key(self.stats.keys.get(&limit.key)),
+                        };
+                        slot.chosen = Some(Chosen {
+                            requests_per_unit: limit.requests_per_unit,
+                            unit: limit.unit.unwrap_or(Unit::Second),
+                            name: &limit.name,
+                            shadow: limit.shadow,
+                            quota: limit.quota,
+                            metadata: limit.metadata.as_ref(),
+                            stats,
+                            shared: found.shared,
+                        });
+                    }
+                }
+                slot
+            })
+            .collect();
+        for (s, d) in slots.iter_mut().zip(&request.descriptors) {
+            if s.chosen
+                .as_ref()
+                .is_some_and(|c| !c.name.is_empty() && replacing.contains(&c.name))
+            {
+                s.chosen = None;
+            }
+            if let Some(c) = &s.chosen {
+                s.key = self.reference_key(&tree.domain, &d.entries, c);
+            }
+        }
+        slots
+    }
+
+    /// Tallies the slots `pick` makes a tally of; returns their indices and counts.
+    async fn tally_counted<'s, 'n>(
+        &self,
+        slots: &'s [Slot<'_>],
+        pick: impl Fn(usize, &'s Slot<'_>) -> Option<Tally<'n>>,
+        now: Timestamp,
+    ) -> Result<(SmallVec<[usize; 2]>, SmallVec<[u64; 2]>), DecideError> {
+        let mut which: SmallVec<[usize; 2]> = SmallVec::new();
+        let mut tallies: SmallVec<[Tally<'n>; 2]> = SmallVec::new();
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(t) = pick(i, s) {
+                which.push(i);
+                tallies.push(t);
+            }
+        }
+        let mut counts: SmallVec<[u64; 2]> = SmallVec::from_elem(0, tallies.len());
+        if !tallies.is_empty() {
+            self.store.tally(&tallies, &mut counts, now).await?;
+        }
+        Ok((which, counts))
+    }
+
+    /// The headers and dynamic metadata the settings ask for; `None` (no allocation) when
+    /// neither is on.
+    fn extras(
+        &self,
+        settings: &ReferenceSettings,
+        slots: &[Slot<'_>],
+        decision: &Decision<'_>,
+        minimum: Option<usize>,
+        now: Timestamp,
+    ) -> Option<Box<ReferenceExtras>> {
+        let headers = settings.headers.as_ref().zip(minimum);
+        if headers.is_none() && !settings.dynamic_metadata {
+            return None;
+        }
+        let mut extras = ReferenceExtras::default();
+        if let Some((h, i)) = headers
+            && let (Some(s), Some(Some(c))) = (
+                decision.statuses.get(i),
+                slots.get(i).map(|s| s.chosen.as_ref()),
+            )
+        {
+            extras.headers = vec![
+                (h.limit.clone(), c.requests_per_unit.to_string()),
+                (h.remaining.clone(), s.remaining.to_string()),
+                (h.reset.clone(), reset_secs(c.unit, now).to_string()),
+            ];
+        }
+        if settings.dynamic_metadata {
+            // The metadata of the rules of the descriptors that passed.
+            let mut merged = serde_json::Map::new();
+            for (s, status) in slots.iter().zip(&decision.statuses) {
+                if let Some(m) = s.chosen.as_ref().and_then(|c| c.metadata)
+                    && !status.over
+                    && !s.unlimited
+                {
+                    merge_metadata(&mut merged, m);
+                }
+            }
+            extras.metadata = Some(merged);
+        }
+        Some(Box::new(extras))
     }
 
     /// The counter of a reference rule: domain, the descriptor's entries (with shared patterns
@@ -554,30 +590,7 @@ impl<S: Store> Limiter<S> {
                 .flat_map(|(&(k, _), v)| [k.as_bytes(), v.as_bytes()]),
         );
         let group = self.hash_parts(TAG_REFERENCE, parts);
-        Self::key(group, c.unit().seconds())
-    }
-
-    fn tally_of<'t>(
-        &self,
-        c: &Option<Chosen<'_>>,
-        key: CounterKey,
-        names: &'t [String],
-        i: usize,
-        hits: Option<u64>,
-        settings: &ReferenceSettings,
-    ) -> Tally<'t> {
-        let window = c.as_ref().map_or(1, |c| c.unit().seconds());
-        let jitter = match settings.expiration_jitter_max_seconds {
-            0 => 0,
-            j => rand::random::<u64>() % j,
-        };
-        Tally {
-            key,
-            name: names.get(i).map_or("", String::as_str),
-            window_secs: window,
-            hits,
-            ttl_secs: window + jitter,
-        }
+        Self::key(group, c.unit.seconds())
     }
 }
 
@@ -621,7 +634,7 @@ fn reference_key_name(
         s.push_str(v);
         s.push('_');
     }
-    let w = c.unit().seconds();
+    let w = c.unit.seconds();
     let secs = now.as_nanos() / 1_000_000_000;
     s.push_str(&(secs / w * w).to_string());
     s
@@ -681,5 +694,52 @@ impl LocalCache {
         let w = unit.seconds() * 1_000_000_000;
         let end = (now.as_nanos() / w + 1) * w;
         self.map.insert(key.0, end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `judge` for a limit of 10 at the default ratio (near from 8 on), not shadowed.
+    fn j(after: u64, hits: u64) -> Counted {
+        judge(10, 0.8, after, hits, false, false)
+    }
+
+    #[test]
+    fn hits_split_between_within_near_and_over_as_the_reference_splits_them() {
+        let c = j(5, 1);
+        assert_eq!((c.over, c.remaining, c.near), (false, 5, false));
+        assert_eq!((c.within_limit, c.near_limit, c.over_limit), (1, 0, 0));
+        // From a count already in the near band, every hit is near.
+        let c = j(9, 1);
+        assert_eq!(
+            (c.remaining, c.near, c.near_limit, c.within_limit),
+            (1, true, 1, 1)
+        );
+        // Crossing into it: only the hits past the threshold.
+        assert_eq!(j(9, 3).near_limit, 1);
+        // Crossing the limit: the hits past it are over, those between the band and it near.
+        let c = j(12, 5);
+        assert_eq!(
+            (c.over, c.remaining, c.over_limit, c.near_limit),
+            (true, 0, 2, 2)
+        );
+        // Already over: every hit is over.
+        let c = j(12, 1);
+        assert_eq!((c.over_limit, c.near_limit, c.within_limit), (1, 0, 0));
+        // Exactly at the limit passes.
+        assert!(!j(10, 1).over);
+    }
+
+    #[test]
+    fn shadow_and_cached_refusals_count_as_the_reference_counts_them() {
+        let c = judge(10, 0.8, 12, 5, false, true);
+        assert!(c.over);
+        assert_eq!((c.over_limit, c.shadow_mode), (2, 2));
+        let c = judge(10, 0.8, 0, 3, true, false);
+        assert_eq!((c.over, c.over_limit, c.shadow_mode), (true, 3, 0));
+        let c = judge(10, 0.8, 0, 3, true, true);
+        assert_eq!(c.shadow_mode, 3);
     }
 }

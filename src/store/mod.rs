@@ -100,8 +100,9 @@ pub struct Tally<'a> {
     pub window_secs: u64,
     /// Hits to add; `None` reads the count without writing.
     pub hits: Option<u64>,
-    /// How long Redis keeps the key (the window, plus the reference's expiry jitter).
-    pub ttl_secs: u64,
+    /// Redis keeps the key for the window plus a random 0 to this many seconds (the
+    /// reference's `EXPIRATION_JITTER_MAX_SECONDS`, which spreads expiries out).
+    pub ttl_jitter_secs: u64,
 }
 
 /// A store failed; the limiter turns this into the configured failure behaviour.

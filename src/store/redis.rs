@@ -628,10 +628,14 @@ impl Store for RedisStore {
                     pipe.cmd("GET").arg(&name);
                 }
                 Some(h) => {
+                    let jitter = match t.ttl_jitter_secs {
+                        0 => 0,
+                        j => rand::random::<u64>() % j,
+                    };
                     pipe.cmd("INCRBY").arg(&name).arg(h);
                     pipe.cmd("EXPIRE")
                         .arg(&name)
-                        .arg(t.ttl_secs.max(1))
+                        .arg(t.window_secs.max(1) + jitter)
                         .ignore();
                 }
             }
