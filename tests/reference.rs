@@ -320,33 +320,45 @@ async fn basic_config_table<S: Store>(server: &TestServer<S>) {
     assert_eq!(statuses(&r), vec![(OK, None, 0, None)]);
 }
 
-#[tokio::test]
-async fn basic_config_answers_as_the_reference_over_memory() {
-    let cfg = load(&data("test/config/basic_config.yaml"), &[]).unwrap();
-    let server = TestServer::start_with(cfg).await;
-    basic_config_table(&server).await;
-    server.stop().await;
-}
+/// Runs `$body` against a server on the test data file `$file` (with the reference settings
+/// `$vars`), once over the memory store and once over a real redis-server.
+macro_rules! on_both_stores {
+    ($body:ident, $file:expr, $vars:expr) => {
+        mod $body {
+            use super::*;
 
-#[tokio::test]
-async fn basic_config_answers_as_the_reference_over_redis() {
-    let Some(fixture) = RedisFixture::single() else {
-        return;
+            #[tokio::test]
+            async fn memory() {
+                let cfg = load(&data($file), &$vars).unwrap();
+                let server = TestServer::start_with(cfg).await;
+                super::$body(&server).await;
+                server.stop().await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                let Some(fixture) = RedisFixture::single() else {
+                    return;
+                };
+                let cfg = load(&data($file), &$vars).unwrap();
+                let server = TestServer::start_store(cfg, Setup::default(), fixture).await;
+                super::$body(&server).await;
+                server.stop().await;
+            }
+        }
     };
-    let cfg = load(&data("test/config/basic_config.yaml"), &[]).unwrap();
-    let server = TestServer::start_store(cfg, Setup::default(), fixture).await;
-    basic_config_table(&server).await;
-    server.stop().await;
 }
 
-#[tokio::test]
-async fn stop_increment_when_over_limit_charges_only_the_rules_over() {
-    let cfg = load(
-        &data("test/config/basic_config.yaml"),
-        &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")],
-    )
-    .unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(basic_config_table, "test/config/basic_config.yaml", []);
+
+on_both_stores!(
+    stop_increment_when_over_limit_charges_only_the_rules_over,
+    "test/config/basic_config.yaml",
+    [("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")]
+);
+async fn stop_increment_when_over_limit_charges_only_the_rules_over<S: Store>(
+    server: &TestServer<S>,
+) {
     let both = || {
         request(
             "test-domain",
@@ -363,13 +375,14 @@ async fn stop_increment_when_over_limit_charges_only_the_rules_over() {
         .call(request("test-domain", vec![d(&[("key2", "value2")])]))
         .await;
     assert_eq!(statuses(&r)[0].2, 28);
-    server.stop().await;
 }
 
-#[tokio::test]
-async fn shadow_rules_and_shadow_mode_answer_ok() {
-    let cfg = load(&data("test/config/shadowmode_config.yaml"), &[]).unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(
+    shadow_rules_answer_ok_and_count_in_shadow_mode,
+    "test/config/shadowmode_config.yaml",
+    []
+);
+async fn shadow_rules_answer_ok_and_count_in_shadow_mode<S: Store>(server: &TestServer<S>) {
     for i in 0..12 {
         let r = server
             .call(request(
@@ -387,27 +400,37 @@ async fn shadow_rules_and_shadow_mode_answer_ok() {
         ),
         "{text}"
     );
-    server.stop().await;
+}
 
-    let cfg = load(
-        &data("test/config/basic_config.yaml"),
-        &[("SHADOW_MODE", "true")],
-    )
-    .unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(
+    shadow_mode_answers_ok,
+    "test/config/basic_config.yaml",
+    [("SHADOW_MODE", "true")]
+);
+async fn shadow_mode_answers_ok<S: Store>(server: &TestServer<S>) {
+    // The descriptor's own code still says it is over; only the overall code is OK.
+    let mut codes = Vec::new();
     for _ in 0..3 {
         let r = server
             .call(request("test-domain", vec![d(&[("key3", "a")])]))
             .await;
         assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::Ok);
+        codes.push(statuses(&r)[0].0);
     }
-    server.stop().await;
+    assert_eq!(codes, [Code::Ok, Code::OverLimit, Code::OverLimit]);
+    let text = http_get(server.http_addr, "/metrics").await.1;
+    assert!(
+        text.contains("ratelimit_service_global_shadow_mode 2"),
+        "{text}"
+    );
 }
 
-#[tokio::test]
-async fn wildcards_replaces_and_unlimited_follow_the_reference() {
-    let cfg = load(&data("test/config/wildcard.yaml"), &[]).unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(
+    wildcards_match_as_the_reference_matches,
+    "test/config/wildcard.yaml",
+    []
+);
+async fn wildcards_match_as_the_reference_matches<S: Store>(server: &TestServer<S>) {
     let one = |e: &[(&str, &str)]| request("test-domain", vec![d(e)]);
     for (e, want) in [
         (vec![("wild", "foo1")], Some(20)),
@@ -427,10 +450,14 @@ async fn wildcards_replaces_and_unlimited_follow_the_reference() {
             .map(|l| l.requests_per_unit);
         assert_eq!(got, want, "{e:?}");
     }
-    server.stop().await;
+}
 
-    let cfg = load(&data("examples/ratelimit/config/example.yaml"), &[]).unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(
+    replaces_unlimited_and_quota_follow_the_reference,
+    "examples/ratelimit/config/example.yaml",
+    []
+);
+async fn replaces_unlimited_and_quota_follow_the_reference<S: Store>(server: &TestServer<S>) {
     // `bar=bkthomps` (named bkthomps) is replaced by the matched `category=account` rule.
     let r = server
         .call(request(
@@ -455,7 +482,24 @@ async fn wildcards_replaces_and_unlimited_follow_the_reference() {
         .await;
     assert_eq!(Code::try_from(r.overall_code).unwrap(), Code::OverLimit);
     assert_eq!(statuses(&r)[0].1, lim(0, MINUTE, "banned_limit"));
-    server.stop().await;
+    // Quota rules (service_1: 1/minute, service_2: 2/minute) refuse only when all are over.
+    let quota = |services: &[&str]| {
+        request(
+            "rl",
+            services.iter().map(|s| d(&[("service", s)])).collect(),
+        )
+    };
+    let r = server.call(quota(&["service_1", "service_2"])).await;
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    let r = server.call(quota(&["service_1", "service_2"])).await;
+    assert_eq!(r.overall_code, Code::Ok as i32, "one quota still has room");
+    assert_eq!(statuses(&r)[0].0, Code::OverLimit);
+    let r = server.call(quota(&["service_1", "service_2"])).await;
+    assert_eq!(
+        r.overall_code,
+        Code::OverLimit as i32,
+        "every quota is over"
+    );
 }
 
 #[tokio::test]
@@ -708,10 +752,14 @@ fn a_reload_follows_files_added_to_and_removed_from_the_directory() {
     assert_eq!(domains(), ["basic"]);
 }
 
-#[tokio::test]
-async fn share_threshold_counts_every_matching_value_in_one_counter() {
-    let cfg = load(&data("test/config/share_threshold.yaml"), &[]).unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(
+    share_threshold_counts_every_matching_value_in_one_counter,
+    "test/config/share_threshold.yaml",
+    []
+);
+async fn share_threshold_counts_every_matching_value_in_one_counter<S: Store>(
+    server: &TestServer<S>,
+) {
     let mut left = Vec::new();
     for v in ["files/a", "files/b", "files/c/d"] {
         let r = server
@@ -720,17 +768,16 @@ async fn share_threshold_counts_every_matching_value_in_one_counter() {
         left.push(r.statuses[0].limit_remaining);
     }
     assert_eq!(left, [99, 98, 97]);
-    server.stop().await;
 }
 
-#[tokio::test]
-async fn the_local_cache_refuses_keys_already_over_without_counting() {
-    let cfg = load(
-        &data("test/config/basic_config.yaml"),
-        &[("LOCAL_CACHE_SIZE_IN_BYTES", "4096")],
-    )
-    .unwrap();
-    let server = TestServer::start_with(cfg).await;
+on_both_stores!(
+    the_local_cache_refuses_keys_already_over_without_counting,
+    "test/config/basic_config.yaml",
+    [("LOCAL_CACHE_SIZE_IN_BYTES", "4096")]
+);
+async fn the_local_cache_refuses_keys_already_over_without_counting<S: Store>(
+    server: &TestServer<S>,
+) {
     let codes: Vec<i32> = {
         let mut v = Vec::new();
         for _ in 0..3 {
@@ -763,7 +810,6 @@ async fn the_local_cache_refuses_keys_already_over_without_counting() {
         .call(request("test-domain", vec![d(&[("key3", "a")])]))
         .await;
     assert_eq!(r.overall_code, Code::Ok as i32);
-    server.stop().await;
 }
 
 #[tokio::test]

@@ -333,3 +333,71 @@ fn add_descriptors(node: &mut Node, parent: &str, list: Vec<RawDescriptor>) -> R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(yaml: &str) -> Tree {
+        let file = File {
+            name: "inline.yaml".into(),
+            text: yaml.into(),
+        };
+        load(&[file], false).unwrap().remove(0)
+    }
+
+    /// The statistics key of the rule `entries` find (the reference's `rl.Stats.Key`).
+    fn stats_key(t: &Tree, entries: &[(&str, &str)]) -> String {
+        let f = t.find(entries).expect("a rule");
+        f.stats_key.unwrap_or_else(|| f.limit.key.to_string())
+    }
+
+    #[test]
+    fn value_to_metric_keys_take_the_request_values_where_asked() {
+        // The reference's TestValueToMetric_UsesRuntimeValuesInStats.
+        let t = tree(
+            "domain: domain\ndescriptors:\n  - key: route\n    value_to_metric: true\n    descriptors:\n      - key: http_method\n        value_to_metric: true\n        descriptors:\n          - key: subject_id\n            rate_limit: {unit: minute, requests_per_unit: 60}\n",
+        );
+        let e = [
+            ("route", "draw"),
+            ("http_method", "GET"),
+            ("subject_id", "123"),
+        ];
+        assert_eq!(
+            stats_key(&t, &e),
+            "domain.route_draw.http_method_GET.subject_id"
+        );
+        // TestValueToMetric_DefaultKeyIncludesValueAtThatLevel.
+        let t = tree(
+            "domain: d\ndescriptors:\n  - key: k1\n    value_to_metric: true\n    descriptors:\n      - key: k2\n        rate_limit: {unit: second, requests_per_unit: 1}\n",
+        );
+        assert_eq!(stats_key(&t, &[("k1", "A"), ("k2", "foo")]), "d.k1_A.k2");
+        // Without the flag the rule's own key.
+        let t = tree(
+            "domain: d\ndescriptors:\n  - key: k1\n    descriptors:\n      - key: k2\n        rate_limit: {unit: second, requests_per_unit: 1}\n",
+        );
+        assert_eq!(stats_key(&t, &[("k1", "A"), ("k2", "foo")]), "d.k1.k2");
+    }
+
+    #[test]
+    fn share_threshold_keys_keep_the_pattern() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/envoyproxy-ratelimit/test/config/share_threshold.yaml"
+        ))
+        .unwrap();
+        let t = tree(&text);
+        // share_threshold wins over value_to_metric.
+        assert_eq!(
+            stats_key(&t, &[("route", "api/v1"), ("method", "GET")]),
+            "test-domain.route_api/*.method"
+        );
+        // detailed_metric below a shared wildcard: the pattern, then the request's values.
+        assert_eq!(
+            stats_key(&t, &[("service", "svc/a"), ("endpoint", "e1")]),
+            "test-domain.service_svc/*.endpoint_e1"
+        );
+        let f = t.find(&[("files", "files/a/b")]).unwrap();
+        assert_eq!(f.shared.as_slice(), &[(0, "files/*")]);
+    }
+}
