@@ -16,6 +16,8 @@
 //! - `service/*`: (e) what `ShouldRateLimit` does per call without the network: `to_request` +
 //!   `decide` + `to_response`, and the same plus protobuf decode of the request and encode of
 //!   the response (what sluice's codec does inside tonic).
+//! - `reference/*`: (f) the same hot client under an envoyproxy/ratelimit file (a per-address
+//!   rule, as `decide/hot_*` have), allowed and denied, to compare with `decide/hot_*`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::cell::{Cell, OnceCell};
@@ -357,9 +359,58 @@ fn config() -> Criterion {
         .without_plots()
 }
 
+/// A limiter on an envoyproxy/ratelimit file of one per-address rule of `rate`.
+fn reference_limiter(rate: &str) -> Limiter<MemoryStore> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bench.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "domain: load\ndescriptors:\n  - key: path\n    value: /bench\n    descriptors:\n      - key: remote_address\n        rate_limit: {rate}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = config::load_with(&file, |_| None).unwrap();
+    Limiter::new(
+        cfg.rules,
+        MemoryStore::new(sluice::store::MemoryStoreOptions {
+            max_keys: cfg.store.max_keys,
+        }),
+        Arc::new(sluice::clock::ManualClock::new(Timestamp::from_secs(
+            NOW_SECS,
+        ))),
+    )
+}
+
+fn bench_reference(c: &mut Criterion) {
+    let now = Timestamp::from_secs(NOW_SECS);
+    let mut g = c.benchmark_group("reference");
+    g.throughput(Throughput::Elements(1));
+    let hot = || {
+        request(
+            "load",
+            &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+        )
+    };
+    let l = &reference_limiter("{unit: minute, requests_per_unit: 4000000000}");
+    assert!(!decide(l, &hot(), now));
+    g.bench_function("hot_allowed", |b| {
+        b.iter(|| decide(l, black_box(&hot()), now));
+    });
+    let l = &reference_limiter("{unit: minute, requests_per_unit: 10}");
+    for _ in 0..10 {
+        decide(l, &hot(), now);
+    }
+    assert!(decide(l, &hot(), now), "the hot key is over its limit");
+    g.bench_function("hot_denied", |b| {
+        b.iter(|| decide(l, black_box(&hot()), now));
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_decide, bench_path, bench_service
+    targets = bench_decide, bench_path, bench_service, bench_reference
 }
 criterion_main!(benches);
