@@ -322,15 +322,18 @@ async fn basic_config_table<S: Store>(server: &TestServer<S>) {
 
 /// Runs `$body` against a server on the test data file `$file` (with the reference settings
 /// `$vars`), once over the memory store and once over a real redis-server.
+/// With `config = EXPR`, on the config `EXPR` builds.
 macro_rules! on_both_stores {
     ($body:ident, $file:expr, $vars:expr) => {
+        on_both_stores!($body, config = load(&data($file), &$vars).unwrap());
+    };
+    ($body:ident, config = $config:expr) => {
         mod $body {
             use super::*;
 
             #[tokio::test]
             async fn memory() {
-                let cfg = load(&data($file), &$vars).unwrap();
-                let server = TestServer::start_with(cfg).await;
+                let server = TestServer::start_with($config).await;
                 super::$body(&server).await;
                 server.stop().await;
             }
@@ -340,8 +343,7 @@ macro_rules! on_both_stores {
                 let Some(fixture) = RedisFixture::single() else {
                     return;
                 };
-                let cfg = load(&data($file), &$vars).unwrap();
-                let server = TestServer::start_store(cfg, Setup::default(), fixture).await;
+                let server = TestServer::start_store($config, Setup::default(), fixture).await;
                 super::$body(&server).await;
                 server.stop().await;
             }
@@ -502,19 +504,19 @@ async fn replaces_unlimited_and_quota_follow_the_reference<S: Store>(server: &Te
     );
 }
 
-#[tokio::test]
-async fn limit_headers_and_dynamic_metadata_as_the_reference_sends_them() {
+on_both_stores!(
+    limit_headers_and_dynamic_metadata_as_the_reference_sends_them,
+    "test/config/metadata.yaml",
+    [
+        ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+        ("LIMIT_RESET_HEADER", "X-Reset"),
+        ("RESPONSE_DYNAMIC_METADATA", "true"),
+    ]
+);
+async fn limit_headers_and_dynamic_metadata_as_the_reference_sends_them<S: Store>(
+    server: &TestServer<S>,
+) {
     use prost_types::value::Kind;
-    let cfg = load(
-        &data("test/config/metadata.yaml"),
-        &[
-            ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
-            ("LIMIT_RESET_HEADER", "X-Reset"),
-            ("RESPONSE_DYNAMIC_METADATA", "true"),
-        ],
-    )
-    .unwrap();
-    let server = TestServer::start_with(cfg).await;
     server.clock.set(Timestamp::from_secs(T0 + 15));
     // key2 (20/minute, metadata service_with_quota) and key1.subkey1 (5/second, metadata
     // name: service_1): the headers report the one closest to its limit.
@@ -583,7 +585,6 @@ async fn limit_headers_and_dynamic_metadata_as_the_reference_sends_them() {
     };
     let keys: Vec<&String> = meta.fields.keys().collect();
     assert_eq!(keys, ["service_with_quota"]);
-    server.stop().await;
 }
 
 #[tokio::test]
@@ -845,4 +846,160 @@ async fn health_follows_whether_a_domain_is_loaded() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     server.stop().await;
+}
+
+/// Asks `rows` in order, each a request of one descriptor in `domain`, and checks each status.
+async fn table<S: Store>(
+    server: &TestServer<S>,
+    domain: &str,
+    rows: Vec<(Vec<(&str, &str)>, Want)>,
+) {
+    for (i, (entries, want)) in rows.into_iter().enumerate() {
+        let r = server.call(request(domain, vec![d(&entries)])).await;
+        assert_eq!(statuses(&r), vec![want], "{domain} row {i}: {entries:?}");
+    }
+}
+
+on_both_stores!(
+    the_example_mongo_config_answers,
+    "examples/ratelimit/config/config.yaml",
+    []
+);
+async fn the_example_mongo_config_answers<S: Store>(server: &TestServer<S>) {
+    use Code::Ok as OK;
+    table(
+        server,
+        "mongo_cps",
+        vec![
+            (
+                vec![("database", "users")],
+                (OK, lim(500, SECOND, ""), 499, Some(1)),
+            ),
+            (
+                vec![("database", "default")],
+                (OK, lim(500, SECOND, ""), 499, Some(1)),
+            ),
+            (
+                vec![("database", "users")],
+                (OK, lim(500, SECOND, ""), 498, Some(1)),
+            ),
+            (vec![("database", "other")], (OK, None, 0, None)),
+        ],
+    )
+    .await;
+}
+
+on_both_stores!(
+    the_integration_runtime_directory_answers,
+    "test/integration/runtime/current/ratelimit/config",
+    []
+);
+async fn the_integration_runtime_directory_answers<S: Store>(server: &TestServer<S>) {
+    use Code::{Ok as OK, OverLimit as OVER};
+    server.clock.set(Timestamp::from_secs(T0 + 30));
+    table(
+        server,
+        "basic",
+        vec![
+            (vec![("key1", "a")], (OK, lim(50, SECOND, ""), 49, Some(1))),
+            (
+                vec![("one_per_minute", "a")],
+                (OK, lim(1, MINUTE, ""), 0, Some(30)),
+            ),
+            (
+                vec![("one_per_minute", "a")],
+                (OVER, lim(1, MINUTE, ""), 0, Some(30)),
+            ),
+            // Another value is another counter.
+            (
+                vec![("one_per_minute", "b")],
+                (OK, lim(1, MINUTE, ""), 0, Some(30)),
+            ),
+        ],
+    )
+    .await;
+    table(
+        server,
+        "another",
+        vec![
+            (vec![("key2", "a")], (OK, lim(20, MINUTE, ""), 19, Some(30))),
+            (vec![("key3", "a")], (OK, lim(10, HOUR, ""), 9, Some(3570))),
+            (
+                vec![("key4", "a")],
+                (OK, lim(20, DAY, ""), 19, Some(86_370)),
+            ),
+        ],
+    )
+    .await;
+    table(
+        server,
+        "share-threshold-test",
+        vec![
+            (
+                vec![("files", "files/a")],
+                (OK, lim(10, HOUR, ""), 9, Some(3570)),
+            ),
+            (
+                vec![("files", "files/b")],
+                (OK, lim(10, HOUR, ""), 8, Some(3570)),
+            ),
+            // Without share_threshold, each value counts alone.
+            (
+                vec![("files_no_share", "files_no_share/a")],
+                (OK, lim(10, HOUR, ""), 9, Some(3570)),
+            ),
+            (
+                vec![("files_no_share", "files_no_share/b")],
+                (OK, lim(10, HOUR, ""), 9, Some(3570)),
+            ),
+        ],
+    )
+    .await;
+}
+
+on_both_stores!(
+    the_reload_file_blocks_with_a_zero_limit,
+    "test/integration/runtime/current/ratelimit/reload.yaml",
+    []
+);
+async fn the_reload_file_blocks_with_a_zero_limit<S: Store>(server: &TestServer<S>) {
+    use Code::{Ok as OK, OverLimit as OVER};
+    table(
+        server,
+        "reload",
+        vec![
+            (vec![("block", "x")], (OVER, lim(0, SECOND, ""), 0, Some(1))),
+            (vec![("key1", "x")], (OK, lim(50, SECOND, ""), 49, Some(1))),
+        ],
+    )
+    .await;
+}
+
+on_both_stores!(
+    merged_domain_files_answer_as_one,
+    config = {
+        let dir = dir_of(&[
+            "test/config/merge_domain_key1.yaml",
+            "test/config/merge_domain_key2.yaml",
+        ]);
+        load(dir.path(), &[("MERGE_DOMAIN_CONFIG", "true")]).unwrap()
+    }
+);
+async fn merged_domain_files_answer_as_one<S: Store>(server: &TestServer<S>) {
+    use Code::Ok as OK;
+    table(
+        server,
+        "test-domain",
+        vec![
+            (
+                vec![("key1", "value1")],
+                (OK, lim(10, MINUTE, ""), 9, Some(60)),
+            ),
+            (
+                vec![("key2", "value2")],
+                (OK, lim(20, MINUTE, ""), 19, Some(60)),
+            ),
+        ],
+    )
+    .await;
 }
