@@ -175,7 +175,7 @@ struct Stack {
 impl Stack {
     /// Starts a stack, or returns `None` (after saying so) when Envoy or Python is missing.
     fn start(options: Options) -> Option<Stack> {
-        let envoy_bin = tool("envoy")?;
+        tool("envoy")?;
         let python = tool("python3")?;
         let dir = tempfile::tempdir().unwrap();
 
@@ -263,44 +263,9 @@ impl Stack {
             sluice_addr.port(),
             options.trusted_hops,
         );
-        let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, yaml).unwrap();
-        let admin_file = dir.path().join("envoy-admin-address");
-        let log = dir.path().join("envoy.log");
-        let log_file = File::create(&log).unwrap();
-        let child = Command::new(envoy_bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            // No hot restart, so no shared memory to clash over between parallel tests.
-            .args(["--disable-hot-restart", "--concurrency", "2"])
-            .args(["--log-level", "warning"])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        let mut envoy = Proc {
-            name: "envoy",
-            child,
-            log: log.clone(),
-        };
-        logs.push(log);
-        let admin: SocketAddr = poll(&mut envoy, "its admin address", || {
-            let text = std::fs::read_to_string(&admin_file).ok()?;
-            text.trim().parse().ok()
-        });
-        poll(&mut envoy, "admin /ready = LIVE", || {
-            let r = try_send(admin, &Req::get("/ready")).ok()?;
-            (r.status == 200).then_some(())
-        });
-        let listeners = send(admin, &Req::get("/listeners?format=json")).json();
-        let port =
-            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-                .as_u64()
-                .expect("listener port in /listeners");
-        let listener = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()));
+        let (envoy, admin) = start_envoy(dir.path(), "envoy", &yaml, &["--concurrency", "2"]);
+        logs.push(envoy.log.clone());
+        let listener = first_listener(admin);
 
         Some(Stack {
             envoy,
@@ -1294,7 +1259,7 @@ fn an_admin_block_turns_the_client_away_through_envoy_and_unblock_lets_it_back()
 // envoyproxy/ratelimit's own example, unchanged but for loopback addresses
 
 /// Starts an Envoy on `yaml` (written to `dir/name.yaml`) with extra `args`; returns it and its
-/// admin address once it is ready.
+/// admin address once it is ready. Its log is `dir/name.log`.
 fn start_envoy(dir: &Path, name: &'static str, yaml: &str, args: &[&str]) -> (Proc, SocketAddr) {
     let envoy_bin = tool("envoy").expect("envoy");
     let config = dir.join(format!("{name}.yaml"));
@@ -1307,9 +1272,9 @@ fn start_envoy(dir: &Path, name: &'static str, yaml: &str, args: &[&str]) -> (Pr
         .arg(&config)
         .arg("--admin-address-path")
         .arg(&admin_file)
-        .args(["--disable-hot-restart", "--concurrency", "1"])
-        .args(["--log-level", "warning", "--base-id-path"])
-        .arg(dir.join(format!("{name}-base-id")))
+        // No hot restart, so no shared memory to clash over between parallel tests.
+        .arg("--disable-hot-restart")
+        .args(["--log-level", "warning"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().unwrap())
@@ -1385,7 +1350,7 @@ fn the_upstream_example_answers_through_envoy_as_its_scripts_expect() {
         .replace("port_value: 9999", &format!("port_value: {m1}"))
         .replace("port_value: 10001", &format!("port_value: {m2}"))
         .replace("port_value: 8001", "port_value: 0");
-    let (_mock, _) = start_envoy(dir.path(), "mock", &mock, &[]);
+    let (_mock, _) = start_envoy(dir.path(), "mock", &mock, &["--concurrency", "1"]);
 
     let proxy = std::fs::read_to_string(examples.join("envoy/proxy.yaml"))
         .unwrap()
@@ -1404,7 +1369,12 @@ fn the_upstream_example_answers_through_envoy_as_its_scripts_expect() {
             "failure_mode_deny: false",
             "failure_mode_deny: false\n                      timeout: 2s",
         );
-    let (_proxy, admin) = start_envoy(dir.path(), "proxy", &proxy, &["--service-cluster", "proxy"]);
+    let (_proxy, admin) = start_envoy(
+        dir.path(),
+        "proxy",
+        &proxy,
+        &["--concurrency", "1", "--service-cluster", "proxy"],
+    );
     let listener = first_listener(admin);
 
     let get = |path: &str, headers: &[(&str, &str)]| {
