@@ -21,6 +21,7 @@ use crate::access::{AccessError, AccessList};
 use crate::clock::SystemClock;
 use crate::config::{self, Config, ConfigError};
 use crate::limiter::Limiter;
+use crate::limiter::reference::KeyNames;
 use crate::reload::{self, Reloader};
 use crate::server::{self, AbortOnDrop, Listeners, Options, ServerError};
 use crate::shutdown;
@@ -230,7 +231,9 @@ pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
 }
 
 /// The store to open: the config's, unless `--store` overrides it. A shared (Redis) store also
-/// needs the shared key secret, checked here so that nothing is opened without it.
+/// needs the shared key secret, checked here so that nothing is opened without it, unless
+/// every counter is named the envoyproxy/ratelimit way (reference files with
+/// `SLUICE_REDIS_KEYS=reference`, their default), which hashes nothing.
 fn backend(cfg: &Config, options: &ServeOptions) -> Result<Backend, AppError> {
     let backend = match &options.store {
         Some(spec) => cfg
@@ -239,7 +242,12 @@ fn backend(cfg: &Config, options: &ServeOptions) -> Result<Backend, AppError> {
             .map_err(AppError::StoreFlag)?,
         None => cfg.backend.clone(),
     };
-    if matches!(backend, Backend::Redis(_)) && options.key_secret.is_none() {
+    let reference_names = cfg
+        .rules
+        .reference
+        .as_ref()
+        .is_some_and(|r| r.settings.key_names == KeyNames::Reference);
+    if matches!(backend, Backend::Redis(_)) && options.key_secret.is_none() && !reference_names {
         return Err(AppError::KeySecretMissing);
     }
     Ok(backend)

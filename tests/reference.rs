@@ -352,6 +352,15 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(basic_config_table, "test/config/basic_config.yaml", []);
+// The same with sluice's hashed key names in Redis instead of the reference's.
+on_both_stores!(
+    basic_config_table_hashed_keys,
+    "test/config/basic_config.yaml",
+    [("SLUICE_REDIS_KEYS", "sluice")]
+);
+async fn basic_config_table_hashed_keys<S: Store>(server: &TestServer<S>) {
+    basic_config_table(server).await;
+}
 
 on_both_stores!(
     stop_increment_when_over_limit_charges_only_the_rules_over,
@@ -1002,4 +1011,53 @@ async fn merged_domain_files_answer_as_one<S: Store>(server: &TestServer<S>) {
         ],
     )
     .await;
+}
+
+/// The binary, configured only by the reference's variables (no `SLUICE_*`): a file, Redis by
+/// `REDIS_*` in the reference's key names, and a warning for a variable it does not honour.
+#[tokio::test]
+async fn the_binary_takes_the_reference_variables() {
+    use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
+    let Some(redis) = common::redis::RedisServer::start() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    serve_on_free_ports(
+        &mut cmd,
+        data("test/config/basic_config.yaml"),
+        state.path().join("state.json"),
+    )
+    .env("REDIS_SOCKET_TYPE", "tcp")
+    .env("REDIS_URL", format!("127.0.0.1:{}", redis.port))
+    .env("USE_STATSD", "true");
+    let (mut child, lines) = spawn_logged(&mut cmd);
+    let ([grpc], log) = addrs_from_log(&lines, ["serving RateLimitService"]);
+    let log = log.join("\n");
+    assert!(
+        log.contains("USE_STATSD is not honoured"),
+        "no warning:\n{log}"
+    );
+    assert!(log.contains("store=redis"), "not on Redis:\n{log}");
+
+    let mut client =
+        sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::connect(
+            format!("http://{grpc}"),
+        )
+        .await
+        .unwrap();
+    for left in [29, 28] {
+        let r = client
+            .should_rate_limit(request("test-domain", vec![d(&[("key2", "value2")])]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.statuses[0].limit_remaining, left);
+    }
+    let keys = redis.cli(&["KEYS", "test-domain_key2_value2_*"]);
+    let key = keys.trim();
+    assert!(key.starts_with("test-domain_key2_value2_"), "{keys:?}");
+    assert_eq!(redis.cli(&["GET", key]).trim(), "2");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

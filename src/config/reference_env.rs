@@ -180,8 +180,8 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 reset: self.string("LIMIT_RESET_HEADER", "RateLimit-Reset"),
             });
         let key_names = match self.raw("SLUICE_REDIS_KEYS").as_deref() {
-            None | Some("sluice") => KeyNames::Sluice,
-            Some("reference") => KeyNames::Reference,
+            None | Some("reference") => KeyNames::Reference,
+            Some("sluice") => KeyNames::Sluice,
             Some(v) => {
                 return Err(self.bad("SLUICE_REDIS_KEYS", v, "expected sluice or reference"));
             }
@@ -359,12 +359,12 @@ mod tests {
             ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
             ("LIMIT_RESET_HEADER", "X-Reset"),
             ("RESPONSE_DYNAMIC_METADATA", "t"),
-            ("SLUICE_REDIS_KEYS", "reference"),
+            ("SLUICE_REDIS_KEYS", "sluice"),
         ]);
         let s = e.settings().unwrap();
         assert!(s.shadow_mode && s.merge_domain_config && s.stop_increment_when_over);
         assert!(s.dynamic_metadata);
-        assert_eq!(s.key_names, KeyNames::Reference);
+        assert_eq!(s.key_names, KeyNames::Sluice);
         assert!((s.near_limit_ratio - 0.5).abs() < f32::EPSILON);
         let h = s.headers.unwrap();
         assert_eq!(

@@ -41,12 +41,14 @@ pub struct LimitHeaders {
 /// How Redis keys of reference rules are named (`SLUICE_REDIS_KEYS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyNames {
-    /// sluice's keyed hashes: short, and no client value in a key name.
-    #[default]
-    Sluice,
     /// The reference's own keys (`<CACHE_KEY_PREFIX><domain>_<key>_<value>_..._<window start>`),
-    /// so that sluice and reference replicas share one Redis during a migration.
+    /// the default: sluice and reference replicas share one Redis during a migration, and a
+    /// reference deployment needs no new setting (no `SLUICE_KEY_SECRET`).
+    #[default]
     Reference,
+    /// sluice's keyed hashes: short, and no client value in a key name; replicas need the same
+    /// `SLUICE_KEY_SECRET`.
+    Sluice,
 }
 
 /// The reference's settings that decide answers and statistics.
@@ -75,7 +77,7 @@ pub struct ReferenceSettings {
     pub cache_key_prefix: String,
     /// `EXPIRATION_JITTER_MAX_SECONDS` (default 300), added to Redis keys' TTLs.
     pub expiration_jitter_max_seconds: u64,
-    /// `SLUICE_REDIS_KEYS`: `sluice` (default) or `reference`.
+    /// `SLUICE_REDIS_KEYS`: `reference` (default) or `sluice`.
     pub key_names: KeyNames,
 }
 
@@ -93,7 +95,7 @@ impl Default for ReferenceSettings {
             local_cache_bytes: 0,
             cache_key_prefix: String::new(),
             expiration_jitter_max_seconds: 300,
-            key_names: KeyNames::Sluice,
+            key_names: KeyNames::Reference,
         }
     }
 }
