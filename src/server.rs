@@ -17,7 +17,8 @@
 //!
 //! Around every service of both: [`ActivityLayer`] (calls seen by the idle timeout) and
 //! [`BoundedErrorsLayer`] (no error message longer than 256 bytes, whatever the client sent).
-//! Background: sweeping expired counters, blocks and idle clients; saving automatic blocks.
+//! Background: sweeping expired counters, blocks and idle clients (off the async workers);
+//! saving automatic blocks.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -345,8 +346,6 @@ pub async fn run<S: Store>(
     result
 }
 
-/// Drops expired counters, expired blocks and idle clients every `sweep_interval`, off the
-/// request path.
 /// Reports gRPC health for envoyproxy/ratelimit's service name `ratelimit` as the reference
 /// does, when it differs from `last`; returns it. With `HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`
 /// a rule set with no domain is NOT_SERVING.
@@ -382,6 +381,11 @@ async fn follow_reference_health<S: Store>(
     }
 }
 
+/// Drops expired counters, expired blocks, idle clients and ended cache entries every
+/// `sweep_interval`, on a thread of the blocking pool: a sweep of a million counters is tens of
+/// milliseconds of work, which on an async worker would hold up every task queued behind it
+/// (the admin and HTTP listeners, health). Each sweep locks a small piece of a shard, map or
+/// stripe at a time, so a decision meanwhile waits for no more than that piece.
 async fn upkeep<S: Store>(limiter: Arc<Limiter<S>>, options: Options) {
     let mut tick = tokio::time::interval(options.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -390,14 +394,24 @@ async fn upkeep<S: Store>(limiter: Arc<Limiter<S>>, options: Options) {
     loop {
         tick.tick().await;
         summary.maybe_log(&limiter, std::time::Instant::now());
-        let now = limiter.clock().now();
-        let counters = limiter.store().sweep_expired_at(now);
-        let blocks = limiter.access().sweep_at(now);
-        let clients = limiter
-            .stats()
-            .sweep_clients_idle_since(now.as_nanos().saturating_sub(idle));
-        tracing::trace!(counters, blocks, clients, "swept");
+        let limiter = limiter.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || sweep(&limiter, idle)).await {
+            tracing::error!(error = %e, "sweep failed");
+        }
     }
+}
+
+/// One sweep of everything that expires (see [`upkeep`]); clients idle for `idle` nanoseconds
+/// go.
+fn sweep<S: Store>(limiter: &Limiter<S>, idle: u64) {
+    let now = limiter.clock().now();
+    let counters = limiter.store().sweep_expired_at(now);
+    let blocks = limiter.access().sweep_at(now);
+    let clients = limiter
+        .stats()
+        .sweep_clients_idle_since(now.as_nanos().saturating_sub(idle));
+    let cached = limiter.local_cache.sweep_at(now);
+    tracing::trace!(counters, blocks, clients, cached, "swept");
 }
 
 /// Over-limit events are summarised, never logged one by one: at most one info line a minute

@@ -18,7 +18,7 @@ use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::store::PreHashed;
 
@@ -618,17 +618,25 @@ impl Stats {
 
     /// Forgets clients idle since before `cutoff` (nanoseconds); returns how many entries went
     /// (a client known to several threads may go from some maps and not yet from others).
+    ///
+    /// A stripe's owner takes its lock on every decision, so the sweep holds it for one of the
+    /// stripe's 16 maps at a time, hands it to the owner if it is waiting (a fair
+    /// unlock), and frees the entries it took out (their labels) only after letting go.
     pub fn sweep_clients_idle_since(&self, cutoff: u64) -> usize {
         let mut dropped = 0;
+        let mut gone: Vec<ClientEntry> = Vec::new();
         for Stripe(map) in &self.clients {
-            let mut maps = map.lock();
-            let before = maps.len();
-            for map in &mut maps.0 {
-                map.retain(|_, e| e.last_seen >= cutoff);
+            for part in 0..CLIENT_PARTS {
+                let mut maps = map.lock();
+                if let Some(m) = maps.0.get_mut(part) {
+                    gone.extend(m.extract_if(|_, e| e.last_seen < cutoff).map(|(_, e)| e));
+                }
+                MutexGuard::unlock_fair(maps);
+                self.client_count.fetch_sub(gone.len(), Ordering::Relaxed);
+                dropped += gone.len();
+                gone.clear();
             }
-            dropped += before - maps.len();
         }
-        self.client_count.fetch_sub(dropped, Ordering::Relaxed);
         dropped
     }
 

@@ -682,20 +682,37 @@ impl LocalCache {
         over
     }
 
+    /// Remembers that `key` is over its limit until its window ends; not while the cache is
+    /// full: the key is then asked of the store, until the background sweep
+    /// ([`LocalCache::sweep_at`]) has dropped the windows that ended. (Dropping them here
+    /// would walk the whole cache on a decision.)
     fn remember(&self, key: CounterKey, now: Timestamp, unit: Unit, bytes: u64) {
         let max = usize::try_from(bytes / 64).unwrap_or(usize::MAX).max(1);
         if self.map.len() >= max {
-            let now = now.as_nanos();
-            self.map.retain(|_, until| *until > now);
-            if self.map.len() >= max {
-                return;
-            }
+            return;
         }
         // The reference keeps the entry a whole unit from now; its key names the window, so it
         // stops matching at the window's end. Here the key has no window: end it there.
         let w = unit.seconds() * 1_000_000_000;
         let end = (now.as_nanos() / w + 1) * w;
         self.map.insert(key.0, end);
+    }
+
+    /// Drops the keys whose window has ended at `now`; returns how many. Each goes under its
+    /// own short hold of its map shard's lock, so that a decision remembering a key never
+    /// waits for a whole shard's walk (reads of the cache wait for none of it).
+    pub fn sweep_at(&self, now: Timestamp) -> usize {
+        let now = now.as_nanos();
+        let ended: Vec<u128> = self
+            .map
+            .iter()
+            .filter(|e| *e.value() <= now)
+            .map(|e| *e.key())
+            .collect();
+        ended
+            .into_iter()
+            .filter(|k| self.map.remove_if(k, |_, until| *until <= now).is_some())
+            .count()
     }
 }
 
@@ -732,6 +749,26 @@ mod tests {
         assert_eq!((c.over_limit, c.near_limit, c.within_limit), (1, 0, 0));
         // Exactly at the limit passes.
         assert!(!j(10, 1).over);
+    }
+
+    /// A full cache refuses new keys rather than walk itself on a decision; the sweep makes
+    /// room once windows end.
+    #[test]
+    fn a_full_local_cache_takes_no_key_until_the_sweep_drops_ended_windows() {
+        let cache = LocalCache::default();
+        let now = Timestamp::from_secs(100);
+        // 128 bytes: room for two keys.
+        for k in 1..=3 {
+            cache.remember(CounterKey(k), now, Unit::Second, 128);
+        }
+        assert!(cache.is_over(CounterKey(1), now));
+        assert!(cache.is_over(CounterKey(2), now));
+        assert!(!cache.is_over(CounterKey(3), now), "the cache was full");
+        assert_eq!(cache.sweep_at(now), 0, "no window has ended");
+        let later = Timestamp::from_secs(101);
+        assert_eq!(cache.sweep_at(later), 2);
+        cache.remember(CounterKey(3), later, Unit::Second, 128);
+        assert!(cache.is_over(CounterKey(3), later));
     }
 
     #[test]

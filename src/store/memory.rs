@@ -10,7 +10,7 @@
 //! store has outgrown the caches. Each entry is a 16-byte key plus a 24-byte cell (state and
 //! expiry), stored inline, and a shard's table grows no larger than its share of `max_keys`
 //! needs. Expired entries are dropped by [`MemoryStore::sweep_at`], which the server calls from
-//! a background task. When a shard is full (its share of the configured `max_keys`), an insert
+//! a background thread, a slice of a shard per hold of its lock. When a shard is full (its share of the configured `max_keys`), an insert
 //! first drops an expired entry among a few it looks at, else the live one expiring soonest, so
 //! memory stays flat under a flood of new clients.
 //!
@@ -31,8 +31,12 @@ use crate::algorithms::{CellState, Hits, evaluate};
 use crate::clock::Timestamp;
 
 /// Number of shards. A power of two well above the core count keeps contention between
-/// unrelated clients rare; each shard's map is small enough to sweep in well under a millisecond.
+/// unrelated clients rare.
 pub const SHARDS: usize = 256;
+
+/// Slots a sweep looks at per hold of a shard's lock (~10 KB of the table): a decision on that
+/// shard waits for no more than this slice, however large `max_keys` makes a shard.
+const SWEEP_SLICE: usize = 256;
 
 /// Entries looked at to choose one to evict from a full shard.
 const EVICTION_SAMPLE: usize = 8;
@@ -125,16 +129,23 @@ impl MemoryStore {
         (key.0 >> (128 - SHARDS.trailing_zeros())) as usize
     }
 
-    /// Drops every counter whose state no longer matters at `now`; returns how many. Locks one
-    /// shard at a time, so requests wait at most one shard's sweep.
+    /// Drops every counter whose state no longer matters at `now`; returns how many. Holds a
+    /// shard's lock for one slice of its table (256 slots) at a time, and hands the lock to a
+    /// waiting decision, if any, before taking it again (a fair unlock: without it the sweep,
+    /// already running, would usually win the lock back at once): no decision waits behind
+    /// more than one slice. Counters changed between slices are judged by the next sweep.
     pub fn sweep_at(&self, now: Timestamp) -> usize {
         let now = now.as_nanos();
         let mut dropped = 0;
         for shard in self.shards.iter() {
-            let mut map = shard.lock();
-            let before = map.len();
-            map.retain(|_, cell| !cell.expired(now));
-            dropped += before - map.len();
+            let mut next = Some(0);
+            while let Some(start) = next {
+                let mut map = shard.lock();
+                let before = map.len();
+                next = map.retain_slice(start, SWEEP_SLICE, |_, cell| !cell.expired(now));
+                dropped += before - map.len();
+                MutexGuard::unlock_fair(map);
+            }
         }
         dropped
     }
@@ -528,6 +539,27 @@ mod tests {
         assert_eq!(store.sweep_at(Timestamp::from_nanos(10_000)), 1);
         assert_eq!(front(), None);
         assert_eq!(store.tracked_keys(), 0);
+    }
+
+    /// A shard many slices long is swept a slice at a time: every expired counter goes, every
+    /// live one stays.
+    #[test]
+    fn a_sweep_in_slices_drops_every_expired_counter_of_a_large_shard() {
+        let store = MemoryStore::new(MemoryStoreOptions {
+            max_keys: 8_192 * SHARDS,
+        });
+        // All in shard 0 (high word 0), spread over its slots by their low words.
+        let key = |k: u64| u128::from(k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for k in 1..=4_000u64 {
+            charge_at(&store, key(k), if k % 2 == 0 { 1_000 } else { 5_000 }, 0);
+        }
+        assert_eq!(store.tracked_keys(), 4_000);
+        assert_eq!(store.sweep_at(Timestamp::from_nanos(2_000)), 2_000);
+        let mut left: Vec<u128> = store.shards[0].lock().iter().map(|(k, _)| k).collect();
+        left.sort_unstable();
+        let mut odd: Vec<u128> = (1..=4_000u64).filter(|k| k % 2 == 1).map(key).collect();
+        odd.sort_unstable();
+        assert_eq!(left, odd);
     }
 
     /// A full shard makes room by dropping an expired counter when it sees one (not an

@@ -674,7 +674,7 @@ impl Store for RedisStore {
     /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
     /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
-        self.over.map.retain(|_, o| o.until > now.as_nanos());
+        self.over.sweep_at(now);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let handle = self.handle.clone();
             let tracked = self.tracked.clone();
@@ -743,6 +743,22 @@ impl OverLimitCache {
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Drops the entries that have run out at `now`. A `retain` would hold each map shard's
+    /// write lock for its whole walk, and decisions read the cache under that lock; here the
+    /// walk takes read locks, and each entry goes under its own short write lock.
+    fn sweep_at(&self, now: Timestamp) {
+        let now = now.as_nanos();
+        let ended: Vec<u128> = self
+            .map
+            .iter()
+            .filter(|e| e.value().until <= now)
+            .map(|e| *e.key())
+            .collect();
+        for k in ended {
+            self.map.remove_if(&k, |_, o| o.until <= now);
+        }
     }
 
     /// Caches enforced single hits that Redis refused, until the same hit would be admitted.

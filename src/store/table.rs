@@ -337,37 +337,51 @@ impl<V: Copy + Default> CounterTable<V> {
         self.len -= 1;
     }
 
-    /// Keeps only the entries for which `keep` is true.
-    pub fn retain(&mut self, mut keep: impl FnMut(u128, &V) -> bool) {
-        if let Some(v) = &self.zero
-            && !keep(0, v)
-        {
-            self.zero = None;
-            self.len -= 1;
+    /// Keeps only the entries for which `keep` is true, a slice at a time: looks at the slots
+    /// from `start` on, at most `max` of them (and first at the front's and key 0's entries,
+    /// when `start` is 0); returns where the next slice starts, or `None` when this one reached
+    /// the last slot.
+    ///
+    /// So that a sweep can release its lock between slices: a pass from 0 to `None` over a
+    /// table nobody changes in between keeps exactly what `keep` accepts. An entry may be
+    /// looked at twice (a removal near the end shifts the first slots' entries, already seen,
+    /// back across it). A table changed between slices (inserts push entries forward,
+    /// removals pull them back, growth moves them all) may have entries looked at twice or not
+    /// at all in that pass: a sweep's next pass sees those.
+    pub fn retain_slice(
+        &mut self,
+        start: usize,
+        max: usize,
+        mut keep: impl FnMut(u128, &V) -> bool,
+    ) -> Option<usize> {
+        if start == 0 {
+            if let Some(v) = &self.zero
+                && !keep(0, v)
+            {
+                self.zero = None;
+                self.len -= 1;
+            }
+            if !self.front.is_empty() && !keep(self.front.key(), &self.front.value) {
+                self.front = Slot::default();
+                self.len -= 1;
+            }
         }
-        if !self.front.is_empty() && !keep(self.front.key(), &self.front.value) {
-            self.front = Slot::default();
-            self.len -= 1;
-        }
-        // Start at a slot no shift crosses (empty, or an entry at home), so that an entry moved
-        // back by a removal is one this pass has yet to look at, and none is looked at twice.
-        let Some(start) = (0..self.slots.len()).find(|&i| self.distance_at(i) == 0) else {
-            return;
-        };
-        let (mut i, mut visited) = (start, 0);
-        while visited < self.slots.len() {
+        let (mut i, mut budget) = (start, max.max(1));
+        while budget > 0 {
             let drop = match self.slots.get(i) {
                 Some(s) if !s.is_empty() => !keep(s.key(), &s.value),
-                _ => false,
+                Some(_) => false,
+                None => return None,
             };
+            budget -= 1;
             if drop {
                 // Slot `i` now holds the entry that followed it, or nothing: look again.
                 self.remove_at(i);
-                continue;
+            } else {
+                i += 1;
             }
-            i = self.next(i);
-            visited += 1;
         }
+        (i < self.slots.len()).then_some(i)
     }
 
     /// Every entry: the front's, key 0's, then the slots in order.
@@ -447,7 +461,8 @@ mod tests {
     enum Op {
         Insert(u128, u64),
         Remove(u128),
-        Retain(u64),
+        /// Drops the values divisible by the first, a slice of the second many slots at a time.
+        Retain(u64, usize),
         /// `get_mut_front(key, |_| stale)`, then the value set.
         Front(u128, bool, u64),
     }
@@ -472,7 +487,7 @@ mod tests {
         prop_oneof![
             6 => (key(), any::<u64>()).prop_map(|(k, v)| Op::Insert(k, v)),
             3 => key().prop_map(Op::Remove),
-            1 => (2u64..5).prop_map(Op::Retain),
+            1 => (2u64..5, 1usize..20).prop_map(|(m, slice)| Op::Retain(m, slice)),
             4 => (key(), any::<bool>(), any::<u64>()).prop_map(|(k, s, v)| Op::Front(k, s, v)),
         ]
     }
@@ -493,17 +508,24 @@ mod tests {
                 match op {
                     Op::Insert(k, v) => prop_assert_eq!(table.insert(k, v), model.insert(k, v)),
                     Op::Remove(k) => prop_assert_eq!(table.remove(k), model.remove(&k)),
-                    Op::Retain(m) => {
+                    Op::Retain(m, slice) => {
                         let mut looked_at = Vec::new();
-                        table.retain(|k, v| {
-                            looked_at.push(k);
-                            v % m != 0
-                        });
-                        // Each entry is judged exactly once, however removals shift the rest.
+                        let mut next = Some(0);
+                        while let Some(start) = next {
+                            next = table.retain_slice(start, slice, |k, v| {
+                                looked_at.push(k);
+                                v % m != 0
+                            });
+                        }
+                        // Each entry is judged, however removals shift the rest; twice at
+                        // most (one the end's removals pulled back across the end).
                         looked_at.sort_unstable();
                         let mut keys: Vec<u128> = model.keys().copied().collect();
                         keys.sort_unstable();
-                        prop_assert_eq!(looked_at, keys);
+                        let mut once = looked_at.clone();
+                        once.dedup();
+                        prop_assert_eq!(&once, &keys);
+                        prop_assert!(looked_at.len() <= 2 * keys.len());
                         model.retain(|_, v| *v % m != 0);
                     }
                     Op::Front(k, stale, v) => {
