@@ -2,7 +2,9 @@
 //! admin API reads (nothing extra on the request path but the latency histogram).
 //!
 //! Labels are domain, endpoint and limit names from the config: bounded by the config, never by
-//! clients, so cardinality cannot explode with traffic.
+//! clients, so cardinality cannot explode with traffic. The one exception, envoyproxy/ratelimit's
+//! per-value statistics keys, is bounded by [`crate::stats::KeyRegistry`], which counts what it
+//! folds into its `overflow` key.
 
 use std::fmt::{Display, Write as _};
 use std::sync::atomic::Ordering;
@@ -161,6 +163,12 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
         stats.tracked_clients(),
     );
     out.single(
+        "sluice_clients_untracked_total",
+        "counter",
+        "Decisions for a client without statistics of its own because stats.max_clients were tracked (counted in the totals only).",
+        stats.untracked_clients.load(Ordering::Relaxed),
+    );
+    out.single(
         "sluice_store_evictions_total",
         "counter",
         "Live counters dropped because the store was full (max_keys): those clients started afresh.",
@@ -171,6 +179,12 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
         "counter",
         "Charges denied from the Redis store's local over-limit cache without a round trip.",
         limiter.store().cache_hits(),
+    );
+    out.single(
+        "sluice_store_over_limit_cache_full_total",
+        "counter",
+        "Redis refusals not cached because the over-limit cache was full (100,000 keys): their next call asks Redis.",
+        limiter.store().cache_full(),
     );
     out.single(
         "sluice_store_errors_total",
@@ -318,6 +332,12 @@ fn reference<S: Store>(out: &mut Exposition, limiter: &Limiter<S>) {
         "counter",
         "Descriptors refused from the local over-limit cache (LOCAL_CACHE_SIZE_IN_BYTES).",
         limiter.local_cache.hits.load(Ordering::Relaxed),
+    );
+    out.single(
+        "sluice_reference_local_cache_full_total",
+        "counter",
+        "Keys over their limit not cached because LOCAL_CACHE_SIZE_IN_BYTES was full: their next call asks the store.",
+        limiter.local_cache.full.load(Ordering::Relaxed),
     );
     out.single(
         "sluice_reference_stat_keys_overflowed_total",

@@ -11,7 +11,8 @@
 //! stripe, so each worker thread counts its decisions in maps no other thread writes; reads
 //! merge the stripes. A client seen for the first time by a thread costs a few allocations for its label.
 //! The maps together hold at most `max_clients` entries (default 100,000); idle clients are
-//! swept, and when the maps are full new clients are counted only in aggregate.
+//! swept, and when the maps are full new clients are counted only in aggregate (and their
+//! decisions in [`Stats::untracked_clients`]).
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
@@ -415,6 +416,9 @@ pub struct Stats {
     /// Entries in all of `clients`: a client counted by two threads is two.
     client_count: AtomicUsize,
     max_clients: usize,
+    /// Decisions whose client found the maps full (`max_clients`) and was counted only in
+    /// aggregate.
+    pub untracked_clients: AtomicU64,
 }
 
 /// One of a stripe's [`ClientMaps`]: written by the thread that owns the stripe (see
@@ -490,6 +494,7 @@ impl Stats {
             clients: std::array::from_fn(|_| Stripe::default()),
             client_count: AtomicUsize::new(0),
             max_clients,
+            untracked_clients: AtomicU64::new(0),
         }
     }
 
@@ -567,6 +572,7 @@ impl Stats {
         // at once cannot all see room for one more and pass the bound together.
         if self.client_count.fetch_add(1, Ordering::Relaxed) >= self.max_clients {
             self.client_count.fetch_sub(1, Ordering::Relaxed);
+            self.untracked_clients.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let mut counts = CountsSnapshot::default();
@@ -932,6 +938,7 @@ mod tests {
             }
         });
         assert_eq!(stats.tracked_clients(), 3);
+        assert_eq!(stats.untracked_clients.load(Ordering::Relaxed), 1);
         let known = stats.top_limited(10);
         assert!(known.is_empty(), "no client was limited: {known:?}");
         let before: u64 = (0..4)

@@ -668,6 +668,8 @@ pub struct LocalCache {
     map: dashmap::DashMap<u128, u64>,
     /// Refusals answered from the cache.
     pub hits: AtomicU64,
+    /// Keys over their limit not remembered because the cache was full.
+    pub full: AtomicU64,
 }
 
 impl LocalCache {
@@ -689,6 +691,7 @@ impl LocalCache {
     fn remember(&self, key: CounterKey, now: Timestamp, unit: Unit, bytes: u64) {
         let max = usize::try_from(bytes / 64).unwrap_or(usize::MAX).max(1);
         if self.map.len() >= max {
+            self.full.fetch_add(1, Ordering::Relaxed);
             return;
         }
         // The reference keeps the entry a whole unit from now; its key names the window, so it
@@ -764,6 +767,7 @@ mod tests {
         assert!(cache.is_over(CounterKey(1), now));
         assert!(cache.is_over(CounterKey(2), now));
         assert!(!cache.is_over(CounterKey(3), now), "the cache was full");
+        assert_eq!(cache.full.load(Ordering::Relaxed), 1);
         assert_eq!(cache.sweep_at(now), 0, "no window has ended");
         let later = Timestamp::from_secs(101);
         assert_eq!(cache.sweep_at(later), 2);

@@ -174,6 +174,11 @@ pub trait Store: Send + Sync + 'static {
     fn cache_hits(&self) -> u64 {
         0
     }
+
+    /// Refusals not cached because that cache was full, since start. Others report 0.
+    fn cache_full(&self) -> u64 {
+        0
+    }
 }
 
 /// Which counter store to run, from the config's `store:` section or `--store`.
@@ -330,6 +335,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.cache_hits(),
             AnyStore::Redis(s) => s.cache_hits(),
+        }
+    }
+
+    fn cache_full(&self) -> u64 {
+        match self {
+            AnyStore::Memory(s) => s.cache_full(),
+            AnyStore::Redis(s) => s.cache_full(),
         }
     }
 }

@@ -671,6 +671,10 @@ impl Store for RedisStore {
         self.over.hits.load(Ordering::Relaxed)
     }
 
+    fn cache_full(&self) -> u64 {
+        self.over.full.load(Ordering::Relaxed)
+    }
+
     /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
     /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
@@ -695,6 +699,8 @@ struct OverLimitCache {
     enabled: bool,
     map: DashMap<u128, Over>,
     hits: AtomicU64,
+    /// Refusals not cached because the cache held [`OVER_LIMIT_CACHE_KEYS`].
+    full: AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -771,7 +777,11 @@ impl OverLimitCache {
             {
                 continue;
             }
-            if v.reset_after == 0 || self.map.len() >= OVER_LIMIT_CACHE_KEYS {
+            if v.reset_after == 0 {
+                continue;
+            }
+            if self.map.len() >= OVER_LIMIT_CACHE_KEYS {
+                self.full.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             self.map.insert(
