@@ -455,10 +455,6 @@ impl ClientMaps {
         &mut self.0[((hash >> 112) as usize) % CLIENT_PARTS]
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&u128, &ClientEntry)> {
-        self.0.iter().flatten()
-    }
-
     fn len(&self) -> usize {
         self.0.iter().map(HashMap::len).sum()
     }
@@ -616,10 +612,23 @@ impl Stats {
         }
         let mut seen: std::collections::HashSet<u128, BuildHasherDefault<PreHashed>> =
             Default::default();
-        for Stripe(map) in &self.clients {
-            seen.extend(map.lock().iter().map(|(h, _)| *h));
-        }
+        self.each_map(|m| seen.extend(m.keys()));
         seen.len()
+    }
+
+    /// Calls `f` with every map of every stripe, holding a stripe's lock for one of its maps at
+    /// a time and handing it to the stripe's owner, if waiting, between them: a scrape or an
+    /// admin call reading 100,000 clients holds up a decision for no more than one map.
+    fn each_map(&self, mut f: impl FnMut(&ClientMap)) {
+        for Stripe(map) in &self.clients {
+            for part in 0..CLIENT_PARTS {
+                let maps = map.lock();
+                if let Some(m) = maps.0.get(part) {
+                    f(m);
+                }
+                MutexGuard::unlock_fair(maps);
+            }
+        }
     }
 
     /// Forgets clients idle since before `cutoff` (nanoseconds); returns how many entries went
@@ -652,8 +661,8 @@ impl Stats {
     fn merged(&self, keep: impl Fn(u128, &ClientEntry) -> bool) -> Vec<ClientReport> {
         let mut by_hash: HashMap<u128, ClientReport, BuildHasherDefault<PreHashed>> =
             HashMap::default();
-        for Stripe(map) in &self.clients {
-            for (hash, e) in map.lock().iter().filter(|(h, e)| keep(**h, e)) {
+        self.each_map(|m| {
+            for (hash, e) in m.iter().filter(|(h, e)| keep(**h, e)) {
                 by_hash
                     .entry(*hash)
                     .and_modify(|r| {
@@ -662,7 +671,7 @@ impl Stats {
                     })
                     .or_insert_with(|| report(e));
             }
-        }
+        });
         let mut out: Vec<ClientReport> = by_hash.into_values().collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
@@ -679,11 +688,11 @@ impl Stats {
     /// each stripe's lock; reports are built for the `n` chosen.
     pub fn top_limited(&self, n: usize) -> Vec<ClientReport> {
         let mut limited: HashMap<u128, u64, BuildHasherDefault<PreHashed>> = HashMap::default();
-        for Stripe(map) in &self.clients {
-            for (hash, e) in map.lock().iter() {
+        self.each_map(|m| {
+            for (hash, e) in m {
                 *limited.entry(*hash).or_default() += e.counts.limited;
             }
-        }
+        });
         limited.retain(|_, l| *l > 0);
         // Ties are broken by id, which needs the labels: report every client whose count
         // reaches the n-th largest (so all tied with it), then sort and cut.
