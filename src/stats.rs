@@ -442,6 +442,9 @@ struct ClientMaps([ClientMap; CLIENT_PARTS]);
 
 const CLIENT_PARTS: usize = 16;
 
+/// Entries of a client map the sweep judges per hold of its stripe's lock.
+const SWEEP_SLICE: usize = 256;
+
 impl ClientMaps {
     /// The map that holds, or would hold, `hash`: chosen by bits 48–51 of its keyed high half.
     ///
@@ -634,22 +637,47 @@ impl Stats {
     /// Forgets clients idle since before `cutoff` (nanoseconds); returns how many entries went
     /// (a client known to several threads may go from some maps and not yet from others).
     ///
-    /// A stripe's owner takes its lock on every decision, so the sweep holds it for one of the
-    /// stripe's 16 maps at a time, hands it to the owner if it is waiting (a fair
-    /// unlock), and frees the entries it took out (their labels) only after letting go.
+    /// A stripe's owner takes its lock on every decision, so the sweep judges at most 256
+    /// entries of one of the stripe's maps per hold of the lock, hands it to
+    /// the owner if it is waiting (a fair unlock), and frees the entries it took out (their
+    /// labels) only after letting go. Each hold walks the map to where the last one stopped,
+    /// in the map's order, which the entries taken out do not change: a new client the owner
+    /// added meanwhile may shift that order by one, and its neighbour is judged twice or left
+    /// for the next sweep.
     pub fn sweep_clients_idle_since(&self, cutoff: u64) -> usize {
         let mut dropped = 0;
         let mut gone: Vec<ClientEntry> = Vec::new();
         for Stripe(map) in &self.clients {
             for part in 0..CLIENT_PARTS {
-                let mut maps = map.lock();
-                if let Some(m) = maps.0.get_mut(part) {
-                    gone.extend(m.extract_if(|_, e| e.last_seen < cutoff).map(|(_, e)| e));
+                // Entries of this map judged and kept so far: the next hold skips them.
+                let mut kept = 0;
+                loop {
+                    let mut maps = map.lock();
+                    let Some(m) = maps.0.get_mut(part) else {
+                        break;
+                    };
+                    let (skip, mut seen, mut judged) = (kept, 0, 0);
+                    gone.extend(
+                        m.extract_if(|_, e| {
+                            seen += 1;
+                            if seen <= skip || judged == SWEEP_SLICE {
+                                return false;
+                            }
+                            judged += 1;
+                            let idle = e.last_seen < cutoff;
+                            kept += usize::from(!idle);
+                            idle
+                        })
+                        .map(|(_, e)| e),
+                    );
+                    MutexGuard::unlock_fair(maps);
+                    self.client_count.fetch_sub(gone.len(), Ordering::Relaxed);
+                    dropped += gone.len();
+                    gone.clear();
+                    if judged < SWEEP_SLICE {
+                        break;
+                    }
                 }
-                MutexGuard::unlock_fair(maps);
-                self.client_count.fetch_sub(gone.len(), Ordering::Relaxed);
-                dropped += gone.len();
-                gone.clear();
             }
         }
         dropped
@@ -914,6 +942,33 @@ mod tests {
         let used = maps.0.iter().filter(|m| !m.is_empty()).count();
         assert_eq!(maps.len(), 1000);
         assert_eq!(used, CLIENT_PARTS);
+    }
+
+    /// A map many slices long is swept a slice at a time: every idle client goes, every
+    /// other stays.
+    #[test]
+    fn a_sweep_in_slices_drops_every_idle_client_of_a_large_map() {
+        let _hogs = hog_stripes();
+        let stats = Stats::new(100_000);
+        // About 1,250 clients a map: five slices each.
+        for i in 0..20_000 {
+            let ip = format!("10.0.{}.{}", i / 256, i % 256);
+            client(
+                &stats,
+                &ip,
+                Outcome::Allowed,
+                1,
+                if i % 3 == 0 { 5 } else { 20 },
+            );
+        }
+        let (i, _) = stripe();
+        let biggest = stats.clients[i].0.lock().0.iter().map(HashMap::len).max();
+        assert!(biggest > Some(4 * SWEEP_SLICE), "{biggest:?}");
+        assert_eq!(stats.sweep_clients_idle_since(10), 6_667);
+        assert_eq!(stats.tracked_clients(), 13_333);
+        assert_eq!(stats.client_count.load(Ordering::Relaxed), 13_333);
+        assert!(stats.find_clients("10.0.0.0").is_empty(), "idle since 5");
+        assert_eq!(stats.find_clients("10.0.0.1").len(), 1);
     }
 
     /// Ties at the top are broken by id, including ties with the n-th count.
