@@ -12,25 +12,28 @@
 //! This thread made the statistics' entries, so it owns the stripe the sweep of clients walks,
 //! as a decision thread of the server does.
 //!
-//! Decisions are due on a schedule, one every [`EVERY`] (100,000 a second, a decision thread's
-//! share of a busy server), and each is timed twice:
+//! Decisions are due on a schedule, one every [`EVERY`] (10,000 a second; the thread sleeps
+//! until each is due, as a decision thread waits for its next call), and each is timed twice:
 //! - its own time, from its start to its end: a wait for a lock the sweep holds shows here
 //!   whole, and little else does (a decision takes under a microsecond, so the scheduler
 //!   rarely takes the core from it mid-way, however busy the machine);
-//! - from when it was due: a decision stuck behind a lock for 20 ms makes the 2,000 due in
-//!   that time late too, as a server's queued calls would be. This one also counts every
-//!   moment the thread lost its core, to the sweep or to anything else on the machine.
+//! - from when it was due: a decision stuck behind a lock for 20 ms makes the 200 due in that
+//!   time late too, as a server's queued calls would be. This one also counts the sleep's
+//!   overshoot (the kernel's timer slack, ~50 µs) and every moment the thread waited for a
+//!   core, to the sweep or to anything else on the machine.
 //!
-//! Prints each round and the medians over rounds; `SLUICE_SWEEP_KEYS` and
-//! `SLUICE_SWEEP_ROUNDS` change the 1M and 3.
+//! Prints each round and the medians over rounds; `SLUICE_SWEEP_KEYS`, `SLUICE_SWEEP_ROUNDS`
+//! and `SLUICE_SWEEP_CLIENTS` (`stats.max_clients`) change the 1M, 3 and 100,000.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice::clock::Timestamp;
 use sluice::limiter::{Decision, Limiter};
+use sluice::stats::{DEFAULT_MAX_CLIENTS, Stats};
 use sluice::store::{MemoryStore, Store};
 
 mod common;
@@ -39,16 +42,16 @@ mod common;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use common::{LOAD_YAML, NOW_SECS, limiter, ready, request};
+use common::{LOAD_YAML, NOW_SECS, limiter_sharing_stats, ready, request};
 
 /// Clients decided during the sweep.
 const LIVE: usize = 10_000;
 
 /// Time between decisions due.
-const EVERY: Duration = Duration::from_micros(10);
+const EVERY: Duration = Duration::from_micros(100);
 
 /// Decisions of the baseline (2 s).
-const BASELINE: usize = 200_000;
+const BASELINE: usize = 20_000;
 
 /// Decides for `client` at `now`, as the service does per call.
 fn decide_for(l: &Limiter<MemoryStore>, client: &str, now: Timestamp) {
@@ -124,8 +127,8 @@ struct Round {
     clients: usize,
 }
 
-fn round(keys: usize) -> Round {
-    let l = limiter(LOAD_YAML, None);
+fn round(keys: usize, clients: usize) -> Round {
+    let l = limiter_sharing_stats(LOAD_YAML, Arc::new(Stats::new(clients)));
     let t0 = Timestamp::from_secs(NOW_SECS);
     let mut buf = String::with_capacity(32);
     for i in 0..keys {
@@ -144,11 +147,13 @@ fn round(keys: usize) -> Round {
     // it was due it was decided.
     let mut next = 0;
     let mut decide = |buf: &mut String, due: Instant, into: &mut Samples| {
-        let mut now = Instant::now();
-        while now < due {
-            std::hint::spin_loop();
-            now = Instant::now();
+        // Asleep until due, as a decision thread waits for its next call: woken, it takes
+        // the core back from the sweep at once, where a thread that never sleeps would share
+        // it in turns of a scheduler tick (4 ms).
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
+        let now = Instant::now();
         next = (next + 1) % LIVE;
         decide_for(&l, name(next, buf), t1);
         let end = Instant::now();
@@ -221,10 +226,11 @@ fn main() {
     };
     let keys = env("SLUICE_SWEEP_KEYS", 1_000_000);
     let rounds = env("SLUICE_SWEEP_ROUNDS", 3);
+    let clients = env("SLUICE_SWEEP_CLIENTS", DEFAULT_MAX_CLIENTS);
     println!("sweep: {keys} expired counters; {LIVE} clients decided in turn, one every {EVERY:?}");
     let mut all = Vec::new();
     for i in 0..rounds {
-        let r = round(keys);
+        let r = round(keys, clients);
         println!(
             "  round {i}: sweep of {} counters took {:.1} ms, of {} clients {:.1} ms",
             r.counters,

@@ -639,7 +639,8 @@ impl Stats {
     ///
     /// A stripe's owner takes its lock on every decision, so the sweep judges at most 256
     /// entries of one of the stripe's maps per hold of the lock, hands it to
-    /// the owner if it is waiting (a fair unlock), and frees the entries it took out (their
+    /// the owner if it is waiting (a fair unlock) and gives up its core for a moment (as
+    /// [`crate::store::MemoryStore::sweep_at`] does), and frees the entries it took out (their
     /// labels) only after letting go. Each hold walks the map to where the last one stopped,
     /// in the map's order, which the entries taken out do not change: a new client the owner
     /// added meanwhile may shift that order by one, and its neighbour is judged twice or left
@@ -671,6 +672,7 @@ impl Stats {
                         .map(|(_, e)| e),
                     );
                     MutexGuard::unlock_fair(maps);
+                    std::thread::yield_now();
                     self.client_count.fetch_sub(gone.len(), Ordering::Relaxed);
                     dropped += gone.len();
                     gone.clear();

@@ -132,8 +132,11 @@ impl MemoryStore {
     /// Drops every counter whose state no longer matters at `now`; returns how many. Holds a
     /// shard's lock for one slice of its table (256 slots) at a time, and hands the lock to a
     /// waiting decision, if any, before taking it again (a fair unlock: without it the sweep,
-    /// already running, would usually win the lock back at once): no decision waits behind
-    /// more than one slice. Counters changed between slices are judged by the next sweep.
+    /// already running, would usually win the lock back at once), then gives up its core for
+    /// a moment: a decision thread woken on the sweep's core (by that hand-over, or by a call)
+    /// runs now rather than at the scheduler's next tick, milliseconds later. No decision
+    /// waits behind more than one slice. Counters changed between slices are judged by the
+    /// next sweep.
     pub fn sweep_at(&self, now: Timestamp) -> usize {
         let now = now.as_nanos();
         let mut dropped = 0;
@@ -145,6 +148,7 @@ impl MemoryStore {
                 next = map.retain_slice(start, SWEEP_SLICE, |_, cell| !cell.expired(now));
                 dropped += before - map.len();
                 MutexGuard::unlock_fair(map);
+                std::thread::yield_now();
             }
         }
         dropped
