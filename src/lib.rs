@@ -16,7 +16,8 @@
 //!   [`limiter::path`]), read the clock once, ask the store.
 //! - [`config`]: the YAML front end: raw serde structs, `${VAR}` expansion, validation with
 //!   file/line/field errors, compiled into the [`limiter::model`] rules; [`reload`] swaps them.
-//! - [`connections`]: what a gRPC listener accepts: the connection cap, handshake and idle
+//! - [`tls`]: the gRPC listeners' certificates, re-read when their files change;
+//!   [`connections`]: what a gRPC listener accepts: the connection cap, TLS, handshake and idle
 //!   timeouts, the spread of connections over decision threads.
 //! - [`proto`]: generated protobuf code; [`service`]: Envoy proto <-> domain types, request
 //!   validation, gRPC status mapping, the codec; [`admin`]: the admin service.
@@ -44,3 +45,4 @@ pub mod service;
 pub mod shutdown;
 pub mod stats;
 pub mod store;
+pub mod tls;

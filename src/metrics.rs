@@ -424,6 +424,50 @@ fn connections(out: &mut Exposition, listeners: &ListenerStats) {
             out.sample("sluice_connections_closed_total", &labels, n);
         }
     }
+    tls(out, listeners);
+}
+
+/// The TLS of the listeners that have it: certificates reloaded, reloads refused, handshakes
+/// failed. A family with no listener on TLS is left out.
+fn tls(out: &mut Exposition, listeners: &ListenerStats) {
+    let on_tls: Vec<(&str, &crate::tls::TlsListener)> = [
+        ("decisions", &listeners.grpc_tls),
+        ("admin", &listeners.admin_tls),
+    ]
+    .into_iter()
+    .filter_map(|(name, tls)| Some((name, tls.as_deref()?)))
+    .collect();
+    if on_tls.is_empty() {
+        return;
+    }
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&crate::tls::TlsListener) -> u64,
+    );
+    let families: [Family; 3] = [
+        (
+            "sluice_tls_reloads_total",
+            "New certificates (or keys, or client CAs) installed from changed files since start.",
+            crate::tls::TlsListener::reloads,
+        ),
+        (
+            "sluice_tls_reload_failures_total",
+            "Changed TLS files that could not be loaded; the previous certificate stayed in use.",
+            crate::tls::TlsListener::reload_failures,
+        ),
+        (
+            "sluice_tls_handshake_failures_total",
+            "Connections closed because their TLS handshake failed or timed out.",
+            crate::tls::TlsListener::handshake_failures,
+        ),
+    ];
+    for (name, help, value) in families {
+        out.family(name, "counter", help);
+        for (listener, tls) in &on_tls {
+            out.sample(name, &[("listener", listener)], value(tls));
+        }
+    }
 }
 
 #[cfg(test)]

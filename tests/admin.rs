@@ -677,27 +677,38 @@ async fn bad_admin_input_is_invalid_argument_naming_the_field() {
     );
 }
 
+/// No credential, no admin listener: not on a public address, and not on loopback either,
+/// which every container of a pod shares.
 #[tokio::test]
-async fn admin_without_a_token_refuses_a_non_loopback_listener() {
-    let cfg = config::parse("domains:\n  - name: d\n", "t.yaml", |_| None).unwrap();
-    let limiter = std::sync::Arc::new(sluice::limiter::Limiter::new(
-        cfg.rules,
-        sluice::store::MemoryStore::new(Default::default()),
-        std::sync::Arc::new(sluice::clock::SystemClock),
-    ));
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let err = sluice::server::run(
-        sluice::server::Listeners {
-            grpc,
-            admin: Some(admin),
-            http: None,
-        },
-        limiter,
-        sluice::server::Options::default(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("SLUICE_ADMIN_TOKEN"), "{err}");
+async fn an_admin_listener_without_a_credential_is_refused_even_on_loopback() {
+    for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let cfg = config::parse("domains:\n  - name: d\n", "t.yaml", |_| None).unwrap();
+        let limiter = std::sync::Arc::new(sluice::limiter::Limiter::new(
+            cfg.rules,
+            sluice::store::MemoryStore::new(Default::default()),
+            std::sync::Arc::new(sluice::clock::SystemClock),
+        ));
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let err = sluice::server::run(
+            sluice::server::Listeners {
+                grpc,
+                admin: Some(admin),
+                http: None,
+            },
+            limiter,
+            sluice::server::Options::default(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("SLUICE_ADMIN_TOKEN"),
+            "{addr}: {err}"
+        );
+        assert!(
+            err.to_string().contains("--admin-tls-client-ca"),
+            "{addr}: {err}"
+        );
+    }
 }

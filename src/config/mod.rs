@@ -57,6 +57,33 @@ pub struct Config {
     pub max_clients: usize,
     /// Hash of the file's text after expansion: tells operators which config is live.
     pub hash: u64,
+    /// TLS of the gRPC listeners (`tls:`), read at start: the files are re-read when they
+    /// change, but other paths take a restart.
+    pub tls: TlsSettings,
+}
+
+/// `tls:` settings, paths as written; [`load_with`] makes relative ones relative to the
+/// config file's directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The decision listener's.
+    pub grpc: Option<crate::tls::TlsFiles>,
+    /// The admin listener's.
+    pub admin: Option<crate::tls::TlsFiles>,
+}
+
+impl TlsSettings {
+    fn relative_to(self, dir: &Path) -> Self {
+        let under = |f: crate::tls::TlsFiles| crate::tls::TlsFiles {
+            cert: dir.join(f.cert),
+            key: dir.join(f.key),
+            client_ca: f.client_ca.map(|c| dir.join(c)),
+        };
+        Self {
+            grpc: self.grpc.map(under),
+            admin: self.admin.map(under),
+        }
+    }
 }
 
 /// `store:` settings.
@@ -140,7 +167,11 @@ pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Co
         && let [one] = files.as_slice()
         && !reference::is_reference(&one.text)
     {
-        return parse(&one.text, &one.name, env);
+        let mut cfg = parse(&one.text, &one.name, env)?;
+        if let Some(dir) = path.parent() {
+            cfg.tls = cfg.tls.relative_to(dir);
+        }
+        return Ok(cfg);
     }
     let native: Vec<&str> = files
         .iter()
@@ -263,6 +294,7 @@ fn compile_reference(
         backend: backend.unwrap_or_default(),
         max_clients: crate::stats::DEFAULT_MAX_CLIENTS,
         hash,
+        tls: TlsSettings::default(),
     })
 }
 
@@ -322,6 +354,15 @@ fn field(name: &str) -> Seg {
 }
 
 fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
+    let files = |f: raw::RawTlsFiles| crate::tls::TlsFiles {
+        cert: f.cert.into(),
+        key: f.key.into(),
+        client_ca: f.client_ca.map(Into::into),
+    };
+    let tls = TlsSettings {
+        grpc: raw.tls.grpc.map(files),
+        admin: raw.tls.admin.map(files),
+    };
     let max_keys = raw.store.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
     if max_keys == 0 {
         return Err(at(
@@ -403,6 +444,7 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
         backend,
         max_clients,
         hash,
+        tls,
     })
 }
 
