@@ -340,7 +340,8 @@ fn generate_admin_token(state_file: &Path) -> Result<String, AppError> {
         .and_then(|()| file.sync_all())
         .map_err(write_err)?;
     std::fs::rename(&tmp, &path).map_err(write_err)?;
-    tracing::info!(target: LOG_TARGET, file = %path.display(), "no admin credential configured: generated an admin token; send it as x-admin-token");
+    let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+    tracing::info!(target: LOG_TARGET, file = %shown.display(), "no admin credential configured: generated an admin token; send it as x-admin-token");
     Ok(token)
 }
 

@@ -143,6 +143,17 @@ struct Options {
     sluice_config: Option<&'static str>,
     /// `xff_num_trusted_hops` (0 in `envoy/envoy.yaml`).
     trusted_hops: u32,
+    /// Envoy on `envoy/envoy-tls.yaml`, calling sluice over mTLS.
+    mtls: Option<Mtls>,
+}
+
+/// Certificates for Envoy calling sluice over mTLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mtls {
+    /// Both signed by the deployment's CA.
+    Trusted,
+    /// Envoy's client certificate signed by a CA sluice does not trust.
+    UntrustedClient,
 }
 
 /// The stand-in upstreams.
@@ -169,6 +180,7 @@ struct Stack {
     training_addr: SocketAddr,
     talk2me_addr: SocketAddr,
     logs: Vec<PathBuf>,
+    _pki: Option<common::tls::Pki>,
     dir: tempfile::TempDir,
 }
 
@@ -188,6 +200,21 @@ impl Stack {
             }
             None => repo_path("config/sluice.yaml"),
         };
+        // For mTLS: one CA for sluice's certificate (DNS `sluice`, as envoy-tls.yaml expects)
+        // and Envoy's, unless the test wants Envoy's from elsewhere.
+        let pki = match options.mtls {
+            Some(mode) => {
+                let pki = common::tls::Pki::new()?;
+                let ca = pki.ca("ca");
+                let sluice = pki.server(&ca, "sluice");
+                let envoy = match mode {
+                    Mtls::Trusted => pki.client(&ca, "envoy"),
+                    Mtls::UntrustedClient => pki.client(&pki.ca("elsewhere"), "envoy"),
+                };
+                Some((pki, ca, sluice, envoy))
+            }
+            None => None,
+        };
         let log = dir.path().join("sluice.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.arg("serve")
@@ -205,6 +232,11 @@ impl Stack {
             .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
             .env("SLUICE_STATE_FILE", dir.path().join("sluice-state.json"));
+        if let Some((_, ca, sluice, _)) = &pki {
+            cmd.env("SLUICE_GRPC_TLS_CERT", &sluice.cert)
+                .env("SLUICE_GRPC_TLS_KEY", &sluice.key)
+                .env("SLUICE_GRPC_TLS_CLIENT_CA", &ca.cert);
+        }
         // The default config reads these; the tests want its defaults.
         for var in [
             "RATE_LIMIT_ENABLED",
@@ -255,14 +287,30 @@ impl Stack {
         let (training, training_addr) = standin("training", "envoy/upstreams/training_server.py");
         let (talk2me, talk2me_addr) = standin("talk2me", "envoy/upstreams/talk2me_server.py");
 
-        // Envoy, on a copy of envoy/envoy.yaml.
-        let yaml = envoy_config(
-            &std::fs::read_to_string(repo_path("envoy/envoy.yaml")).unwrap(),
+        // Envoy, on a copy of envoy/envoy.yaml (or envoy-tls.yaml, with the test's files).
+        let file = if pki.is_some() {
+            "envoy/envoy-tls.yaml"
+        } else {
+            "envoy/envoy.yaml"
+        };
+        let mut yaml = envoy_config(
+            &std::fs::read_to_string(repo_path(file)).unwrap(),
             training_addr.port(),
             talk2me_addr.port(),
             sluice_addr.port(),
             options.trusted_hops,
         );
+        if let Some((_, ca, _, envoy)) = &pki {
+            let path = |p: &Path| p.to_str().unwrap().to_string();
+            yaml = replace_each_once(
+                &yaml,
+                &[
+                    ("/etc/sluice/tls/ca.crt", path(&ca.cert)),
+                    ("/etc/sluice/tls/envoy.crt", path(&envoy.cert)),
+                    ("/etc/sluice/tls/envoy.key", path(&envoy.key)),
+                ],
+            );
+        }
         let (envoy, admin) = start_envoy(dir.path(), "envoy", &yaml, &["--concurrency", "2"]);
         logs.push(envoy.log.clone());
         let listener = first_listener(admin);
@@ -278,6 +326,7 @@ impl Stack {
             training_addr,
             talk2me_addr,
             logs,
+            _pki: pki.map(|(pki, ..)| pki),
             dir,
         })
     }
@@ -1049,6 +1098,68 @@ fn x_forwarded_for_names_the_client_with_one_trusted_hop() {
     let r = stack.send(&from("198.51.100.7, 198.51.100.8"));
     assert_passed(&r, "training");
     assert_eq!(r.num("x-ratelimit-remaining"), 9, "{r:?}");
+}
+
+/// `envoy/envoy-tls.yaml`: Envoy presents its client certificate, sluice (with a client CA)
+/// verifies it, and every decision travels over that mTLS connection.
+#[test]
+fn envoy_tls_calls_sluice_over_mtls_and_limits_hold() {
+    let Some(stack) = Stack::start(Options {
+        mtls: Some(Mtls::Trusted),
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let execute = Req::post("/api/training/execute");
+    for i in 1..=10u64 {
+        let r = stack.send(&execute);
+        assert_passed(&r, "training");
+        assert_eq!(r.num("x-ratelimit-remaining"), 10 - i, "request {i}: {r:?}");
+    }
+    assert_over_limit(&stack.send(&execute), "per minute");
+    assert!(stack.envoy_counter("cluster.sluice.ssl.handshake") >= 1);
+    assert_eq!(
+        stack.envoy_counter("cluster.training.ratelimit.failure_mode_allowed"),
+        0
+    );
+}
+
+/// An Envoy whose client certificate sluice's CA did not sign gets no decision at all: sluice
+/// refuses the handshake, and Envoy fails open as it does when sluice is down.
+#[test]
+fn envoy_with_an_untrusted_client_certificate_gets_no_decision() {
+    let Some(stack) = Stack::start(Options {
+        mtls: Some(Mtls::UntrustedClient),
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let execute = Req::post("/api/training/execute");
+    for _ in 0..12 {
+        let r = stack.send(&execute);
+        assert_passed(&r, "training");
+        assert!(r.header("x-ratelimit-limit").is_none(), "a decision: {r:?}");
+    }
+    assert_eq!(
+        stack.envoy_counter("cluster.training.ratelimit.failure_mode_allowed"),
+        12
+    );
+}
+
+/// envoy-tls.yaml is envoy.yaml with its own header and the `sluice` cluster's transport
+/// socket, nothing else: the two cannot drift apart.
+#[test]
+fn envoy_tls_yaml_is_envoy_yaml_plus_the_transport_socket() {
+    let plain = std::fs::read_to_string(repo_path("envoy/envoy.yaml")).unwrap();
+    let tls = std::fs::read_to_string(repo_path("envoy/envoy-tls.yaml")).unwrap();
+    let body = |y: &str| y[y.find("\nadmin:\n").unwrap() + 1..].to_string();
+    let socket_start = "      # sluice over mTLS";
+    let socket_end = "      load_assignment:\n        cluster_name: sluice\n";
+    let tls_body = body(&tls);
+    let (before, rest) = tls_body.split_once(socket_start).unwrap();
+    let after = &rest[rest.find(socket_end).unwrap()..];
+    assert_eq!(format!("{before}{after}"), body(&plain));
+    assert!(rest.contains("UpstreamTlsContext") && rest.contains("tls_certificates"));
 }
 
 #[test]

@@ -267,6 +267,7 @@ fn compile_reference(
     let env = reference_env::Env(env);
     let settings = env.settings().map_err(ConfigError::Env)?;
     let backend = env.backend().map_err(ConfigError::Env)?;
+    let grpc_tls = env.grpc_tls().map_err(ConfigError::Env)?;
     let trees = reference::load(files, settings.merge_domain_config)?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for f in files {
@@ -294,7 +295,10 @@ fn compile_reference(
         backend: backend.unwrap_or_default(),
         max_clients: crate::stats::DEFAULT_MAX_CLIENTS,
         hash,
-        tls: TlsSettings::default(),
+        tls: TlsSettings {
+            grpc: grpc_tls,
+            admin: None,
+        },
     })
 }
 

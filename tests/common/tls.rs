@@ -90,12 +90,13 @@ impl Pki {
         self.pair(&cert, &key)
     }
 
-    /// A server certificate for `127.0.0.1` and `localhost`, signed by `ca`.
+    /// A server certificate for `127.0.0.1`, `localhost` and `sluice` (the name
+    /// `envoy/envoy-tls.yaml` expects), signed by `ca`.
     pub fn server(&self, ca: &Pair, name: &str) -> Pair {
         self.leaf(
             ca,
             name,
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:sluice\nextendedKeyUsage=serverAuth\n",
         )
     }
 
