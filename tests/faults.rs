@@ -535,3 +535,46 @@ async fn a_slow_redis_with_on_error_deny_refuses_within_timeout_ms() {
 async fn a_slow_redis_with_on_error_allow_admits_within_timeout_ms() {
     a_slow_redis_never_holds_a_call_past_timeout_ms("allow").await;
 }
+
+/// A decision can take two round trips: a refused request of a domain with
+/// `auto_block.max_limited` is counted towards the block after the refusal. Both share the
+/// one deadline: with every reply held 2.7 s and `timeout_ms` 3 s, each round trip alone is
+/// in time, both together would take 5.4 s, and the call is answered by `on_error` at 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_round_trips_of_one_decision_share_one_timeout_ms() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let proxy = SlowProxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    const TIMEOUT_MS: u64 = 3000;
+    let yaml = format!(
+        "\
+store:
+  url: redis://{}
+  timeout_ms: {TIMEOUT_MS}
+  on_error: deny
+domains:
+  - name: training
+    auto_block:
+      max_limited: 1000/minute
+    endpoints:
+      - path: /probe
+        limits: [1/hour]
+",
+        proxy.addr
+    );
+    let s = Sluice::start(&yaml, &dir.path().join("sluice-state.json")).await;
+    let (r, _) = s.decide("/probe", "192.0.2.1").await;
+    assert_eq!((answer(&r), r.overall_code), (Answer::Decided, OK), "{r:?}");
+
+    // The next one is over its limit: Redis refuses it (one round trip; the over-limit cache
+    // cannot answer, Redis has not refused this key yet), then counts it as limited (two).
+    proxy.set_delay(Duration::from_millis(2700));
+    let (r, took) = s.decide("/probe", "192.0.2.1").await;
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS) + MARGIN,
+        "the call took {took:?}"
+    );
+    assert_eq!(answer(&r), Answer::Denied, "{r:?}");
+}
