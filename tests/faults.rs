@@ -1,5 +1,6 @@
 //! Faults, against the real `sluice` binary and real `redis-server`s: a SIGKILL right after an
-//! admin call returned, Redis killed and restarted under load, and a Redis that answers slowly.
+//! admin call returned, Redis killed and restarted under load, a Redis that answers slowly, and
+//! a state file that cannot be written (a full disk, a read-only directory).
 //!
 //! Every wait is a poll with a deadline; the only timings asserted are upper bounds with a
 //! generous margin (a call never waits much past `timeout_ms`), never speeds.
@@ -94,6 +95,19 @@ impl Sluice {
             .unwrap()
             .into_inner();
         (r, started.elapsed())
+    }
+
+    async fn block(&self, ip: &str) -> Result<pb::Block, tonic::Status> {
+        self.admin
+            .clone()
+            .block_ip(authed(pb::BlockIpRequest {
+                ip: ip.into(),
+                duration_seconds: 3600,
+                permanent: false,
+                reason: "faults test".into(),
+            }))
+            .await
+            .map(|r| r.into_inner().block.unwrap())
     }
 
     async fn blocked_ips(&self) -> Vec<String> {
@@ -577,4 +591,211 @@ domains:
         "the call took {took:?}"
     );
     assert_eq!(answer(&r), Answer::Denied, "{r:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A state file that cannot be written
+
+/// The directory of the state file, and a way to make writing in it fail.
+///
+/// When the test may mount (root with `CAP_SYS_ADMIN`, as in most CI containers), the
+/// directory is a 256 KiB tmpfs of its own: "full" fills it, "read-only" remounts it read-only,
+/// both real. Otherwise the step every save starts with, creating the temporary file beside
+/// the state file (`sluice-state.tmp`), is made to fail the same way: a symlink to `/dev/full`
+/// for "full", and for "read-only" the directory's mode 0555, or, as root (whom modes do not
+/// stop), a directory in the temporary file's place. Never a skip. `SLUICE_TEST_NO_MOUNT=1`
+/// takes the fallbacks where mounting works.
+struct StateDir {
+    path: PathBuf,
+    mounted: bool,
+}
+
+/// How saving will fail, and the OS error it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broken {
+    Full,
+    ReadOnly,
+}
+
+impl StateDir {
+    fn new(parent: &Path) -> StateDir {
+        let path = parent.join("state");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = std::env::var_os("SLUICE_TEST_NO_MOUNT").is_none()
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256k", "sluice-faults"])
+                .arg(&path)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        eprintln!(
+            "state directory {}: {}",
+            path.display(),
+            if mounted {
+                "a tmpfs of its own"
+            } else {
+                "cannot mount here; the temporary file's path is made unusable instead"
+            }
+        );
+        StateDir { path, mounted }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path.join("sluice-state.json")
+    }
+
+    /// Where [`sluice::access::AccessList::persist`] writes before renaming.
+    fn temporary(&self) -> PathBuf {
+        self.state().with_extension("tmp")
+    }
+
+    /// Makes saving fail; returns the OS error message sluice should report.
+    fn make_unwritable(&self, how: Broken) -> &'static str {
+        match (how, self.mounted) {
+            (Broken::Full, true) => {
+                use std::io::Write as _;
+                let mut filler = std::fs::File::create(self.path.join("filler")).unwrap();
+                let chunk = [0u8; 4096];
+                let err = loop {
+                    if let Err(e) = filler.write_all(&chunk) {
+                        break e;
+                    }
+                };
+                assert_eq!(err.raw_os_error(), Some(28), "ENOSPC: {err}");
+                "No space left on device"
+            }
+            (Broken::Full, false) => {
+                std::os::unix::fs::symlink("/dev/full", self.temporary()).unwrap();
+                "No space left on device"
+            }
+            (Broken::ReadOnly, true) => {
+                self.mount(&["-o", "remount,ro"]);
+                "Read-only file system"
+            }
+            (Broken::ReadOnly, false) if effective_uid() != 0 => {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o555))
+                    .unwrap();
+                "Permission denied"
+            }
+            (Broken::ReadOnly, false) => {
+                std::fs::create_dir(self.temporary()).unwrap();
+                "Is a directory"
+            }
+        }
+    }
+
+    /// Undoes [`Self::make_unwritable`].
+    fn repair(&self, how: Broken) {
+        match (how, self.mounted) {
+            (Broken::Full, true) => std::fs::remove_file(self.path.join("filler")).unwrap(),
+            (Broken::Full, false) => {
+                let _ = std::fs::remove_file(self.temporary());
+            }
+            (Broken::ReadOnly, true) => self.mount(&["-o", "remount,rw"]),
+            (Broken::ReadOnly, false) if effective_uid() != 0 => {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o755))
+                    .unwrap();
+            }
+            (Broken::ReadOnly, false) => std::fs::remove_dir(self.temporary()).unwrap(),
+        }
+    }
+
+    fn mount(&self, args: &[&str]) {
+        let status = Command::new("mount")
+            .args(args)
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount {args:?}");
+    }
+
+    /// The directory's entries, sorted.
+    fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// This process's effective user id, from `/proc/self/status`.
+fn effective_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .expect("Uid: line in /proc/self/status")
+}
+
+/// A save that fails fails the admin call, naming the file and the OS error; the old state
+/// file is left as it was (a restart on it has the blocks saved before, not the failed one),
+/// nothing half-written is left beside it, and once writing works again the next call saves.
+async fn an_unwritable_state_directory_fails_the_call_and_keeps_the_old_file(how: Broken) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    std::fs::write(&config, MEMORY_CONFIG).unwrap();
+    let state_dir = StateDir::new(dir.path());
+    let state = state_dir.state();
+    let s = Sluice::start_on(config, state.clone()).await;
+    s.block("192.0.2.1").await.unwrap();
+    let before = std::fs::read(&state).unwrap();
+    let entries = state_dir.entries();
+
+    let os_error = state_dir.make_unwritable(how);
+    let err = s.block("192.0.2.2").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    let message = err.message();
+    assert!(
+        message.contains("not saved")
+            && message.contains(&state.display().to_string())
+            && message.contains(os_error),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the old file, intact"
+    );
+    if how == Broken::Full {
+        let mut now = state_dir.entries();
+        now.retain(|e| e != "filler");
+        assert_eq!(now, entries, "nothing left beside the state file");
+    }
+
+    // A crash now: the restart reads the old file, whatever the directory's state.
+    let (config, state) = s.kill();
+    let s = Sluice::start_on(config, state).await;
+    assert_eq!(s.blocked_ips().await, ["192.0.2.1/32"]);
+    let (r, _) = s.decide("/api/training/execute", "192.0.2.1").await;
+    assert_eq!(body(&r), BLOCKED_BODY);
+
+    state_dir.repair(how);
+    s.block("192.0.2.3").await.unwrap();
+    let (config, state) = s.kill();
+    let s = Sluice::start_on(config, state).await;
+    assert_eq!(s.blocked_ips().await, ["192.0.2.1/32", "192.0.2.3/32"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_admin_call_and_keeps_the_old_state_file() {
+    an_unwritable_state_directory_fails_the_call_and_keeps_the_old_file(Broken::Full).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_state_directory_fails_the_admin_call_and_keeps_the_old_file() {
+    an_unwritable_state_directory_fails_the_call_and_keeps_the_old_file(Broken::ReadOnly).await;
 }
