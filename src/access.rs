@@ -581,12 +581,16 @@ impl AccessList {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let tmp = path.with_extension("tmp");
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&json).map_err(io)?;
-            f.sync_all().map_err(io)?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let written = f
+            .write_all(&json)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            // A half-written temporary file would hold space a full disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
         }
-        std::fs::rename(&tmp, path).map_err(io)?;
         // Make the rename itself durable.
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())

@@ -88,10 +88,11 @@ fn a_known_client_over_its_limit_allocates_nothing() {
     assert_eq!(n, 0, "allocations in {CALLS} decisions");
 }
 
-/// Talk2Me's `/transcribe`: three endpoint limits and two global ones, five counters per
-/// decision, every one rewritten as time moves a minute per call.
+/// Talk2Me's `/transcribe`: three endpoint limits, two global ones and the automatic block's
+/// count of the address, six counters per decision, every one rewritten as time moves a minute
+/// per call.
 #[test]
-fn five_counters_rewritten_allocate_nothing() {
+fn six_counters_rewritten_allocate_nothing() {
     let l = limiter(DEFAULT_YAML, None);
     let r = request(
         "talk2me",

@@ -1366,6 +1366,105 @@ fn an_admin_block_turns_the_client_away_through_envoy_and_unblock_lets_it_back()
     assert_passed(&stack.send(&read), "training");
 }
 
+/// The Talk2Me seed: "IPs are temporarily blocked for 1 hour if they exceed 100 requests per
+/// minute", as `config/sluice.yaml` encodes it (`auto_block` on the `talk2me` domain), through
+/// Envoy: the test's address (the TCP peer, 127.0.0.1) floods `/transcribe`; every request
+/// counts, admitted or refused; the one over 100 is decided normally, and from the next on the
+/// address gets the seed's "IP temporarily blocked" 429 for an hour, whatever its User-Agent.
+#[test]
+fn more_than_100_talk2me_requests_a_minute_block_the_address_for_an_hour() {
+    use sluice::proto::sluice::admin::v1 as pb;
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    const BLOCKED: &str = "IP temporarily blocked due to excessive requests";
+    let flood = Req::post("/transcribe")
+        .user_agent("flood/1.0")
+        .body(b"{}".to_vec());
+    let started = Instant::now();
+    let (mut first_blocked, mut passed) = (None, 0);
+    // Sliding windows never over-count: nothing is blocked before request 102. They may
+    // under-count by the share of the previous minute already past when the flood straddles
+    // a minute boundary, a few requests at most over a flood of a few seconds.
+    for i in 1..=130u32 {
+        let r = stack.send(&flood);
+        if r.status == 200 {
+            passed += 1;
+            continue;
+        }
+        assert_eq!(r.status, 429, "request {i}: {r:?}");
+        if r.json()["error"] == BLOCKED {
+            first_blocked = Some(i);
+            break;
+        }
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("Rate limit exceeded")),
+            "request {i}: {r:?}"
+        );
+    }
+    // The burst of 3 (a token more per 6 s on a slow machine), never over 10 a minute.
+    assert!((3..=10).contains(&passed), "{passed} passed");
+    let first_blocked = first_blocked.expect("blocked within 130 requests");
+    assert!(
+        first_blocked >= 102,
+        "the 101st request crosses the threshold and is decided normally; blocked at {first_blocked}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the flood took {:?}: the under-count bound above assumes seconds",
+        started.elapsed()
+    );
+
+    // Blocked for an hour, under any User-Agent; another address is not.
+    for req in [flood.clone(), flood.clone().user_agent("other/2.0")] {
+        let r = stack.send(&req);
+        assert_eq!(r.status, 429, "{r:?}");
+        assert_eq!(r.json(), serde_json::json!({ "error": BLOCKED }));
+        assert_eq!(r.all("retry-after").len(), 1, "{r:?}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((3570..=3600).contains(&retry), "an hour: {r:?}");
+    }
+    assert_passed(
+        &stack.send(
+            &Req::post("/translate")
+                .user_agent("flood/1.0")
+                .from("127.0.0.2"),
+        ),
+        "talk2me",
+    );
+    // One block list: the address is turned away from the training server too.
+    let r = stack.send(&Req::post("/api/training/validate"));
+    assert_eq!(r.json(), serde_json::json!({ "error": BLOCKED }), "{r:?}");
+    // Only the admitted requests reached Talk2Me, plus the other address's one.
+    assert_eq!(
+        stack.upstream_stat(Upstream::Talk2me, "requests"),
+        passed + 1
+    );
+
+    // The admin API lists it as an automatic block of the talk2me domain.
+    let blocks = sluice_admin(&stack, async |mut admin| {
+        admin
+            .list_blocks(authed(pb::ListBlocksRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .blocks
+    });
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    let b = &blocks[0];
+    assert_eq!(b.ip, "127.0.0.1/32");
+    assert!(!b.permanent);
+    assert_eq!(b.created_by, "auto-block talk2me");
+    assert_eq!(
+        b.reason,
+        "more than 100/minute requests across all endpoints"
+    );
+    let lasts = b.expires_at.as_ref().unwrap().seconds - b.created_at.as_ref().unwrap().seconds;
+    assert_eq!(lasts, 3600);
+}
+
 // ---------------------------------------------------------------------------------------------
 // envoyproxy/ratelimit's own example, unchanged but for loopback addresses
 

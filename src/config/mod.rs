@@ -849,6 +849,19 @@ pub fn limits_table(rules: &RuleSet) -> String {
                 ]);
             }
         }
+        // Automatic blocks count per address, whatever the domain's client entries are.
+        if let Some(ab) = &d.auto_block {
+            for l in ab.max_requests.iter().chain(ab.max_limited.iter()) {
+                rows.push([
+                    d.name.clone(),
+                    "auto_block".to_string(),
+                    rules.address_entry.clone(),
+                    format!("{} [{}]", l.rate, l.name),
+                    l.policy.algorithm().as_str().to_string(),
+                    format!("block {} s", ab.duration.as_secs()),
+                ]);
+            }
+        }
     }
     for t in rules.reference.iter().flat_map(|r| &r.trees) {
         let mut limits = t.limits();

@@ -452,7 +452,18 @@ impl<S: Store> Limiter<S> {
         decision: &mut Decision<'r>,
     ) {
         decision.clear();
-        if let Err(e) = self.decide_or_fail(rules.0, request, now, decision).await {
+        let result = match self.store.deadline() {
+            // One deadline for all of the decision's store calls (`Store::deadline`). Boxed:
+            // the timer would widen this future for the memory store too, which has none.
+            Some(limit) => Box::pin(tokio::time::timeout(
+                limit,
+                self.decide_or_fail(rules.0, request, now, decision),
+            ))
+            .await
+            .unwrap_or(Err(DecideError::Store(StoreError::Timeout(limit)))),
+            None => self.decide_or_fail(rules.0, request, now, decision).await,
+        };
+        if let Err(e) = result {
             self.store_errors.record(&e, self.on_store_error, now);
             let n = request.descriptors.len();
             *decision = match self.on_store_error {

@@ -355,4 +355,7 @@ impl Store for RedisFixture {
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
         self.store.sweep_expired_at(now)
     }
+    fn deadline(&self) -> Option<Duration> {
+        self.store.deadline()
+    }
 }
