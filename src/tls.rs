@@ -10,9 +10,11 @@
 //!
 //! Files are re-read and compared by content every poll, which sees every way a file can be
 //! replaced (written in place, renamed over, or a symlink swapped to a new target, as
-//! Kubernetes does with its `..data` link). A set of files that does not load (a key that does
-//! not match its certificate, half a rotation) is refused: the old certificate stays, the
-//! failure is logged and counted, and the next poll tries again.
+//! Kubernetes does with its `..data` link). New contents are taken once they have stayed the
+//! same for one poll, so that a rotation that renames the key and then the certificate is never
+//! caught half done. A set of files that still does not load (a key that does not match its
+//! certificate) is refused: the old certificate stays, the failure is logged and counted once,
+//! and the files are tried again when they change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,8 +77,7 @@ pub struct TlsListener {
     name: &'static str,
     files: TlsFiles,
     config: ArcSwap<rustls::ServerConfig>,
-    /// The bytes of the files the acceptor was built from (cert, key, CA), or last refused.
-    seen: Mutex<[Vec<u8>; 3]>,
+    seen: Mutex<Seen>,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
     handshake_failures: AtomicU64,
@@ -91,7 +92,11 @@ impl TlsListener {
             name,
             files,
             config: ArcSwap::new(config),
-            seen: Mutex::new(bytes),
+            seen: Mutex::new(Seen {
+                applied: bytes,
+                settling: None,
+                refused: None,
+            }),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
@@ -118,32 +123,34 @@ impl TlsListener {
         TlsAcceptor::from(self.config.load_full())
     }
 
-    /// Re-reads the files; if any changed, builds and installs a new acceptor. `Ok(true)` when
-    /// one was installed, `Ok(false)` when nothing changed (or a refused set is still there
-    /// unchanged, which was logged once already); an error keeps the current acceptor and is
-    /// counted.
+    /// Re-reads the files; if they changed and have not changed since the last call, builds
+    /// and installs a new config. `Ok(true)` when one was installed, `Ok(false)` when there is
+    /// nothing (yet) to install; an error keeps the current config and is counted: a file that
+    /// cannot be read, every call; contents that do not load, once.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let bytes = match read_all(&self.files) {
-            Ok(b) => b,
-            Err(e) => {
-                // A file missing for a moment (a rename in progress) is tried again next poll.
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
+        let bytes = read_all(&self.files).inspect_err(|_| {
+            self.reload_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
         let mut seen = self.seen.lock();
-        if *seen == bytes {
+        if seen.applied == bytes || seen.refused.as_ref() == Some(&bytes) {
+            seen.settling = None;
             return Ok(false);
         }
-        // Remembered even if refused, so that a bad set is reported once, not every poll.
-        *seen = bytes;
-        match build(&self.files, &seen) {
+        if seen.settling.as_ref() != Some(&bytes) {
+            seen.settling = Some(bytes);
+            return Ok(false);
+        }
+        seen.settling = None;
+        match build(&self.files, &bytes) {
             Ok(config) => {
                 self.config.store(config);
+                seen.applied = bytes;
+                seen.refused = None;
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 Ok(true)
             }
             Err(e) => {
+                seen.refused = Some(bytes);
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
@@ -171,8 +178,17 @@ impl TlsListener {
     }
 }
 
+/// The files' contents as last applied, waiting to settle, and last refused.
+#[derive(Debug)]
+struct Seen {
+    applied: [Vec<u8>; 3],
+    settling: Option<[Vec<u8>; 3]>,
+    refused: Option<[Vec<u8>; 3]>,
+}
+
 /// Reloads every listener's files each `every`, off the async workers (file reads block),
-/// logging what changed and what was refused. Runs until dropped.
+/// logging what changed and what was refused; the same error twice in a row is logged once.
+/// Runs until dropped.
 pub async fn watch(listeners: Vec<Arc<TlsListener>>, every: Duration) {
     if listeners.is_empty() {
         return;
@@ -180,20 +196,29 @@ pub async fn watch(listeners: Vec<Arc<TlsListener>>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut last_error: Vec<Option<String>> = vec![None; listeners.len()];
     loop {
         tick.tick().await;
-        for l in &listeners {
+        for (l, last_error) in listeners.iter().zip(&mut last_error) {
             let listener = l.clone();
-            match tokio::task::spawn_blocking(move || listener.reload()).await {
+            let error = match tokio::task::spawn_blocking(move || listener.reload()).await {
                 Ok(Ok(true)) => {
-                    tracing::info!(listener = l.name, cert = %l.files.cert.display(), "TLS certificate reloaded")
+                    tracing::info!(listener = l.name, cert = %l.files.cert.display(), "TLS certificate reloaded");
+                    None
                 }
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(listener = l.name, error = %e, "TLS reload refused; the previous certificate stays")
-                }
-                Err(e) => tracing::error!(listener = l.name, error = %e, "TLS reload failed"),
+                Ok(Ok(false)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if error.is_some() && error != *last_error {
+                let e = error.as_deref().unwrap_or_default();
+                tracing::error!(
+                    listener = l.name,
+                    error = e,
+                    "TLS reload refused; the previous certificate stays"
+                );
             }
+            *last_error = error;
         }
     }
 }

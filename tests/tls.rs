@@ -518,3 +518,45 @@ async fn serve_without_an_admin_credential_generates_a_token_file() {
     let _ = child.wait();
     let _ = admin;
 }
+
+/// A rotation caught between its two renames is neither taken nor counted: new contents are
+/// taken once they hold still for a poll. A set that still does not load is refused, counted
+/// once, and tried again only when it changes.
+#[test]
+fn a_half_done_rotation_is_never_taken_and_a_bad_set_is_counted_once() {
+    let Some(pki) = Pki::new() else { return };
+    let ca = pki.ca("ca");
+    let (one, two) = (pki.server(&ca, "one"), pki.server(&ca, "two"));
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&one.cert, &cert).unwrap();
+    std::fs::copy(&one.key, &key).unwrap();
+    let tls = TlsListener::load(
+        "decisions",
+        TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        },
+    )
+    .unwrap();
+    assert!(!tls.reload().unwrap(), "nothing changed");
+    std::fs::copy(&two.key, &key).unwrap();
+    assert!(!tls.reload().unwrap(), "half rotated: waits");
+    std::fs::copy(&two.cert, &cert).unwrap();
+    assert!(!tls.reload().unwrap(), "whole, but just changed: waits");
+    assert!(tls.reload().unwrap(), "held still for a poll: taken");
+    assert_eq!((tls.reloads(), tls.reload_failures()), (1, 0));
+
+    std::fs::copy(&one.cert, &cert).unwrap();
+    assert!(!tls.reload().unwrap());
+    assert!(tls.reload().is_err(), "one.crt with two.key");
+    for _ in 0..3 {
+        assert!(!tls.reload().unwrap(), "the same refused set again");
+    }
+    assert_eq!((tls.reloads(), tls.reload_failures()), (1, 1));
+    std::fs::copy(&one.key, &key).unwrap();
+    assert!(!tls.reload().unwrap());
+    assert!(tls.reload().unwrap(), "mended");
+    assert_eq!((tls.reloads(), tls.reload_failures()), (2, 1));
+}
