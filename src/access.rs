@@ -18,9 +18,10 @@
 //! state with the shared one ([`AccessList::replace_state`]) when another replica changed it.
 //! The request path still reads only the snapshot.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -59,15 +60,67 @@ pub enum AccessError {
     },
 }
 
-/// Parses `192.0.2.7`, `2001:db8::1` or `192.0.2.0/24` into a normalised network.
+/// Parses `192.0.2.7`, `2001:db8::1` or `192.0.2.0/24` into a normalised network, IPv4-mapped
+/// IPv6 ones (`::ffff:192.0.2.7`, `::ffff:192.0.2.0/120`) as the IPv4 networks they are: the
+/// form client addresses are checked in (see [`canonical_address`]).
 pub fn parse_net(s: &str) -> Result<IpNet, AccessError> {
     let s = s.trim();
     if let Ok(addr) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(addr));
+        return Ok(IpNet::from(addr.to_canonical()));
     }
     s.parse::<IpNet>()
-        .map(|n| n.trunc())
+        .map(|n| canonical_net(n.trunc()))
         .map_err(|_| AccessError::BadNet(s.to_string()))
+}
+
+/// `net`, or the IPv4 network it stands for when it lies in the IPv4-mapped range
+/// `::ffff:0:0/96`. A shorter IPv6 prefix stays IPv6: it covers more than IPv4 addresses.
+fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(n) = net
+        && let Some(prefix) = n.prefix_len().checked_sub(96)
+        && let Some(v4) = n.network().to_ipv4_mapped()
+        && let Ok(v4) = ipnet::Ipv4Net::new(v4, prefix)
+    {
+        return IpNet::V4(v4);
+    }
+    net
+}
+
+/// The text a client address entry is read as, when `value` is an IPv4-mapped IPv6 address
+/// (`::ffff:192.0.2.7`, as a dual-stack listener reports an IPv4 client): the IPv4 address
+/// (`192.0.2.7`), so that blocks, the allowlist, automatic blocks and statistics see one
+/// client whichever socket it came in on. `None` when `value` is already canonical (IPv4, any
+/// other IPv6, or not an address at all): that costs a scan for `:` and allocates nothing.
+/// The usual spelling is answered with a slice of `value`; only the rare hexadecimal one
+/// (`::ffff:c000:207`) is formatted anew.
+#[inline]
+pub fn canonical_address(value: &str) -> Option<Cow<'_, str>> {
+    // Every spelling of a mapped address starts with its zero groups (`::` or `0`): one
+    // compare turns away IPv4 (but 0.x.x.x) and most IPv6 addresses.
+    if matches!(value.as_bytes().first(), Some(b':' | b'0')) {
+        unmapped(value)
+    } else {
+        None
+    }
+}
+
+/// [`canonical_address`] past its first byte.
+#[inline(never)]
+fn unmapped(value: &str) -> Option<Cow<'_, str>> {
+    // And a `ffff` group, which most IPv6 addresses starting so lack.
+    if !value
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"ffff"))
+    {
+        return None;
+    }
+    let v4 = value.parse::<Ipv6Addr>().ok()?.to_ipv4_mapped()?;
+    match value.rsplit_once(':') {
+        // The IPv4 parser refuses leading zeros, so a tail that parses is the canonical text.
+        Some((_, tail)) if tail.parse::<Ipv4Addr>() == Ok(v4) => Some(Cow::Borrowed(tail)),
+        _ => Some(Cow::Owned(v4.to_string())),
+    }
 }
 
 /// A block as stored and reported.
@@ -318,6 +371,8 @@ impl AccessList {
         let Ok(ip) = address.parse::<IpAddr>() else {
             return Access::Normal;
         };
+        // The limiter passes canonical text already; other callers may not.
+        let ip = ip.to_canonical();
         if snap.allow_exact.contains(&ip) || snap.allow_nets.iter().any(|n| n.contains(&ip)) {
             return Access::Allowed;
         }
@@ -693,6 +748,93 @@ mod tests {
         );
         assert!(parse_net("nope").is_err());
         assert!(parse_net("1.2.3.4/33").is_err());
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_are_stored_as_ipv4() {
+        for (input, stored) in [
+            ("::ffff:192.0.2.7", "192.0.2.7/32"),
+            ("::FFFF:192.0.2.7", "192.0.2.7/32"),
+            ("::ffff:c000:207", "192.0.2.7/32"),
+            ("0:0:0:0:0:ffff:192.0.2.7/128", "192.0.2.7/32"),
+            ("::ffff:192.0.2.0/120", "192.0.2.0/24"),
+            ("::ffff:192.0.2.9/120", "192.0.2.0/24"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            // Wider than the mapped range, or outside it: IPv6 as written.
+            ("::ffff:0:0/95", "::fffe:0:0/95"),
+            ("::/0", "::/0"),
+            ("::192.0.2.7", "::c000:207/128"),
+            ("2001:db8::ffff:192.0.2.7", "2001:db8::ffff:c000:207/128"),
+            ("192.0.2.7", "192.0.2.7/32"),
+        ] {
+            assert_eq!(parse_net(input).unwrap().to_string(), stored, "{input}");
+        }
+    }
+
+    #[test]
+    fn mapped_client_addresses_read_as_ipv4_and_others_as_they_are() {
+        let canon = |v: &str| canonical_address(v).map(Cow::into_owned);
+        assert_eq!(canon("::ffff:192.0.2.7").as_deref(), Some("192.0.2.7"));
+        assert!(matches!(
+            canonical_address("::ffff:192.0.2.7"),
+            Some(Cow::Borrowed("192.0.2.7"))
+        ));
+        assert_eq!(canon("::FFFF:10.0.0.1").as_deref(), Some("10.0.0.1"));
+        assert_eq!(canon("::ffff:c000:207").as_deref(), Some("192.0.2.7"));
+        assert_eq!(
+            canon("0000:0000:0000:0000:0000:ffff:0a00:0001").as_deref(),
+            Some("10.0.0.1")
+        );
+        for as_is in [
+            "192.0.2.7",
+            "2001:db8::1",
+            "2001:db8::ffff:1",
+            "::192.0.2.7",
+            "::ffff",
+            "fe80::ffff:1.2.3.4%eth0",
+            " ::ffff:192.0.2.7",
+            "not-an-ip",
+            "",
+        ] {
+            assert_eq!(canonical_address(as_is), None, "{as_is:?}");
+        }
+    }
+
+    #[test]
+    fn either_spelling_of_an_ipv4_client_matches_either_spelling_of_an_entry() {
+        let l = AccessList::empty();
+        l.block(net("192.0.2.7"), None, "r".into(), "a".into(), t(1));
+        l.block(
+            net("::ffff:198.51.100.0/120"),
+            None,
+            "r".into(),
+            "a".into(),
+            t(1),
+        );
+        l.allow(net("::ffff:203.0.113.9"), "ops".into(), t(1));
+        l.allow(net("10.0.0.0/8"), "ops".into(), t(1));
+        for client in [
+            "192.0.2.7",
+            "::ffff:192.0.2.7",
+            "198.51.100.200",
+            "::ffff:198.51.100.200",
+            "::ffff:c633:64c8",
+        ] {
+            assert!(
+                matches!(l.check_at(client, t(2)), Access::Blocked { .. }),
+                "{client}"
+            );
+        }
+        for client in ["203.0.113.9", "::ffff:203.0.113.9", "::ffff:10.1.2.3"] {
+            assert_eq!(l.check_at(client, t(2)), Access::Allowed, "{client}");
+        }
+        assert_eq!(l.check_at("::ffff:192.0.2.8", t(2)), Access::Normal);
+        assert_eq!(l.check_at("2001:db8::c000:207", t(2)), Access::Normal);
+        // One entry per network, whichever spelling made it.
+        assert!(l.unblock(net("::ffff:192.0.2.7")));
+        assert_eq!(l.check_at("192.0.2.7", t(2)), Access::Normal);
+        assert!(l.disallow(net("::ffff:10.0.0.0/104")));
+        assert_eq!(l.check_at("10.1.2.3", t(2)), Access::Normal);
     }
 
     #[test]

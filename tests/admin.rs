@@ -712,3 +712,103 @@ async fn an_admin_listener_without_a_credential_is_refused_even_on_loopback() {
         );
     }
 }
+
+/// An IPv4 client reaches sluice as `192.0.2.7` or, through a dual-stack listener, as
+/// `::ffff:192.0.2.7`: blocks and allowlist entries made with either spelling match both, are
+/// stored as IPv4, and the client's statistics and counters are one client's.
+#[tokio::test]
+async fn ipv4_mapped_and_plain_addresses_are_the_same_client() {
+    let yaml = "allowlist: ['::ffff:10.9.0.0/112']\ndomains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [3/minute]\n";
+    let srv = TestServer::start(yaml).await;
+    let req = |ip: &str| {
+        request(
+            "d",
+            vec![descriptor(&[("path", "/a"), ("remote_address", ip)])],
+        )
+    };
+    let mut admin = srv.admin().await;
+
+    // One counter whichever the spelling: the third call of 3/minute is the last admitted.
+    for ip in ["192.0.2.1", "::ffff:192.0.2.1", "::ffff:c000:201"] {
+        assert_eq!(srv.call(req(ip)).await.overall_code, OK, "{ip}");
+    }
+    assert_eq!(srv.call(req("::ffff:192.0.2.1")).await.overall_code, OVER);
+    let stats = admin
+        .get_stats(authed(pb::GetStatsRequest {
+            client: "::ffff:192.0.2.1".into(),
+            top: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.clients.len(), 1);
+    assert_eq!(stats.clients[0].client, "d|192.0.2.1");
+    assert_eq!(stats.clients[0].address, "192.0.2.1");
+    let counts = stats.clients[0].counts.unwrap();
+    assert_eq!((counts.allowed, counts.limited), (3, 1));
+
+    // Blocks made with either spelling, listed as IPv4, match both spellings.
+    let b = block(&srv, "::ffff:192.0.2.7", 600, false).await;
+    assert_eq!(b.ip, "192.0.2.7/32");
+    let b = block(&srv, "::ffff:198.51.100.0/120", 600, false).await;
+    assert_eq!(b.ip, "198.51.100.0/24");
+    block(&srv, "203.0.113.0/24", 600, false).await;
+    for ip in [
+        "192.0.2.7",
+        "::ffff:192.0.2.7",
+        "198.51.100.9",
+        "::ffff:198.51.100.9",
+        "203.0.113.5",
+        "::ffff:203.0.113.5",
+    ] {
+        let r = srv.call(req(ip)).await;
+        assert_eq!(r.overall_code, OVER, "{ip} is blocked");
+        assert!(header(&r, "retry-after").is_some(), "{ip}: as a block");
+    }
+    assert_eq!(srv.call(req("::ffff:192.0.2.8")).await.overall_code, OK);
+
+    // The allowlist too, from the admin API and from the config file.
+    let entry = admin
+        .allow(authed(pb::AllowRequest {
+            ip: "::ffff:203.0.113.5".into(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    assert_eq!(entry.ip, "203.0.113.5/32");
+    for ip in [
+        "203.0.113.5",
+        "::ffff:203.0.113.5",
+        "10.9.1.1",
+        "::ffff:10.9.1.1",
+    ] {
+        let r = srv.call(req(ip)).await;
+        assert_eq!(r.overall_code, OK, "{ip} is allowlisted");
+        assert!(
+            r.statuses[0].current_limit.is_none(),
+            "{ip}: no limit applies"
+        );
+    }
+    let config = admin
+        .get_config(authed(pb::GetConfigRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(config.config_allowlist, ["10.9.0.0/16"]);
+
+    // Removed with the other spelling than the one that made it.
+    for ip in ["192.0.2.7", "::ffff:198.51.100.0/120"] {
+        let removed = admin
+            .unblock_ip(authed(pb::UnblockIpRequest { ip: ip.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .removed;
+        assert!(removed, "{ip}");
+    }
+    assert_eq!(srv.call(req("::ffff:192.0.2.7")).await.overall_code, OK);
+    assert_eq!(srv.call(req("198.51.100.9")).await.overall_code, OK);
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::access::{AccessError, AllowEntry, AllowSource, Block, parse_net};
+use crate::access::{AccessError, AllowEntry, AllowSource, Block, canonical_address, parse_net};
 use crate::algorithms::Policy;
 use crate::limiter::Limiter;
 use crate::limiter::model::{Limit, RuleSet};
@@ -37,6 +37,12 @@ impl<S> AdminService<S> {
 
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {e}"))
+}
+
+/// A client query (a client id or an address) with an IPv4-mapped address as the IPv4 one,
+/// as the limiter records clients.
+fn canonical_client(client: &str) -> std::borrow::Cow<'_, str> {
+    canonical_address(client).unwrap_or(std::borrow::Cow::Borrowed(client))
 }
 
 fn timestamp(nanos: u64) -> prost_types::Timestamp {
@@ -230,7 +236,7 @@ impl<S: Store> Admin for AdminService<S> {
             Vec::new()
         } else {
             stats
-                .find_clients(&req.client)
+                .find_clients(&canonical_client(&req.client))
                 .iter()
                 .map(client_pb)
                 .collect()
@@ -366,10 +372,11 @@ impl<S: Store> Admin for AdminService<S> {
         &self,
         request: Request<pb::ResetClientRequest>,
     ) -> Result<Response<pb::ResetClientResponse>, Status> {
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         if req.client.is_empty() {
             return Err(invalid("client", "must not be empty"));
         }
+        req.client = canonical_client(&req.client).into_owned();
         let rules = self.limiter.rules();
         let domain = rules
             .domain(&req.domain)
