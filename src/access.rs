@@ -2,14 +2,17 @@
 //!
 //! The request path reads only an "empty" flag when there is nothing to check; otherwise an
 //! immutable snapshot through one atomic load (no lock), parses the client address and looks it
-//! up in per-prefix-length maps (`access/nets.rs`): a probe per prefix length present, not a scan of the entries, so
-//! 20,000 blocks cost a decision what one does.
+//! up in per-prefix-length maps (`access/nets.rs`): a probe per prefix length present, not a
+//! scan of the entries, so 20,000 blocks cost a decision what one does.
 //! Writers (admin calls, automatic blocks, the sweeper) serialise on a mutex, edit the state,
 //! and publish a new snapshot and the flag; they are rare, so rebuilding the snapshot is fine.
 //!
 //! Blocks and runtime allowlist entries survive restarts through a JSON state file written
 //! atomically (write to a temporary file, fsync, rename, fsync the directory). A state file that
-//! cannot be read stops start-up with a clear error and is never overwritten.
+//! cannot be read stops start-up with a clear error and is never overwritten. Its size and the
+//! text of its entries are bounded ([`MAX_STATE_FILE_BYTES`], [`MAX_REASON_BYTES`],
+//! [`MAX_CREATED_BY_BYTES`]): a file past them is refused rather than loaded, and sluice never
+//! writes one.
 //!
 //! Expiry is checked against the caller's clock at read time, so a temporary block ends exactly
 //! when it should even between sweeps (and tests step a manual clock).
@@ -24,6 +27,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -54,6 +58,17 @@ pub enum AccessError {
         /// What is wrong.
         reason: String,
     },
+    /// The state would not fit in a state file.
+    #[error(
+        "state file {path} not written: the state is {bytes} bytes, more than the \
+         {MAX_STATE_FILE_BYTES} a state file may hold (the previous file is kept)"
+    )]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// The state's size as JSON.
+        bytes: usize,
+    },
     /// Reading or writing the state file failed.
     #[error("state file {path}: {source}")]
     Io {
@@ -63,6 +78,15 @@ pub enum AccessError {
         source: std::io::Error,
     },
 }
+
+/// Longest block or allowlist `reason`, in bytes: a page of [`crate::admin::MAX_PAGE_SIZE`]
+/// blocks with the longest texts stays within gRPC's default 4 MiB message.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Longest block `created_by`, in bytes (made by sluice: the admin peer or the automatic
+/// block's domain, cut to this).
+pub const MAX_CREATED_BY_BYTES: usize = 1024;
+/// Largest state file loaded or written, in bytes: about 200,000 entries of short texts.
+pub const MAX_STATE_FILE_BYTES: usize = 64 << 20;
 
 /// Parses `192.0.2.7`, `2001:db8::1` or `192.0.2.0/24` into a normalised network, IPv4-mapped
 /// IPv6 ones (`::ffff:192.0.2.7`, `::ffff:192.0.2.0/120`) as the IPv4 networks they are: the
@@ -149,10 +173,39 @@ impl Block {
     fn active_at(&self, now: u64) -> bool {
         self.expires_at.is_none_or(|e| e > now)
     }
+
+    /// Whether its texts are within bounds (entries from a state file or another replica).
+    pub fn check(&self) -> Result<(), String> {
+        check_len("reason", &self.reason, MAX_REASON_BYTES)?;
+        check_len("created_by", &self.created_by, MAX_CREATED_BY_BYTES)
+    }
 }
 
-/// Where an allowlist entry comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `field: N bytes, at most M allowed` when `value` is longer than `max` bytes.
+pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "{field}: {} bytes, at most {max} allowed",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn clamp(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Where an allowlist entry comes from. Config entries list first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AllowSource {
     /// The config file's `allowlist`.
@@ -173,6 +226,18 @@ pub struct AllowEntry {
     pub created_at: u64,
     /// Why.
     pub reason: String,
+}
+
+impl AllowEntry {
+    /// Whether its text is within bounds (entries from a state file or another replica).
+    pub fn check(&self) -> Result<(), String> {
+        check_len("reason", &self.reason, MAX_REASON_BYTES)
+    }
+
+    /// Its place in [`AccessList::allowed_page`]'s order.
+    pub fn key(&self) -> (IpNet, AllowSource) {
+        (self.net, self.source)
+    }
 }
 
 /// What the access lists say about an address.
@@ -308,18 +373,23 @@ impl AccessList {
     pub fn open(file: Option<PathBuf>, config_allowed: Vec<IpNet>) -> Result<Self, AccessError> {
         let mut state = State::default();
         if let Some(path) = &file {
-            match std::fs::read(path) {
-                Ok(bytes) => {
+            let damaged = |reason: String| AccessError::Damaged {
+                path: path.display().to_string(),
+                reason,
+            };
+            match read_bounded(path) {
+                Ok(Some(bytes)) => {
                     let parsed: StateFile =
-                        serde_json::from_slice(&bytes).map_err(|e| AccessError::Damaged {
-                            path: path.display().to_string(),
-                            reason: e.to_string(),
-                        })?;
+                        serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
                     if parsed.version != STATE_VERSION {
-                        return Err(AccessError::Damaged {
-                            path: path.display().to_string(),
-                            reason: format!("unsupported version {}", parsed.version),
-                        });
+                        return Err(damaged(format!("unsupported version {}", parsed.version)));
+                    }
+                    for (i, b) in parsed.blocks.iter().enumerate() {
+                        b.check().map_err(|e| damaged(format!("blocks[{i}].{e}")))?;
+                    }
+                    for (i, a) in parsed.allowed.iter().enumerate() {
+                        a.check()
+                            .map_err(|e| damaged(format!("allowed[{i}].{e}")))?;
                     }
                     for b in parsed.blocks {
                         state.blocks.insert(b.net, b);
@@ -328,8 +398,13 @@ impl AccessList {
                         state.allowed.insert(a.net, a);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
+                Ok(None) => {}
+                Err(ReadError::TooLarge) => {
+                    return Err(damaged(format!(
+                        "more than the {MAX_STATE_FILE_BYTES} bytes a state file may hold"
+                    )));
+                }
+                Err(ReadError::Io(source)) => {
                     return Err(AccessError::Io {
                         path: path.display().to_string(),
                         source,
@@ -467,6 +542,27 @@ impl AccessList {
         out
     }
 
+    /// Up to `size` blocks active at `now` whose network sorts after `after`, in network order
+    /// (stable while blocks come and go, so pages neither repeat nor skip one that stays); and
+    /// the network to continue after, when more follow.
+    pub fn blocks_page_at(
+        &self,
+        now: Timestamp,
+        after: Option<IpNet>,
+        size: usize,
+    ) -> (Vec<Block>, Option<IpNet>) {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let state = self.state.lock();
+        let mut active = state
+            .blocks
+            .range((from, Bound::Unbounded))
+            .map(|(_, b)| b)
+            .filter(|b| b.active_at(now.as_nanos()));
+        let page: Vec<Block> = active.by_ref().take(size).cloned().collect();
+        let next = active.next().and(page.last()).map(|b| b.net);
+        (page, next)
+    }
+
     /// Adds a runtime allowlist entry.
     pub fn allow(&self, net: IpNet, reason: String, now: Timestamp) -> AllowEntry {
         let entry = AllowEntry {
@@ -576,15 +672,48 @@ impl AccessList {
             .config_allowed
             .lock()
             .iter()
-            .map(|n| AllowEntry {
-                net: *n,
-                source: AllowSource::Config,
-                created_at: 0,
-                reason: "config file".to_string(),
-            })
+            .map(|n| config_entry(*n))
             .collect();
         out.extend(self.state.lock().allowed.values().cloned());
         out
+    }
+
+    /// Up to `size` allowlist entries (config and runtime) whose [`AllowEntry::key`] sorts after
+    /// `after`, in that order; and the key to continue after, when more follow.
+    pub fn allowed_page(
+        &self,
+        after: Option<(IpNet, AllowSource)>,
+        size: usize,
+    ) -> (Vec<AllowEntry>, Option<(IpNet, AllowSource)>) {
+        let later = |key: (IpNet, AllowSource)| after.is_none_or(|a| key > a);
+        let mut page: Vec<AllowEntry> = self
+            .config_allowed
+            .lock()
+            .iter()
+            .filter(|n| later((**n, AllowSource::Config)))
+            .map(|n| config_entry(*n))
+            .collect();
+        // A runtime entry of the cursor's network sorts after its config entry.
+        let from = match after {
+            None => Bound::Unbounded,
+            Some((net, AllowSource::Config)) => Bound::Included(net),
+            Some((net, AllowSource::Runtime)) => Bound::Excluded(net),
+        };
+        page.extend(
+            self.state
+                .lock()
+                .allowed
+                .range((from, Bound::Unbounded))
+                .map(|(_, a)| a.clone())
+                .take(size.saturating_add(1)),
+        );
+        page.sort_by_key(AllowEntry::key);
+        page.dedup_by_key(|a| a.key());
+        let next = (page.len() > size)
+            .then(|| page.get(size.wrapping_sub(1)).map(AllowEntry::key))
+            .flatten();
+        page.truncate(size);
+        (page, next)
     }
 
     /// Replaces the config file's allowlist (on reload).
@@ -614,6 +743,11 @@ impl AccessList {
     /// Writes the state file atomically (no-op without a file). Blocking I/O: call it from
     /// `spawn_blocking` on the async runtime.
     pub fn persist(&self) -> Result<(), AccessError> {
+        self.persist_within(MAX_STATE_FILE_BYTES)
+    }
+
+    /// [`Self::persist`], refusing a state of more than `max` bytes.
+    fn persist_within(&self, max: usize) -> Result<(), AccessError> {
         let Some(path) = &self.file else {
             return Ok(());
         };
@@ -632,6 +766,12 @@ impl AccessList {
             source,
         };
         let json = serde_json::to_vec_pretty(&body).map_err(|e| io(std::io::Error::other(e)))?;
+        if json.len() > max {
+            return Err(AccessError::TooLarge {
+                path: path.display().to_string(),
+                bytes: json.len(),
+            });
+        }
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -694,9 +834,45 @@ fn new_block(
         permanent: duration.is_none(),
         created_at: now.as_nanos(),
         expires_at: duration.map(|d| now.as_nanos().saturating_add(duration_nanos(d))),
-        reason,
-        created_by,
+        // Admin input is refused past these; what sluice writes itself is cut to them.
+        reason: clamp(reason, MAX_REASON_BYTES),
+        created_by: clamp(created_by, MAX_CREATED_BY_BYTES),
     }
+}
+
+/// The allowlist entry of a config file network.
+fn config_entry(net: IpNet) -> AllowEntry {
+    AllowEntry {
+        net,
+        source: AllowSource::Config,
+        created_at: 0,
+        reason: "config file".to_string(),
+    }
+}
+
+/// Why a state file could not be read.
+enum ReadError {
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// The state file's bytes, `None` if it does not exist; never more than
+/// [`MAX_STATE_FILE_BYTES`] read into memory.
+fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, ReadError> {
+    use std::io::Read as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ReadError::Io(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() > MAX_STATE_FILE_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(Some(bytes))
 }
 
 mod net_string {
@@ -968,6 +1144,159 @@ mod tests {
             b"{not json",
             "left untouched"
         );
+    }
+
+    #[test]
+    fn an_oversize_state_file_or_entry_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        // Sparse: no 64 MiB written, but that many bytes to read.
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_STATE_FILE_BYTES as u64 + 1).unwrap();
+        let err = AccessList::open(Some(path.clone()), vec![]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than the 67108864 bytes a state file may hold"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            MAX_STATE_FILE_BYTES as u64 + 1,
+            "left untouched"
+        );
+
+        let entry = |field: &str, len: usize| {
+            let block = serde_json::json!({
+                "net": "192.0.2.7/32", "permanent": true, "created_at": 1, "expires_at": null,
+                "reason": "r", "created_by": "admin",
+            });
+            let mut long = block.clone();
+            long[field] = serde_json::Value::String("é".repeat(len / 2));
+            serde_json::json!({"version": 1, "blocks": [block, long], "allowed": []})
+        };
+        for (field, len, ok) in [
+            ("reason", 1024, true),
+            ("reason", 1026, false),
+            ("created_by", 1024, true),
+            ("created_by", 3_500_000, false),
+        ] {
+            let text = entry(field, len).to_string();
+            std::fs::write(&path, &text).unwrap();
+            match AccessList::open(Some(path.clone()), vec![]) {
+                Ok(_) => assert!(ok, "{field} of {len} bytes loaded"),
+                Err(e) => {
+                    assert!(!ok, "{field} of {len} bytes: {e}");
+                    assert!(
+                        e.to_string().contains(&format!(
+                            "blocks[1].{field}: {len} bytes, at most 1024 allowed"
+                        )),
+                        "{e}"
+                    );
+                    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_too_large_to_load_again_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let l = AccessList::open(Some(path.clone()), vec![]).unwrap();
+        l.block(net("192.0.2.1"), None, "r".into(), "a".into(), t(1));
+        l.persist_within(1000).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        l.block(net("192.0.2.2"), None, "x".repeat(1000), "a".into(), t(1));
+        let err = l.persist_within(1000).unwrap_err();
+        assert!(matches!(err, AccessError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().contains("the previous file is kept"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn what_sluice_writes_itself_is_cut_to_the_bounds() {
+        let l = AccessList::empty();
+        let by = format!("auto-block {}", "ü".repeat(600));
+        let b = l
+            .block_if_absent(
+                net("192.0.2.1"),
+                Duration::from_secs(1),
+                "r".repeat(2000),
+                by,
+                t(1),
+            )
+            .unwrap();
+        assert_eq!(b.reason.len(), MAX_REASON_BYTES);
+        assert_eq!(
+            b.created_by.len(),
+            MAX_CREATED_BY_BYTES - 1,
+            "on a character boundary"
+        );
+        assert!(b.check().is_ok());
+    }
+
+    #[test]
+    fn pages_follow_network_order_and_continue_after_their_last_entry() {
+        let l = AccessList::empty();
+        l.set_config_allowed(vec![net("10.0.0.0/8"), net("2001:db8::/32")]);
+        for ip in ["10.0.0.0/8", "9.9.9.9", "192.0.2.0/24"] {
+            l.allow(net(ip), "ops".into(), t(1));
+        }
+        let (page, next) = l.allowed_page(None, 2);
+        let keys = |p: &[AllowEntry]| {
+            p.iter()
+                .map(|a| (a.net.to_string(), a.source))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(&page),
+            [
+                ("9.9.9.9/32".to_string(), AllowSource::Runtime),
+                ("10.0.0.0/8".to_string(), AllowSource::Config)
+            ]
+        );
+        let (page, next) = l.allowed_page(next, 2);
+        assert_eq!(
+            keys(&page),
+            [
+                ("10.0.0.0/8".to_string(), AllowSource::Runtime),
+                ("192.0.2.0/24".to_string(), AllowSource::Runtime)
+            ]
+        );
+        let (page, next) = l.allowed_page(next, 2);
+        assert_eq!(
+            keys(&page),
+            [("2001:db8::/32".to_string(), AllowSource::Config)]
+        );
+        assert_eq!(next, None);
+
+        let d = Some(Duration::from_secs(10));
+        for ip in ["192.0.2.3", "192.0.2.1", "10.0.0.0/8", "192.0.2.2"] {
+            l.block(net(ip), d, "r".into(), "a".into(), t(1));
+        }
+        l.block(
+            net("10.1.0.0/16"),
+            Some(Duration::from_secs(1)),
+            "r".into(),
+            "a".into(),
+            t(1),
+        );
+        let nets = |p: &[Block]| p.iter().map(|b| b.net.to_string()).collect::<Vec<_>>();
+        let (page, next) = l.blocks_page_at(t(5), None, 2);
+        assert_eq!(
+            nets(&page),
+            ["10.0.0.0/8", "192.0.2.1/32"],
+            "the expired /16 skipped"
+        );
+        assert_eq!(next, Some(net("192.0.2.1")));
+        let (page, next) = l.blocks_page_at(t(5), next, 2);
+        assert_eq!(nets(&page), ["192.0.2.2/32", "192.0.2.3/32"]);
+        assert_eq!(next, None, "nothing follows: no empty last page");
+        let (page, next) = l.blocks_page_at(t(5), Some(net("192.0.2.3")), 2);
+        assert!(page.is_empty() && next.is_none());
     }
 
     #[test]
