@@ -29,7 +29,7 @@ use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -352,6 +352,34 @@ struct StateFile {
 
 const STATE_VERSION: u32 = 1;
 
+/// Failures keeping the state of blocks and the allowlist, by kind: none is dropped without
+/// being counted here (and logged, rate-limited, where it happens). Rendered on `/metrics`.
+#[derive(Debug, Default)]
+pub struct SyncErrors {
+    /// Shared entries (in Redis) that cannot be decoded or break a bound: skipped, the others
+    /// applied. Counted each time the shared state is loaded.
+    pub decode: AtomicU64,
+    /// Local changes that cannot be encoded for the shared state: kept locally, not shared.
+    pub encode: AtomicU64,
+    /// Replication rounds through Redis that failed (unreachable, erroring): retried.
+    pub redis: AtomicU64,
+    /// State file writes that failed (the previous file is kept).
+    pub file: AtomicU64,
+}
+
+impl SyncErrors {
+    /// `(kind, count)` for every kind, in a fixed order.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        [
+            ("decode", &self.decode),
+            ("encode", &self.encode),
+            ("redis", &self.redis),
+            ("file", &self.file),
+        ]
+        .map(|(kind, n)| (kind, n.load(Ordering::Relaxed)))
+    }
+}
+
 /// Blocks and allowlist, shared by the limiter and the admin service.
 #[derive(Debug)]
 pub struct AccessList {
@@ -365,6 +393,7 @@ pub struct AccessList {
     write_lock: Mutex<()>,
     changed: Notify,
     to_replicate: Notify,
+    sync_errors: SyncErrors,
 }
 
 impl AccessList {
@@ -421,6 +450,7 @@ impl AccessList {
             write_lock: Mutex::new(()),
             changed: Notify::new(),
             to_replicate: Notify::new(),
+            sync_errors: SyncErrors::default(),
         };
         list.publish(&list.state.lock());
         Ok(list)
@@ -437,7 +467,13 @@ impl AccessList {
             write_lock: Mutex::new(()),
             changed: Notify::new(),
             to_replicate: Notify::new(),
+            sync_errors: SyncErrors::default(),
         }
+    }
+
+    /// Failures keeping this state, for `/metrics`.
+    pub fn sync_errors(&self) -> &SyncErrors {
+        &self.sync_errors
     }
 
     /// The state file, if any.
@@ -742,8 +778,13 @@ impl AccessList {
 
     /// Writes the state file atomically (no-op without a file). Blocking I/O: call it from
     /// `spawn_blocking` on the async runtime.
+    /// A failure is counted ([`SyncErrors::file`]); the caller reports it.
     pub fn persist(&self) -> Result<(), AccessError> {
-        self.persist_within(MAX_STATE_FILE_BYTES)
+        let written = self.persist_within(MAX_STATE_FILE_BYTES);
+        if written.is_err() {
+            self.sync_errors.file.fetch_add(1, Ordering::Relaxed);
+        }
+        written
     }
 
     /// [`Self::persist`], refusing a state of more than `max` bytes.
@@ -1196,6 +1237,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_written_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = AccessList::open(Some(dir.path().join("gone/state.json")), vec![]).unwrap();
+        l.block(net("192.0.2.1"), None, "r".into(), "a".into(), t(1));
+        assert!(l.persist().is_err());
+        assert!(l.persist().is_err());
+        let counts = l.sync_errors().counts();
+        assert_eq!(
+            counts,
+            [("decode", 0), ("encode", 0), ("redis", 0), ("file", 2)]
+        );
     }
 
     #[test]

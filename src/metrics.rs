@@ -148,6 +148,14 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
         "Blocks in force.",
         limiter.access().active_blocks_at(now),
     );
+    out.family(
+        "sluice_state_sync_errors_total",
+        "counter",
+        "Failures keeping blocks and the allowlist, by kind: entries in Redis that cannot be decoded or break a bound (skipped), local changes that cannot be encoded for Redis (not shared), replication rounds through Redis that failed (retried), state file writes that failed.",
+    );
+    for (kind, n) in limiter.access().sync_errors().counts() {
+        out.sample("sluice_state_sync_errors_total", &[("kind", kind)], n);
+    }
     out.single(
         "sluice_tracked_keys",
         "gauge",
