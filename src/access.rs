@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::clock::{Timestamp, duration_nanos};
+use crate::input::ReadError;
 
 /// A blocklist or allowlist operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +226,11 @@ struct StateFile {
 
 const STATE_VERSION: u32 = 1;
 
+/// Largest state file read or written, in bytes: a state file is read whole at start, so a huge
+/// one is refused unread, and sluice never writes one it would then refuse (the admin call fails
+/// instead, and the old file stays). Hundreds of thousands of blocks fit.
+pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Blocks and allowlist, shared by the limiter and the admin service.
 #[derive(Debug)]
 pub struct AccessList {
@@ -246,7 +252,15 @@ impl AccessList {
     pub fn open(file: Option<PathBuf>, config_allowed: Vec<IpNet>) -> Result<Self, AccessError> {
         let mut state = State::default();
         if let Some(path) = &file {
-            match std::fs::read(path) {
+            match crate::input::read_bounded(path, MAX_STATE_BYTES) {
+                Err(ReadError::TooLarge { size, max }) => {
+                    return Err(AccessError::Damaged {
+                        path: path.display().to_string(),
+                        reason: format!(
+                            "{size} bytes, over the bound of {max} bytes on a state file; refused unread"
+                        ),
+                    });
+                }
                 Ok(bytes) => {
                     let parsed: StateFile =
                         serde_json::from_slice(&bytes).map_err(|e| AccessError::Damaged {
@@ -266,8 +280,8 @@ impl AccessList {
                         state.allowed.insert(a.net.to_string(), a);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
+                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(ReadError::Io(source)) => {
                     return Err(AccessError::Io {
                         path: path.display().to_string(),
                         source,
@@ -576,6 +590,12 @@ impl AccessList {
             source,
         };
         let json = serde_json::to_vec_pretty(&body).map_err(|e| io(std::io::Error::other(e)))?;
+        if json.len() as u64 > MAX_STATE_BYTES {
+            return Err(io(std::io::Error::other(format!(
+                "{} bytes, over the bound of {MAX_STATE_BYTES} bytes on a state file; not written",
+                json.len()
+            ))));
+        }
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -8,6 +8,7 @@
 //! - [`clock`]: the only source of time; tests drive a [`clock::ManualClock`].
 //! - [`algorithms`]: sliding window, fixed window and token bucket as pure functions, used by
 //!   every store; [`entries`]: finding an entry's value and comparing names.
+//! - [`input`]: files read whole (config, state file), under a size bound.
 //! - [`access`]: the access list (blocks, allowlist, the state file).
 //! - [`store`]: the [`store::Store`] trait, its in-memory and Redis backends, and the replication
 //!   of the access list through Redis. [`store::table`] is the in-memory store's hash table.
@@ -35,6 +36,7 @@ pub mod config;
 pub mod connections;
 pub mod entries;
 pub mod http;
+pub mod input;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;
