@@ -26,6 +26,8 @@
 //!   background tasks and graceful shutdown. The caller binds the listeners and owns shutdown.
 //! - [`app`]: the binary's wiring, in the order `sluice serve` builds things (store, limiter,
 //!   replication of blocks, listeners, reload, shutdown), so that `main.rs` stays a thin CLI.
+//! - `fuzzing` (hidden): the fuzz targets' entry functions, shared by `fuzz/` and the property
+//!   tests of `tests/hostile_input.rs`.
 
 pub mod access;
 pub mod admin;
@@ -35,6 +37,8 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod entries;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod input;
 pub mod limiter;

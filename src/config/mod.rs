@@ -150,8 +150,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`load`] with variables looked up by `env`.
 pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let files = read_source(path, &env)?;
-    if !path.is_dir()
-        && let [one] = files.as_slice()
+    from_files(path.is_dir().then_some(path), &files, env)
+}
+
+/// Compiles files already read: those of directory `dir`, or with `None` the one file named at
+/// the command line. What [`load_with`] does once it has read them, and what the fuzz targets
+/// run on their input.
+pub fn from_files(
+    dir: Option<&Path>,
+    files: &[reference::File],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    if dir.is_none()
+        && let [one] = files
         && !reference::is_reference(&one.text)
     {
         return parse(&one.text, &one.name, env);
@@ -163,11 +174,11 @@ pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Co
         .collect();
     if let Some(first) = native.first() {
         return Err(ConfigError::Mixed {
-            dir: path.display().to_string(),
+            dir: dir.map_or_else(|| first.to_string(), |d| d.display().to_string()),
             native: first.to_string(),
         });
     }
-    compile_reference(&files, env)
+    compile_reference(files, env)
 }
 
 /// The config directory the reference's `RUNTIME_*` variables name, when `RUNTIME_ROOT` is set.
@@ -315,7 +326,10 @@ pub fn parse(
         .map_err(|e| invalid(Some(e.line()), String::new(), e.to_string()))?;
     guard::check_aliases(&expanded).map_err(|m| invalid(None, String::new(), m))?;
     let raw: RawConfig = serde_yaml::from_str(&expanded).map_err(|e| {
-        let line = e.location().map(|l| l.line());
+        // libyaml ends an unterminated last line before the end of the stream, so an error there
+        // would name the line after the last one.
+        let last = expanded.matches('\n').count() + 1;
+        let line = e.location().map(|l| l.line().min(last));
         let mut message = e.to_string();
         if let Some(i) = message.rfind(" at line ") {
             message.truncate(i);

@@ -330,3 +330,16 @@ fn store_backend_errors_name_the_field() {
     let e = parse_err(&format!("store:\n  urll: redis://a:1\n{ONE_DOMAIN}"));
     assert!(e.contains("store: unknown field `urll`"), "{e}");
 }
+
+#[test]
+fn an_error_at_the_end_of_an_unterminated_file_names_its_last_line() {
+    // Found by the config_sluice fuzz target: libyaml reported line 2 of this one-line file.
+    assert_eq!(
+        parse_err("domains: ["),
+        "t.yaml:1: did not find expected node content"
+    );
+    assert_eq!(
+        parse_err("domains: [\n"),
+        "t.yaml:2: did not find expected node content"
+    );
+}
