@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::clock::{Timestamp, duration_nanos};
+use crate::input::ReadError;
 
 mod nets;
 
@@ -406,8 +407,8 @@ impl AccessList {
                 path: path.display().to_string(),
                 reason,
             };
-            match read_bounded(path) {
-                Ok(Some(bytes)) => {
+            match crate::input::read_bounded(path, MAX_STATE_FILE_BYTES as u64) {
+                Ok(bytes) => {
                     let parsed: StateFile =
                         serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
                     if parsed.version != STATE_VERSION {
@@ -427,10 +428,10 @@ impl AccessList {
                         state.allowed.insert(a.net, a);
                     }
                 }
-                Ok(None) => {}
-                Err(ReadError::TooLarge) => {
+                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(ReadError::TooLarge { size, .. }) => {
                     return Err(damaged(format!(
-                        "more than the {MAX_STATE_FILE_BYTES} bytes a state file may hold"
+                        "{size} bytes, more than the {MAX_STATE_FILE_BYTES} a state file may hold; refused unread"
                     )));
                 }
                 Err(ReadError::Io(source)) => {
@@ -889,31 +890,6 @@ fn config_entry(net: IpNet) -> AllowEntry {
         created_at: 0,
         reason: "config file".to_string(),
     }
-}
-
-/// Why a state file could not be read.
-enum ReadError {
-    TooLarge,
-    Io(std::io::Error),
-}
-
-/// The state file's bytes, `None` if it does not exist; never more than
-/// [`MAX_STATE_FILE_BYTES`] read into memory.
-fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, ReadError> {
-    use std::io::Read as _;
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(ReadError::Io(e)),
-    };
-    let mut bytes = Vec::new();
-    file.take(MAX_STATE_FILE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(ReadError::Io)?;
-    if bytes.len() > MAX_STATE_FILE_BYTES {
-        return Err(ReadError::TooLarge);
-    }
-    Ok(Some(bytes))
 }
 
 mod net_string {

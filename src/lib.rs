@@ -8,6 +8,7 @@
 //! - [`clock`]: the only source of time; tests drive a [`clock::ManualClock`].
 //! - [`algorithms`]: sliding window, fixed window and token bucket as pure functions, used by
 //!   every store; [`entries`]: finding an entry's value and comparing names.
+//! - [`input`]: files read whole (config, state file), under a size bound.
 //! - [`access`]: the access list (blocks, allowlist, the state file).
 //! - [`store`]: the [`store::Store`] trait, its in-memory and Redis backends, and the replication
 //!   of the access list through Redis. [`store::table`] is the in-memory store's hash table.
@@ -26,6 +27,8 @@
 //!   background tasks and graceful shutdown. The caller binds the listeners and owns shutdown.
 //! - [`app`]: the binary's wiring, in the order `sluice serve` builds things (store, limiter,
 //!   replication of blocks, listeners, reload, shutdown), so that `main.rs` stays a thin CLI.
+//! - `fuzzing` (hidden): the fuzz targets' entry functions, shared by `fuzz/` and the property
+//!   tests of `tests/hostile_input.rs`.
 
 pub mod access;
 pub mod admin;
@@ -35,7 +38,10 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod entries;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
+pub mod input;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;

@@ -7,6 +7,7 @@
 //! old rules keep serving and simply drop the result if it is invalid.
 
 pub mod env;
+pub mod guard;
 pub mod locate;
 pub mod rate;
 pub mod raw;
@@ -24,6 +25,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::access::parse_net;
 use crate::algorithms::Policy;
+use crate::input::ReadError;
 use crate::limiter::model::{AutoBlock, Condition, Domain, Limit, Reported, Rule, RuleSet};
 use crate::limiter::path::{PathRouter, PathTemplate};
 use crate::limiter::reference::ReferenceRules;
@@ -108,6 +110,18 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A file is over [`guard::MAX_FILE_BYTES`]; nothing of it was read.
+    #[error(
+        "{file}: refused before parsing: {size} bytes, over the bound of {max} bytes on a config file"
+    )]
+    TooLarge {
+        /// The file.
+        file: String,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
     /// An envoyproxy/ratelimit file is not valid, in the reference's words.
     #[error(transparent)]
     Reference(#[from] reference::ReferenceError),
@@ -163,12 +177,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`load`] with variables looked up by `env`.
 pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let files = read_source(path, &env)?;
-    if !path.is_dir()
-        && let [one] = files.as_slice()
+    from_files(path.is_dir().then_some(path), &files, env)
+}
+
+/// Compiles files already read: those of directory `dir`, or with `None` the one file named at
+/// the command line. What [`load_with`] does once it has read them, and what the fuzz targets
+/// run on their input.
+pub fn from_files(
+    dir: Option<&Path>,
+    files: &[reference::File],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    if dir.is_none()
+        && let [one] = files
         && !reference::is_reference(&one.text)
     {
         let mut cfg = parse(&one.text, &one.name, env)?;
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = Path::new(&one.name).parent() {
             cfg.tls = cfg.tls.relative_to(dir);
         }
         return Ok(cfg);
@@ -180,11 +205,11 @@ pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Co
         .collect();
     if let Some(first) = native.first() {
         return Err(ConfigError::Mixed {
-            dir: path.display().to_string(),
+            dir: dir.map_or_else(|| first.to_string(), |d| d.display().to_string()),
             native: first.to_string(),
         });
     }
-    compile_reference(&files, env)
+    compile_reference(files, env)
 }
 
 /// The config directory the reference's `RUNTIME_*` variables name, when `RUNTIME_ROOT` is set.
@@ -199,9 +224,17 @@ fn read_source(
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Vec<reference::File>, ConfigError> {
     let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-            file: p.display().to_string(),
-            source,
+        let file = || p.display().to_string();
+        crate::input::read_text_bounded(p, guard::MAX_FILE_BYTES).map_err(|e| match e {
+            ReadError::Io(source) => ConfigError::Read {
+                file: file(),
+                source,
+            },
+            ReadError::TooLarge { size, max } => ConfigError::TooLarge {
+                file: file(),
+                size,
+                max,
+            },
         })
     };
     if !path.is_dir() {
@@ -246,15 +279,26 @@ fn read_source(
 }
 
 /// A fingerprint of what [`load`] would read at `path` (names and bytes of every file), for
-/// reloads to notice a change; `None` when nothing can be read (a file briefly missing).
+/// reloads to notice a change; `None` when nothing can be read (a file briefly missing). A file
+/// over the size bound is fingerprinted by its name and size, unread: it is a change for the
+/// reload to refuse (logged and counted), not a file to wait for.
 pub fn fingerprint(path: &Path) -> Option<u64> {
-    let files = read_source(path, &|name| std::env::var(name).ok()).ok()?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for f in &files {
-        h.update(f.name.as_bytes());
-        h.update(&[0]);
-        h.update(f.text.as_bytes());
-        h.update(&[0]);
+    match read_source(path, &|name| std::env::var(name).ok()) {
+        Ok(files) => {
+            for f in &files {
+                h.update(f.name.as_bytes());
+                h.update(&[0]);
+                h.update(f.text.as_bytes());
+                h.update(&[0]);
+            }
+        }
+        Err(ConfigError::TooLarge { file, size, .. }) => {
+            h.update(file.as_bytes());
+            h.update(&[0]);
+            h.update(&size.to_le_bytes());
+        }
+        Err(_) => return None,
     }
     Some(h.digest())
 }
@@ -316,8 +360,12 @@ pub fn parse(
     };
     let expanded = env::expand(text, env)
         .map_err(|e| invalid(Some(e.line()), String::new(), e.to_string()))?;
+    guard::check_aliases(&expanded).map_err(|m| invalid(None, String::new(), m))?;
     let raw: RawConfig = serde_yaml::from_str(&expanded).map_err(|e| {
-        let line = e.location().map(|l| l.line());
+        // libyaml ends an unterminated last line before the end of the stream, so an error there
+        // would name the line after the last one.
+        let last = expanded.matches('\n').count() + 1;
+        let line = e.location().map(|l| l.line().min(last));
         let mut message = e.to_string();
         if let Some(i) = message.rfind(" at line ") {
             message.truncate(i);

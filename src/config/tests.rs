@@ -351,3 +351,16 @@ fn tls_files_are_relative_to_the_config_file_and_complete() {
         "t.yaml:3: tls.admin: missing field `key`"
     );
 }
+
+#[test]
+fn an_error_at_the_end_of_an_unterminated_file_names_its_last_line() {
+    // Found by the config_sluice fuzz target: libyaml reported line 2 of this one-line file.
+    assert_eq!(
+        parse_err("domains: ["),
+        "t.yaml:1: did not find expected node content"
+    );
+    assert_eq!(
+        parse_err("domains: [\n"),
+        "t.yaml:2: did not find expected node content"
+    );
+}
