@@ -1173,7 +1173,7 @@ mod tests {
         let err = AccessList::open(Some(path.clone()), vec![]).unwrap_err();
         assert!(
             err.to_string()
-                .contains("more than the 67108864 bytes a state file may hold"),
+                .contains("more than the 67108864 a state file may hold"),
             "{err}"
         );
         assert_eq!(
