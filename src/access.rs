@@ -395,7 +395,14 @@ pub struct AccessList {
     changed: Notify,
     to_replicate: Notify,
     sync_errors: SyncErrors,
+    /// Automatic blocks not made because [`MAX_BLOCKS_FOR_AUTOMATIC`] blocks were in force.
+    automatic_refused: AtomicU64,
 }
+
+/// Blocks in force beyond which no automatic block is made (operators' own blocks still are):
+/// a flood from many addresses (an IPv6 prefix has plenty) cannot grow the lists, and the
+/// state file that holds them, without end. The refusals are counted.
+pub const MAX_BLOCKS_FOR_AUTOMATIC: usize = 100_000;
 
 impl AccessList {
     /// An access list backed by `file` (if any), loading what it holds. A missing file is an
@@ -452,6 +459,7 @@ impl AccessList {
             changed: Notify::new(),
             to_replicate: Notify::new(),
             sync_errors: SyncErrors::default(),
+            automatic_refused: AtomicU64::new(0),
         };
         list.publish(&list.state.lock());
         Ok(list)
@@ -469,7 +477,13 @@ impl AccessList {
             changed: Notify::new(),
             to_replicate: Notify::new(),
             sync_errors: SyncErrors::default(),
+            automatic_refused: AtomicU64::new(0),
         }
+    }
+
+    /// Automatic blocks not made because the list was full ([`MAX_BLOCKS_FOR_AUTOMATIC`]).
+    pub fn automatic_blocks_refused(&self) -> u64 {
+        self.automatic_refused.load(Ordering::Relaxed)
     }
 
     /// Failures keeping this state, for `/metrics`.
@@ -525,8 +539,9 @@ impl AccessList {
         block
     }
 
-    /// Blocks `net` unless an active block already covers it; returns the new block. Used by
-    /// automatic blocking, so a burst of requests creates (and logs) one block.
+    /// Blocks `net` unless an active block already covers it or [`MAX_BLOCKS_FOR_AUTOMATIC`]
+    /// blocks are in force (counted); returns the new block. Used by automatic blocking, so a
+    /// burst of requests creates (and logs) one block.
     pub fn block_if_absent(
         &self,
         net: IpNet,
@@ -534,6 +549,25 @@ impl AccessList {
         reason: String,
         created_by: String,
         now: Timestamp,
+    ) -> Option<Block> {
+        self.block_if_absent_within(
+            net,
+            duration,
+            reason,
+            created_by,
+            now,
+            MAX_BLOCKS_FOR_AUTOMATIC,
+        )
+    }
+
+    fn block_if_absent_within(
+        &self,
+        net: IpNet,
+        duration: Duration,
+        reason: String,
+        created_by: String,
+        now: Timestamp,
+        max_blocks: usize,
     ) -> Option<Block> {
         let mut state = self.state.lock();
         // The snapshot is published under the state lock: it is the state's.
@@ -543,6 +577,10 @@ impl AccessList {
             .block_covering(net, now.as_nanos())
             .is_some()
         {
+            return None;
+        }
+        if state.blocks.len() >= max_blocks {
+            self.automatic_refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let block = new_block(net, Some(duration), reason, created_by, now);
@@ -1386,5 +1424,30 @@ mod tests {
             l.check_at("8.8.8.8", t(2)),
             Access::Blocked { .. }
         ));
+    }
+
+    #[test]
+    fn automatic_blocks_stop_at_the_bound_and_are_counted() {
+        let l = AccessList::empty();
+        let auto = |ip: &str| {
+            l.block_if_absent_within(
+                net(ip),
+                Duration::from_secs(60),
+                "r".into(),
+                "a".into(),
+                t(1),
+                2,
+            )
+        };
+        assert!(auto("192.0.2.1").is_some());
+        assert!(auto("192.0.2.1").is_none(), "already blocked: not refused");
+        assert!(auto("192.0.2.2").is_some());
+        assert_eq!(l.automatic_blocks_refused(), 0);
+        assert!(auto("192.0.2.3").is_none());
+        assert_eq!(l.automatic_blocks_refused(), 1);
+        assert_eq!(l.check_at("192.0.2.3", t(2)), Access::Normal);
+        // An operator's block is still made.
+        l.block(net("192.0.2.4"), None, "r".into(), "admin".into(), t(1));
+        assert_eq!(l.blocks_at(t(2)).len(), 3);
     }
 }

@@ -143,6 +143,12 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
         stats.automatic_blocks.load(Ordering::Relaxed),
     );
     out.single(
+        "sluice_automatic_blocks_refused_total",
+        "counter",
+        "Automatic blocks not made because 100,000 blocks were in force.",
+        limiter.access().automatic_blocks_refused(),
+    );
+    out.single(
         "sluice_active_blocks",
         "gauge",
         "Blocks in force.",
