@@ -18,6 +18,10 @@
 //!   the response (what sluice's codec does inside tonic).
 //! - `reference/*`: (f) the same hot client under an envoyproxy/ratelimit file (a per-address
 //!   rule, as `decide/hot_*` have), allowed and denied, to compare with `decide/hot_*`.
+//! - `access/*`: (g) the hot client of `decide/hot_allowed` with no blocks, one CIDR block,
+//!   20,000 CIDR blocks of eight prefix lengths or 20,000 single-address blocks, none of them
+//!   covering it (what every other client's decision pays for the blocks), and a client inside
+//!   one of the 20,000 CIDR blocks (turned away).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::cell::{Cell, OnceCell};
@@ -45,8 +49,8 @@ mod common;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use common::{
-    DEFAULT_YAML, DENY_YAML, LOAD_YAML, NOW_SECS, limiter, limiter_sharing_stats, proto_request,
-    ready, request,
+    DEFAULT_YAML, DENY_YAML, LOAD_YAML, NOW_SECS, default_yaml_without_auto_block, limiter,
+    limiter_sharing_stats, proto_request, ready, request,
 };
 
 /// Decides as the server does per call (the rules in force loaded, then the decision); returns
@@ -218,8 +222,10 @@ fn bench_decide(c: &mut Criterion) {
     drop(populated);
 
     // (c) Talk2Me /transcribe from the default config: 10/minute, 100/hour, burst 3 refilled 1
-    // per 6 s, plus the domain's global 1000/minute and 10000/hour: five counters per decision.
-    let l = &limiter(DEFAULT_YAML, None);
+    // per 6 s, plus the domain's global 1000/minute and 10000/hour: five counters per decision
+    // (without the automatic block, which would block this one address after 100 calls).
+    let talk2me = default_yaml_without_auto_block();
+    let l = &limiter(&talk2me, None);
     let entries = [
         ("path", "/transcribe"),
         ("remote_address", "203.0.113.7"),
@@ -241,7 +247,7 @@ fn bench_decide(c: &mut Criterion) {
         });
     });
     // Time moving 60 s per call: every limit admits, every counter is written.
-    let l = &limiter(DEFAULT_YAML, None);
+    let l = &limiter(&talk2me, None);
     let t = Cell::new(NOW_SECS);
     g.bench_function("transcribe_5_counters_allowed", |b| {
         b.iter(|| {
@@ -408,9 +414,80 @@ fn bench_reference(c: &mut Criterion) {
     g.finish();
 }
 
+/// 20,000 distinct CIDR blocks, each in its own /20 from 11.0.0.0 on (so none overlaps, and
+/// none covers 10.0.0.0/8), prefix lengths /21 to /28 in turn.
+fn cidr_blocks() -> Vec<ipnet::IpNet> {
+    (0..20_000u32)
+        .map(|i| {
+            let addr = std::net::Ipv4Addr::from(0x0B00_0000 + (i << 12));
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr, 21 + (i % 8) as u8).unwrap())
+        })
+        .collect()
+}
+
+/// A limiter on `benches/load.yaml` with permanent blocks of `nets`, set at once.
+fn blocking_limiter(nets: &[ipnet::IpNet]) -> Limiter<MemoryStore> {
+    let l = limiter(LOAD_YAML, None);
+    let blocks = nets
+        .iter()
+        .map(|&net| sluice::access::Block {
+            net,
+            permanent: true,
+            created_at: 0,
+            expires_at: None,
+            reason: "bench".into(),
+            created_by: "bench".into(),
+        })
+        .collect();
+    l.access().replace_state(blocks, Vec::new());
+    l
+}
+
+fn bench_access(c: &mut Criterion) {
+    let now = Timestamp::from_secs(NOW_SECS);
+    let mut g = c.benchmark_group("access");
+    g.throughput(Throughput::Elements(1));
+    let hot = || {
+        request(
+            "load",
+            &[("path", "/bench"), ("remote_address", "10.0.0.1")],
+        )
+    };
+    let cidrs = cidr_blocks();
+    let ips: Vec<ipnet::IpNet> = (0..20_000u32)
+        .map(|i| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0B00_0000 + i * 7)).into())
+        .collect();
+    let cases: [(&str, &[ipnet::IpNet]); 4] = [
+        ("no_blocks", &[]),
+        ("one_cidr_block", &cidrs[..1]),
+        ("20k_cidr_blocks", &cidrs),
+        ("20k_ip_blocks", &ips),
+    ];
+    for (name, nets) in cases {
+        let l = &blocking_limiter(nets);
+        assert!(!decide(l, &hot(), now), "{name}: 10.0.0.1 is not blocked");
+        g.bench_function(name, |b| {
+            b.iter(|| decide(l, black_box(&hot()), now));
+        });
+    }
+    // Inside the 7,777th block (12.230.16.0/22): turned away before any counter.
+    let l = &blocking_limiter(&cidrs);
+    let inside = || {
+        request(
+            "load",
+            &[("path", "/bench"), ("remote_address", "12.230.17.9")],
+        )
+    };
+    assert!(decide(l, &inside(), now), "12.230.17.9 is blocked");
+    g.bench_function("20k_cidr_blocks_blocked", |b| {
+        b.iter(|| decide(l, black_box(&inside()), now));
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_decide, bench_path, bench_service, bench_reference
+    targets = bench_decide, bench_path, bench_service, bench_reference, bench_access
 }
 criterion_main!(benches);

@@ -27,6 +27,10 @@ use crate::server::{self, AbortOnDrop, Listeners, Options, ServerError};
 use crate::shutdown;
 use crate::stats::Stats;
 use crate::store::{AnyStore, Backend, MemoryStoreOptions, StoreError, redis_sync};
+use crate::tls::{TlsError, TlsFiles, TlsListener};
+
+/// The file a generated admin token is written to, beside the state file.
+pub const ADMIN_TOKEN_FILE: &str = "sluice-admin-token";
 
 /// Logs from here keep the target they had when this code was in the binary (`sluice`), so log
 /// filters and queries written against it still match.
@@ -50,8 +54,13 @@ pub struct ServeOptions {
     pub state_file: PathBuf,
     /// `--store`, overriding the config's `store:` (see [`Backend::overridden_by`]).
     pub store: Option<String>,
-    /// The admin token, from [`admin_token`]; `None` only with a loopback admin listener.
+    /// The admin token, from [`admin_token`]. Without one, and without a client CA on the
+    /// admin listener's TLS, [`serve`] generates one (see [`ADMIN_TOKEN_FILE`]).
     pub admin_token: Option<String>,
+    /// `--grpc-tls-*`: the decision listener's TLS, overriding the config's `tls.grpc`.
+    pub grpc_tls: Option<TlsFiles>,
+    /// `--admin-tls-*`: the admin listener's TLS, overriding the config's `tls.admin`.
+    pub admin_tls: Option<TlsFiles>,
     /// `SLUICE_KEY_SECRET`, if set and not empty: the counter-key secret replicas share.
     pub key_secret: Option<String>,
     /// The decision listener's connection limits (`--max-connections`, `--idle-timeout`,
@@ -68,6 +77,22 @@ pub enum AppError {
     /// The config file could not be read or is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A listener's TLS files could not be used.
+    #[error("TLS of the {listener} listener: {source}")]
+    Tls {
+        /// `decisions` or `admin`.
+        listener: &'static str,
+        /// What is wrong, naming the file.
+        source: TlsError,
+    },
+    /// The generated admin token could not be written.
+    #[error("writing the generated admin token to {}", .path.display())]
+    AdminTokenWrite {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
     /// The `--admin-token-file` could not be read.
     #[error("reading --admin-token-file {}", .path.display())]
     AdminTokenFile {
@@ -159,6 +184,16 @@ pub fn admin_token(file: Option<&Path>, env: Option<String>) -> Result<Option<St
 pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
     let cfg = config::load(&options.config)?;
     log_loaded(&options.config, &cfg);
+    let grpc_tls = tls(
+        "decisions",
+        options.grpc_tls.clone().or(cfg.tls.grpc.clone()),
+    )?;
+    let admin_tls = tls("admin", options.admin_tls.clone().or(cfg.tls.admin.clone()))?;
+    let admin_token = match options.admin_token.clone() {
+        Some(token) => Some(token),
+        None if admin_tls.as_ref().is_some_and(|t| t.verifies_clients()) => None,
+        None => Some(generate_admin_token(&options.state_file)?),
+    };
     let backend = backend(&cfg, &options)?;
     let cfg_store = cfg.store;
     let file_backend = cfg.backend.clone();
@@ -213,7 +248,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), AppError> {
     let defaults = Options::default();
     let server_options = Options {
         sweep_interval: cfg.store.sweep_interval,
-        admin_token: options.admin_token,
+        tls_poll: options.reload_interval,
+        admin_token,
+        grpc_tls,
+        admin_tls,
         decisions: options.decisions,
         decision_threads: options
             .decision_threads
@@ -251,6 +289,60 @@ fn backend(cfg: &Config, options: &ServeOptions) -> Result<Backend, AppError> {
         return Err(AppError::KeySecretMissing);
     }
     Ok(backend)
+}
+
+/// A listener's TLS from its files, if it has any; an error names the listener and the file.
+fn tls(
+    listener: &'static str,
+    files: Option<TlsFiles>,
+) -> Result<Option<Arc<TlsListener>>, AppError> {
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let loaded =
+        TlsListener::load(listener, files).map_err(|source| AppError::Tls { listener, source })?;
+    tracing::info!(target: LOG_TARGET, listener, cert = %loaded.files().cert.display(), mtls = loaded.verifies_clients(), "TLS");
+    Ok(Some(Arc::new(loaded)))
+}
+
+/// The file a generated admin token goes to: [`ADMIN_TOKEN_FILE`] in the state file's
+/// directory.
+pub fn admin_token_path(state_file: &Path) -> PathBuf {
+    state_file.with_file_name(ADMIN_TOKEN_FILE)
+}
+
+/// A new random admin token (256 bits, hex), written to [`admin_token_path`] readable by its
+/// owner only, for an admin listener that has no credential configured. A fresh token every
+/// start: one that leaked dies with the process that used it.
+fn generate_admin_token(state_file: &Path) -> Result<String, AppError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = admin_token_path(state_file);
+    let token: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let write_err = |source| AppError::AdminTokenWrite {
+        path: path.clone(),
+        source,
+    };
+    // Written beside and renamed over, so a reader never sees half a token; created 0600, so
+    // the token is never readable by others, not even for a moment.
+    let tmp = path.with_file_name(format!(".{ADMIN_TOKEN_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(write_err)?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(write_err)?;
+    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+    tracing::info!(target: LOG_TARGET, file = %shown.display(), "no admin credential configured: generated an admin token; send it as x-admin-token");
+    Ok(token)
 }
 
 async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

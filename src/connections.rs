@@ -21,6 +21,11 @@
 //! lets that one request through (its failure mode); the sample Envoy closes idle connections
 //! to sluice itself, before sluice would.
 //!
+//! On a TLS listener ([`crate::tls`]), the TLS handshake comes first, within the same
+//! handshake timeout, in a task of the connection's own so that a slow client holds up no
+//! other; the two deadlines above then watch the decrypted bytes. A connection whose TLS
+//! handshake fails never reaches tonic.
+//!
 //! Two more things happen here because they concern the connection, not the protocol: the
 //! decision listener's connections are [`spread`] over threads that each run a runtime of their
 //! own, and a [`Connection`]'s writes are coalesced (its first write after a write yields once
@@ -34,10 +39,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
+
+use crate::tls::TlsListener;
 
 /// Every connection limit of one gRPC listener. The defaults, and why each is what it is, are
 /// in the README ("Connections and their limits").
@@ -126,33 +135,80 @@ impl ConnectionStats {
     }
 }
 
-/// Connection counts of both gRPC listeners, for `/metrics`.
+/// Connection counts of both gRPC listeners, and their TLS, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ListenerStats {
     /// The decision listener's.
     pub decisions: Arc<ConnectionStats>,
     /// The admin listener's.
     pub admin: Arc<ConnectionStats>,
+    /// The decision listener's TLS, if it has TLS.
+    pub grpc_tls: Option<Arc<TlsListener>>,
+    /// The admin listener's TLS, if it has TLS.
+    pub admin_tls: Option<Arc<TlsListener>>,
 }
 
 /// The connections `listener` accepts, for tonic's `serve_with_incoming`: at most
-/// `limits.max_connections` at once, each with `TCP_NODELAY` and its deadlines. Never ends and
-/// never yields an error: accept errors (out of file descriptors, say) are logged and retried
-/// after a pause, since tonic would otherwise retry at once, in a busy loop.
+/// `limits.max_connections` at once, each with `TCP_NODELAY` and its deadlines, and over TLS
+/// when `tls` is given. Never ends and never yields an error: accept errors (out of file
+/// descriptors, say) are logged and retried after a pause, since tonic would otherwise retry at
+/// once, in a busy loop.
 pub fn incoming(
     listener: TcpListener,
     limits: Limits,
     stats: Arc<ConnectionStats>,
+    tls: Option<Arc<TlsListener>>,
 ) -> impl futures_util::Stream<Item = io::Result<Connection>> + Send + 'static {
     let limits = Arc::new(limits);
-    futures_util::stream::unfold(
-        (listener, limits, stats),
+    let accepted = futures_util::stream::unfold(
+        (listener, limits.clone(), stats),
         |(listener, limits, stats)| async move {
             let (tcp, peer, slot) = accept(&listener, &limits, &stats).await;
-            let conn = Connection::new(tcp, peer, limits.clone(), slot);
-            Some((Ok(conn), (listener, limits, stats)))
+            Some(((tcp, peer, slot), (listener, limits, stats)))
         },
-    )
+    );
+    established(accepted, limits, tls)
+}
+
+/// Connections ready for tonic from those accepted: as they are over plain TCP; over TLS once
+/// their handshake is done, handshakes running side by side (at most one per connection
+/// allowed), failures and timeouts counted and dropped.
+fn established(
+    accepted: impl futures_util::Stream<Item = (TcpStream, SocketAddr, Slot)> + Send + 'static,
+    limits: Arc<Limits>,
+    tls: Option<Arc<TlsListener>>,
+) -> impl futures_util::Stream<Item = io::Result<Connection>> + Send + 'static {
+    let most = limits.max_connections.max(1);
+    accepted
+        .map(move |(tcp, peer, slot)| {
+            let limits = limits.clone();
+            let tls = tls.clone();
+            async move {
+                let io = match tls {
+                    None => Io::Plain(tcp),
+                    Some(tls) => {
+                        let handshake = tls.acceptor().accept(tcp);
+                        match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+                            Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                            Ok(Err(e)) => {
+                                tls.count_handshake_failure();
+                                tracing::debug!(%peer, listener = tls.name(), error = %e, "TLS handshake failed");
+                                return None;
+                            }
+                            Err(_) => {
+                                tls.count_handshake_failure();
+                                slot.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%peer, listener = tls.name(), "TLS handshake timed out");
+                                return None;
+                            }
+                        }
+                    }
+                };
+                Some(Ok(Connection::new(io, peer, limits, slot)))
+            }
+        })
+        .buffer_unordered(most)
+        .filter_map(std::future::ready)
 }
 
 /// A listener's connections spread over `threads` threads, for a runtime on each: the accept
@@ -164,6 +220,7 @@ pub fn spread(
     limits: Limits,
     stats: Arc<ConnectionStats>,
     threads: usize,
+    tls: Option<Arc<TlsListener>>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> (impl Future<Output = ()> + Send + 'static, Vec<Spread>) {
     let limits = Arc::new(limits);
@@ -176,6 +233,7 @@ pub fn spread(
         spreads.push(Spread {
             rx,
             limits: limits.clone(),
+            tls: tls.clone(),
         });
     }
     let accept_loop = async move {
@@ -209,26 +267,26 @@ pub fn spread(
 pub struct Spread {
     rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr, Slot)>,
     limits: Arc<Limits>,
+    tls: Option<Arc<TlsListener>>,
 }
 
 impl Spread {
     /// The connections handed to this thread, as tonic's `serve_with_incoming` takes them;
     /// ends when the accept loop has stopped. To be polled on the runtime that serves them.
     pub fn into_incoming(self) -> impl futures_util::Stream<Item = io::Result<Connection>> + Send {
-        futures_util::stream::unfold(self, |mut spread| async move {
+        let Self { rx, limits, tls } = self;
+        let handed = futures_util::stream::unfold(rx, |mut rx| async move {
             loop {
-                let (tcp, peer, slot) = spread.rx.recv().await?;
+                let (tcp, peer, slot) = rx.recv().await?;
                 match TcpStream::from_std(tcp) {
-                    Ok(tcp) => {
-                        let conn = Connection::new(tcp, peer, spread.limits.clone(), slot);
-                        return Some((Ok(conn), spread));
-                    }
+                    Ok(tcp) => return Some(((tcp, peer, slot), rx)),
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "could not take a connection over");
                     }
                 }
             }
-        })
+        });
+        established(handed, limits, tls)
     }
 }
 
@@ -326,12 +384,22 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The connection's calls.
     pub activity: Arc<Activity>,
+    /// Whether the client presented a certificate the listener's client CA verified (only an
+    /// mTLS listener asks for one, and its handshake refuses a client without).
+    pub client_verified: bool,
+}
+
+/// What a connection runs over.
+#[derive(Debug)]
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// An accepted connection with its handshake and idle deadlines (see the module doc).
 #[derive(Debug)]
 pub struct Connection {
-    tcp: TcpStream,
+    io: Io,
     peer: SocketAddr,
     limits: Arc<Limits>,
     /// Its place among the open connections, and the counters it adds to.
@@ -386,10 +454,10 @@ impl Handshake {
 }
 
 impl Connection {
-    fn new(tcp: TcpStream, peer: SocketAddr, limits: Arc<Limits>, slot: Slot) -> Self {
+    fn new(io: Io, peer: SocketAddr, limits: Arc<Limits>, slot: Slot) -> Self {
         let timer = Box::pin(tokio::time::sleep(limits.handshake_timeout));
         Self {
-            tcp,
+            io,
             peer,
             limits,
             slot,
@@ -469,9 +537,14 @@ impl Connected for Connection {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
+        let client_verified = match &self.io {
+            Io::Plain(_) => false,
+            Io::Tls(tls) => tls.get_ref().1.peer_certificates().is_some(),
+        };
         ConnInfo {
             remote: self.peer,
             activity: self.activity.clone(),
+            client_verified,
         }
     }
 }
@@ -485,7 +558,7 @@ impl AsyncRead for Connection {
         let this = self.get_mut();
         this.poll_deadline(cx)?;
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+        ready!(this.io.poll_read(cx, buf))?;
         if let Some(handshake) = &mut this.handshake {
             let fresh = buf.filled().get(before..).unwrap_or_default();
             if handshake.read(fresh) {
@@ -508,7 +581,7 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.coalesce(cx));
-        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        let written = this.io.poll_write(cx, buf);
         this.wrote(written)
     }
 
@@ -519,20 +592,56 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.coalesce(cx));
-        let written = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        let written = this.io.poll_write_vectored(cx, bufs);
         this.wrote(written)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        match &self.io {
+            Io::Plain(tcp) => tcp.is_write_vectored(),
+            Io::Tls(tls) => tls.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Io {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`clock`]: the only source of time; tests drive a [`clock::ManualClock`].
 //! - [`algorithms`]: sliding window, fixed window and token bucket as pure functions, used by
 //!   every store; [`entries`]: finding an entry's value and comparing names.
+//! - [`input`]: files read whole (config, state file), under a size bound.
 //! - [`access`]: the access list (blocks, allowlist, the state file).
 //! - [`store`]: the [`store::Store`] trait, its in-memory and Redis backends, and the replication
 //!   of the access list through Redis. [`store::table`] is the in-memory store's hash table.
@@ -16,7 +17,8 @@
 //!   [`limiter::path`]), read the clock once, ask the store.
 //! - [`config`]: the YAML front end: raw serde structs, `${VAR}` expansion, validation with
 //!   file/line/field errors, compiled into the [`limiter::model`] rules; [`reload`] swaps them.
-//! - [`connections`]: what a gRPC listener accepts: the connection cap, handshake and idle
+//! - [`tls`]: the gRPC listeners' certificates, re-read when their files change;
+//!   [`connections`]: what a gRPC listener accepts: the connection cap, TLS, handshake and idle
 //!   timeouts, the spread of connections over decision threads.
 //! - [`proto`]: generated protobuf code; [`service`]: Envoy proto <-> domain types, request
 //!   validation, gRPC status mapping, the codec; [`admin`]: the admin service.
@@ -25,6 +27,8 @@
 //!   background tasks and graceful shutdown. The caller binds the listeners and owns shutdown.
 //! - [`app`]: the binary's wiring, in the order `sluice serve` builds things (store, limiter,
 //!   replication of blocks, listeners, reload, shutdown), so that `main.rs` stays a thin CLI.
+//! - `fuzzing` (hidden): the fuzz targets' entry functions, shared by `fuzz/` and the property
+//!   tests of `tests/hostile_input.rs`.
 
 pub mod access;
 pub mod admin;
@@ -34,7 +38,10 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod entries;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
+pub mod input;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;
@@ -44,3 +51,4 @@ pub mod service;
 pub mod shutdown;
 pub mod stats;
 pub mod store;
+pub mod tls;

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use sluice::app::{self, ServeOptions};
 use sluice::connections::Limits;
+use sluice::tls::TlsFiles;
 
 /// mimalloc: the gRPC transport allocates on every call; measured in BENCHMARKS.md.
 #[global_allocator]
@@ -85,6 +86,27 @@ struct ServeArgs {
     /// Largest request message on the decision listener, in bytes.
     #[arg(long, default_value_t = Limits::decisions().max_request_bytes, env = "SLUICE_MAX_REQUEST_BYTES")]
     max_request_bytes: usize,
+    /// Certificate chain (PEM) of the decision listener: it then speaks TLS only. Overrides
+    /// the config's `tls.grpc`; re-read when the file changes.
+    #[arg(long, env = "SLUICE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --grpc-tls-cert.
+    #[arg(long, env = "SLUICE_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    grpc_tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates the decision listener requires (mTLS).
+    #[arg(long, env = "SLUICE_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    grpc_tls_client_ca: Option<PathBuf>,
+    /// Certificate chain (PEM) of the admin listener: it then speaks TLS only. Overrides the
+    /// config's `tls.admin`; re-read when the file changes.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates the admin listener requires (mTLS); a verified
+    /// certificate is then a credential, as the token is.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CLIENT_CA", requires = "admin_tls_cert")]
+    admin_tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -119,6 +141,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         key_secret: std::env::var("SLUICE_KEY_SECRET")
             .ok()
             .filter(|s| !s.is_empty()),
+        grpc_tls: tls_files(
+            args.grpc_tls_cert,
+            args.grpc_tls_key,
+            args.grpc_tls_client_ca,
+        ),
+        admin_tls: tls_files(
+            args.admin_tls_cert,
+            args.admin_tls_key,
+            args.admin_tls_client_ca,
+        ),
         config: app::config_path(args.config),
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
@@ -139,6 +171,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     Ok(runtime.block_on(app::serve(options))?)
+}
+
+/// One listener's TLS flags, if its certificate is given (clap requires the key with it).
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Option<TlsFiles> {
+    Some(TlsFiles {
+        cert: cert?,
+        key: key?,
+        client_ca,
+    })
 }
 
 /// `1s`, `500ms` or a bare number of seconds.

@@ -145,11 +145,25 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
         stats.automatic_blocks.load(Ordering::Relaxed),
     );
     out.single(
+        "sluice_automatic_blocks_refused_total",
+        "counter",
+        "Automatic blocks not made because 100,000 blocks were in force.",
+        limiter.access().automatic_blocks_refused(),
+    );
+    out.single(
         "sluice_active_blocks",
         "gauge",
         "Blocks in force.",
         limiter.access().active_blocks_at(now),
     );
+    out.family(
+        "sluice_state_sync_errors_total",
+        "counter",
+        "Failures keeping blocks and the allowlist, by kind: entries in Redis that cannot be decoded or break a bound (skipped), local changes that cannot be encoded for Redis (not shared), replication rounds through Redis that failed (retried), state file writes that failed.",
+    );
+    for (kind, n) in limiter.access().sync_errors().counts() {
+        out.sample("sluice_state_sync_errors_total", &[("kind", kind)], n);
+    }
     out.single(
         "sluice_tracked_keys",
         "gauge",
@@ -442,6 +456,50 @@ fn connections(out: &mut Exposition, listeners: &ListenerStats) {
         ] {
             let labels = [("listener", listener), ("reason", reason)];
             out.sample("sluice_connections_closed_total", &labels, n);
+        }
+    }
+    tls(out, listeners);
+}
+
+/// The TLS of the listeners that have it: certificates reloaded, reloads refused, handshakes
+/// failed. A family with no listener on TLS is left out.
+fn tls(out: &mut Exposition, listeners: &ListenerStats) {
+    let on_tls: Vec<(&str, &crate::tls::TlsListener)> = [
+        ("decisions", &listeners.grpc_tls),
+        ("admin", &listeners.admin_tls),
+    ]
+    .into_iter()
+    .filter_map(|(name, tls)| Some((name, tls.as_deref()?)))
+    .collect();
+    if on_tls.is_empty() {
+        return;
+    }
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&crate::tls::TlsListener) -> u64,
+    );
+    let families: [Family; 3] = [
+        (
+            "sluice_tls_reloads_total",
+            "New certificates (or keys, or client CAs) installed from changed files since start.",
+            crate::tls::TlsListener::reloads,
+        ),
+        (
+            "sluice_tls_reload_failures_total",
+            "Changed TLS files that could not be loaded; the previous certificate stayed in use.",
+            crate::tls::TlsListener::reload_failures,
+        ),
+        (
+            "sluice_tls_handshake_failures_total",
+            "Connections closed because their TLS handshake failed or timed out.",
+            crate::tls::TlsListener::handshake_failures,
+        ),
+    ];
+    for (name, help, value) in families {
+        out.family(name, "counter", help);
+        for (listener, tls) in &on_tls {
+            out.sample(name, &[("listener", listener)], value(tls));
         }
     }
 }

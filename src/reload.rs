@@ -4,9 +4,11 @@
 //! in-place write, an editor's or `mv`'s atomic replace, and a Kubernetes ConfigMap's `..data`
 //! symlink swap (the path is resolved afresh on every read). SIGHUP reloads at once.
 //!
-//! A reload parses and validates off the request path, then swaps the rule set in one atomic
-//! store. A config that fails validation is refused: the old one keeps serving, the error is
-//! logged with file, line and field, and `sluice_config_reloads_total{result="failed"}` goes up.
+//! A reload reads, parses and validates on a blocking thread (`spawn_blocking`), never on a
+//! runtime worker, since that takes time in proportion to the file (up to its size bound); it
+//! then swaps the rule set in one atomic store. A config that fails validation, or a file over
+//! the size bound, is refused: the old one keeps serving, the error is logged with file, line
+//! and field, and `sluice_config_reloads_total{result="failed"}` goes up.
 //! Counters of limits whose identity did not change (same domain, endpoint, name, algorithm and
 //! window) survive, because their keys do not change.
 
@@ -29,6 +31,8 @@ pub struct Reloader<S> {
     store: StoreSettings,
     backend: Option<Backend>,
     last_attempt: Mutex<u64>,
+    /// Held through a reload, so a SIGHUP and a poll never parse and swap at the same time.
+    reloading: Mutex<()>,
 }
 
 impl<S: Store> Reloader<S> {
@@ -41,6 +45,7 @@ impl<S: Store> Reloader<S> {
             store,
             backend: None,
             last_attempt: Mutex::new(last),
+            reloading: Mutex::new(()),
         }
     }
 
@@ -51,8 +56,10 @@ impl<S: Store> Reloader<S> {
         self
     }
 
-    /// Reloads now; `Ok(true)` if the rules changed.
+    /// Reloads now; `Ok(true)` if the rules changed. Blocking (reads and parses the file): on
+    /// the async runtime, go through [`watch`] or [`on_sighup`], which run it off the workers.
     pub fn reload(&self, why: &str) -> Result<bool, ConfigError> {
+        let _one_at_a_time = self.reloading.lock();
         let stats = self.limiter.stats();
         if let Some(f) = config::fingerprint(&self.path) {
             *self.last_attempt.lock() = f;
@@ -94,7 +101,7 @@ impl<S: Store> Reloader<S> {
     }
 
     /// Reloads if the file's bytes differ from the last attempt. A file that is briefly missing
-    /// (mid-replace) is skipped until the next poll.
+    /// (mid-replace) is skipped until the next poll. Blocking, like [`Reloader::reload`].
     pub fn poll(&self) {
         let Some(f) = config::fingerprint(&self.path) else {
             return;
@@ -105,17 +112,27 @@ impl<S: Store> Reloader<S> {
     }
 }
 
-/// Polls `reloader`'s file every `every`, forever.
+/// Runs `work` on `reloader` on a blocking thread and waits for it. The outcome is already
+/// logged and counted; a panic in it would be a bug, logged here so the watcher goes on.
+async fn off_worker<S: Store>(reloader: &Arc<Reloader<S>>, work: fn(&Reloader<S>)) {
+    let r = reloader.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || work(&r)).await {
+        tracing::error!(error = %e, "config reload task failed");
+    }
+}
+
+/// Polls `reloader`'s file every `every`, forever, each poll on a blocking thread.
 pub async fn watch<S: Store>(reloader: Arc<Reloader<S>>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        reloader.poll();
+        off_worker(&reloader, |r| r.poll()).await;
     }
 }
 
-/// Reloads on every SIGHUP, forever. The handler is installed before this returns its future.
+/// Reloads on every SIGHUP, forever, each reload on a blocking thread. The handler is installed
+/// before this returns its future.
 pub fn on_sighup<S: Store>(
     reloader: Arc<Reloader<S>>,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
@@ -124,7 +141,10 @@ pub fn on_sighup<S: Store>(
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         Ok(async move {
             while hup.recv().await.is_some() {
-                let _ = reloader.reload("SIGHUP");
+                off_worker(&reloader, |r| {
+                    let _ = r.reload("SIGHUP");
+                })
+                .await;
             }
         })
     }

@@ -45,6 +45,7 @@ use crate::proto::sluice::admin::v1::admin_server::{AdminServer, SERVICE_NAME as
 use crate::service::bounded::{BoundedErrorsLayer, bounded_errors};
 use crate::service::rls::RlsService;
 use crate::store::Store;
+use crate::tls::TlsListener;
 
 /// Listeners the server runs on, already bound.
 #[derive(Debug)]
@@ -65,8 +66,15 @@ pub struct Options {
     /// After the shutdown signal, how long in-flight calls may take before the server stops
     /// anyway (a client that never closes its connection must not keep a pod alive).
     pub shutdown_grace: Duration,
-    /// The admin token (`x-admin-token`); `None` only with a loopback admin listener.
+    /// The admin token (`x-admin-token`). The admin listener needs it, or a client CA on its
+    /// TLS ([`Options::admin_tls`]), or both.
     pub admin_token: Option<String>,
+    /// TLS of the decision listener; plain TCP without.
+    pub grpc_tls: Option<Arc<TlsListener>>,
+    /// TLS of the admin listener; plain TCP without.
+    pub admin_tls: Option<Arc<TlsListener>>,
+    /// How often the TLS files are checked for a new certificate.
+    pub tls_poll: Duration,
     /// Clients idle this long are dropped from per-client statistics.
     pub client_idle: Duration,
     /// The decision listener's connection limits.
@@ -84,6 +92,9 @@ impl Default for Options {
             sweep_interval: crate::config::DEFAULT_SWEEP_INTERVAL,
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
+            grpc_tls: None,
+            admin_tls: None,
+            tls_poll: Duration::from_secs(1),
             client_idle: Duration::from_secs(3600),
             decisions: Limits::decisions(),
             admin: Limits::admin(),
@@ -101,11 +112,12 @@ pub enum ServerError {
     /// Reflection could not load the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The admin listener would be reachable from other hosts without a token.
+    /// The admin listener would have no credential to check: every call would be refused, or,
+    /// as before sluice 0.2, every loopback caller let in.
     #[error(
-        "the admin listener {0} is not a loopback address: set SLUICE_ADMIN_TOKEN (or --admin-token-file), or use --admin-addr 127.0.0.1:8082"
+        "the admin listener {0} has no credential to check: give it a token (SLUICE_ADMIN_TOKEN, --admin-token-file) or a client CA (--admin-tls-client-ca)"
     )]
-    AdminWithoutToken(std::net::SocketAddr),
+    AdminWithoutCredential(std::net::SocketAddr),
     /// A listener has no local address, or a thread or runtime could not be started.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -187,16 +199,19 @@ pub async fn run<S: Store>(
     options: Options,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let check = TokenCheck::new(options.admin_token.as_deref());
+    let check = TokenCheck::new(
+        options.admin_token.as_deref(),
+        options
+            .admin_tls
+            .as_ref()
+            .is_some_and(|t| t.verifies_clients()),
+    );
     if let Some(admin) = &listeners.admin {
         let addr = admin.local_addr()?;
-        if !check.required() && !addr.ip().is_loopback() {
-            return Err(ServerError::AdminWithoutToken(addr));
+        if !check.has_credential() {
+            return Err(ServerError::AdminWithoutCredential(addr));
         }
-        if !check.required() {
-            tracing::warn!(%addr, "admin API has no token (SLUICE_ADMIN_TOKEN unset): loopback callers need none");
-        }
-        tracing::info!(%addr, "serving Admin");
+        tracing::info!(%addr, tls = options.admin_tls.is_some(), "serving Admin");
     }
 
     // Every listener and background task watches one flag.
@@ -204,7 +219,17 @@ pub async fn run<S: Store>(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let listener_stats = Arc::new(ListenerStats::default());
+    let listener_stats = Arc::new(ListenerStats {
+        grpc_tls: options.grpc_tls.clone(),
+        admin_tls: options.admin_tls.clone(),
+        ..ListenerStats::default()
+    });
+    let tls: Vec<_> = [&options.grpc_tls, &options.admin_tls]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let _tls_watch = AbortOnDrop(tokio::spawn(crate::tls::watch(tls, options.tls_poll)));
 
     // Health is reported per listener: both routers answer "" and their services as SERVING
     // once the config is loaded, which it is by the time we get here.
@@ -228,6 +253,7 @@ pub async fn run<S: Store>(
         limits.clone(),
         listener_stats.decisions.clone(),
         options.decision_threads,
+        options.grpc_tls.clone(),
         stopped(stop_rx.clone()),
     );
     let mut threads = Vec::with_capacity(spreads.len());
@@ -282,7 +308,12 @@ pub async fn run<S: Store>(
                 .await;
             let router = server_with(limits).add_routes(routes).add_service(service);
             let serving = router.serve_with_incoming_shutdown(
-                connections::incoming(listener, limits.clone(), listener_stats.admin.clone()),
+                connections::incoming(
+                    listener,
+                    limits.clone(),
+                    listener_stats.admin.clone(),
+                    options.admin_tls.clone(),
+                ),
                 stopped(stop_rx.clone()),
             );
             Some(async move { serving.await.map_err(ServerError::Transport) })

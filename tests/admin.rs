@@ -76,7 +76,7 @@ async fn every_rpc_needs_the_token() {
                 (
                     "ListBlocks",
                     admin
-                        .list_blocks($wrap(pb::ListBlocksRequest {}))
+                        .list_blocks($wrap(pb::ListBlocksRequest::default()))
                         .await
                         .map(drop),
                 ),
@@ -102,7 +102,7 @@ async fn every_rpc_needs_the_token() {
                 (
                     "ListAllowed",
                     admin
-                        .list_allowed($wrap(pb::ListAllowedRequest {}))
+                        .list_allowed($wrap(pb::ListAllowedRequest::default()))
                         .await
                         .map(drop),
                 ),
@@ -186,7 +186,7 @@ async fn a_block_takes_effect_on_the_next_decision_and_expires_on_time() {
     let blocks = srv
         .admin()
         .await
-        .list_blocks(authed(pb::ListBlocksRequest {}))
+        .list_blocks(authed(pb::ListBlocksRequest::default()))
         .await
         .unwrap();
     assert!(blocks.into_inner().blocks.is_empty());
@@ -273,7 +273,7 @@ async fn cidr_blocks_and_allows_compose_with_the_allowlist_winning() {
         assert_eq!(srv.call(req("203.0.113.9")).await.overall_code, OK);
     }
     let listed: Vec<(String, String)> = admin
-        .list_allowed(authed(pb::ListAllowedRequest {}))
+        .list_allowed(authed(pb::ListAllowedRequest::default()))
         .await
         .unwrap()
         .into_inner()
@@ -284,8 +284,8 @@ async fn cidr_blocks_and_allows_compose_with_the_allowlist_winning() {
     assert_eq!(
         listed,
         [
-            ("203.0.113.0/28".to_string(), "config".to_string()),
-            ("10.1.0.0/16".to_string(), "runtime".to_string())
+            ("10.1.0.0/16".to_string(), "runtime".to_string()),
+            ("203.0.113.0/28".to_string(), "config".to_string())
         ]
     );
     assert!(
@@ -397,7 +397,7 @@ async fn too_many_requests_across_endpoints_blocks_the_address() {
     let blocks = srv
         .admin()
         .await
-        .list_blocks(authed(pb::ListBlocksRequest {}))
+        .list_blocks(authed(pb::ListBlocksRequest::default()))
         .await
         .unwrap()
         .into_inner()
@@ -464,7 +464,7 @@ async fn being_limited_too_often_blocks_the_address() {
     let blocks = srv
         .admin()
         .await
-        .list_blocks(authed(pb::ListBlocksRequest {}))
+        .list_blocks(authed(pb::ListBlocksRequest::default()))
         .await
         .unwrap()
         .into_inner()
@@ -677,27 +677,384 @@ async fn bad_admin_input_is_invalid_argument_naming_the_field() {
     );
 }
 
+/// No credential, no admin listener: not on a public address, and not on loopback either,
+/// which every container of a pod shares.
 #[tokio::test]
-async fn admin_without_a_token_refuses_a_non_loopback_listener() {
-    let cfg = config::parse("domains:\n  - name: d\n", "t.yaml", |_| None).unwrap();
-    let limiter = std::sync::Arc::new(sluice::limiter::Limiter::new(
-        cfg.rules,
-        sluice::store::MemoryStore::new(Default::default()),
-        std::sync::Arc::new(sluice::clock::SystemClock),
-    ));
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let err = sluice::server::run(
-        sluice::server::Listeners {
-            grpc,
-            admin: Some(admin),
-            http: None,
-        },
-        limiter,
-        sluice::server::Options::default(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("SLUICE_ADMIN_TOKEN"), "{err}");
+async fn an_admin_listener_without_a_credential_is_refused_even_on_loopback() {
+    for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let cfg = config::parse("domains:\n  - name: d\n", "t.yaml", |_| None).unwrap();
+        let limiter = std::sync::Arc::new(sluice::limiter::Limiter::new(
+            cfg.rules,
+            sluice::store::MemoryStore::new(Default::default()),
+            std::sync::Arc::new(sluice::clock::SystemClock),
+        ));
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let err = sluice::server::run(
+            sluice::server::Listeners {
+                grpc,
+                admin: Some(admin),
+                http: None,
+            },
+            limiter,
+            sluice::server::Options::default(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("SLUICE_ADMIN_TOKEN"),
+            "{addr}: {err}"
+        );
+        assert!(
+            err.to_string().contains("--admin-tls-client-ca"),
+            "{addr}: {err}"
+        );
+    }
+}
+
+/// An IPv4 client reaches sluice as `192.0.2.7` or, through a dual-stack listener, as
+/// `::ffff:192.0.2.7`: blocks and allowlist entries made with either spelling match both, are
+/// stored as IPv4, and the client's statistics and counters are one client's.
+#[tokio::test]
+async fn ipv4_mapped_and_plain_addresses_are_the_same_client() {
+    let yaml = "allowlist: ['::ffff:10.9.0.0/112']\ndomains:\n  - name: d\n    endpoints:\n      - path: /a\n        limits: [3/minute]\n";
+    let srv = TestServer::start(yaml).await;
+    let req = |ip: &str| {
+        request(
+            "d",
+            vec![descriptor(&[("path", "/a"), ("remote_address", ip)])],
+        )
+    };
+    let mut admin = srv.admin().await;
+
+    // One counter whichever the spelling: the third call of 3/minute is the last admitted.
+    for ip in ["192.0.2.1", "::ffff:192.0.2.1", "::ffff:c000:201"] {
+        assert_eq!(srv.call(req(ip)).await.overall_code, OK, "{ip}");
+    }
+    assert_eq!(srv.call(req("::ffff:192.0.2.1")).await.overall_code, OVER);
+    let stats = admin
+        .get_stats(authed(pb::GetStatsRequest {
+            client: "::ffff:192.0.2.1".into(),
+            top: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.clients.len(), 1);
+    assert_eq!(stats.clients[0].client, "d|192.0.2.1");
+    assert_eq!(stats.clients[0].address, "192.0.2.1");
+    let counts = stats.clients[0].counts.unwrap();
+    assert_eq!((counts.allowed, counts.limited), (3, 1));
+
+    // Blocks made with either spelling, listed as IPv4, match both spellings.
+    let b = block(&srv, "::ffff:192.0.2.7", 600, false).await;
+    assert_eq!(b.ip, "192.0.2.7/32");
+    let b = block(&srv, "::ffff:198.51.100.0/120", 600, false).await;
+    assert_eq!(b.ip, "198.51.100.0/24");
+    block(&srv, "203.0.113.0/24", 600, false).await;
+    for ip in [
+        "192.0.2.7",
+        "::ffff:192.0.2.7",
+        "198.51.100.9",
+        "::ffff:198.51.100.9",
+        "203.0.113.5",
+        "::ffff:203.0.113.5",
+    ] {
+        let r = srv.call(req(ip)).await;
+        assert_eq!(r.overall_code, OVER, "{ip} is blocked");
+        assert!(header(&r, "retry-after").is_some(), "{ip}: as a block");
+    }
+    assert_eq!(srv.call(req("::ffff:192.0.2.8")).await.overall_code, OK);
+
+    // The allowlist too, from the admin API and from the config file.
+    let entry = admin
+        .allow(authed(pb::AllowRequest {
+            ip: "::ffff:203.0.113.5".into(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    assert_eq!(entry.ip, "203.0.113.5/32");
+    for ip in [
+        "203.0.113.5",
+        "::ffff:203.0.113.5",
+        "10.9.1.1",
+        "::ffff:10.9.1.1",
+    ] {
+        let r = srv.call(req(ip)).await;
+        assert_eq!(r.overall_code, OK, "{ip} is allowlisted");
+        assert!(
+            r.statuses[0].current_limit.is_none(),
+            "{ip}: no limit applies"
+        );
+    }
+    let config = admin
+        .get_config(authed(pb::GetConfigRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(config.config_allowlist, ["10.9.0.0/16"]);
+
+    // Removed with the other spelling than the one that made it.
+    for ip in ["192.0.2.7", "::ffff:198.51.100.0/120"] {
+        let removed = admin
+            .unblock_ip(authed(pb::UnblockIpRequest { ip: ip.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .removed;
+        assert!(removed, "{ip}");
+    }
+    assert_eq!(srv.call(req("::ffff:192.0.2.7")).await.overall_code, OK);
+    assert_eq!(srv.call(req("198.51.100.9")).await.overall_code, OK);
+}
+
+/// Every string an operator sends is bounded, and a longer one is refused naming the field:
+/// long `reason`s once made the state file, and every `ListBlocks` after it, too large.
+#[tokio::test]
+async fn admin_strings_past_their_bound_are_invalid_argument_naming_the_field() {
+    let srv = TestServer::start_default().await;
+    let mut admin = srv.admin().await;
+    let long = |n: usize| "x".repeat(n);
+    let refused = |r: Result<(), tonic::Status>, field: &str| {
+        let s = r.expect_err(field);
+        assert_eq!(s.code(), GrpcCode::InvalidArgument, "{field}: {s:?}");
+        assert!(
+            s.message().starts_with(&format!("{field}: ")),
+            "{field}: {}",
+            s.message()
+        );
+        assert!(s.message().len() < 200, "{field}: the value is not echoed");
+    };
+    let block = |ip: String, reason: String| pb::BlockIpRequest {
+        ip,
+        duration_seconds: 60,
+        permanent: false,
+        reason,
+    };
+    refused(
+        admin
+            .block_ip(authed(block("192.0.2.1".into(), long(60_000))))
+            .await
+            .map(drop),
+        "reason",
+    );
+    refused(
+        admin
+            .block_ip(authed(block("192.0.2.1".into(), long(1025))))
+            .await
+            .map(drop),
+        "reason",
+    );
+    refused(
+        admin
+            .block_ip(authed(block(long(65), String::new())))
+            .await
+            .map(drop),
+        "ip",
+    );
+    refused(
+        admin
+            .unblock_ip(authed(pb::UnblockIpRequest { ip: long(60_000) }))
+            .await
+            .map(drop),
+        "ip",
+    );
+    refused(
+        admin
+            .allow(authed(pb::AllowRequest {
+                ip: "192.0.2.1".into(),
+                reason: long(1025),
+            }))
+            .await
+            .map(drop),
+        "reason",
+    );
+    refused(
+        admin
+            .disallow(authed(pb::DisallowRequest { ip: long(65) }))
+            .await
+            .map(drop),
+        "ip",
+    );
+    refused(
+        admin
+            .get_config(authed(pb::GetConfigRequest { domain: long(1025) }))
+            .await
+            .map(drop),
+        "domain",
+    );
+    refused(
+        admin
+            .get_stats(authed(pb::GetStatsRequest {
+                client: long(40_000),
+                top: 0,
+            }))
+            .await
+            .map(drop),
+        "client",
+    );
+    refused(
+        admin
+            .reset_client(authed(pb::ResetClientRequest {
+                domain: "training".into(),
+                client: long(40_000),
+            }))
+            .await
+            .map(drop),
+        "client",
+    );
+    refused(
+        admin
+            .reset_client(authed(pb::ResetClientRequest {
+                domain: long(1025),
+                client: "192.0.2.1".into(),
+            }))
+            .await
+            .map(drop),
+        "domain",
+    );
+    for token in ["not a token", "config", "runtime 10.0.0.0", &long(129)] {
+        refused(
+            admin
+                .list_blocks(authed(pb::ListBlocksRequest {
+                    page_size: 0,
+                    page_token: token.to_string(),
+                }))
+                .await
+                .map(drop),
+            "page_token",
+        );
+        refused(
+            admin
+                .list_allowed(authed(pb::ListAllowedRequest {
+                    page_size: 0,
+                    page_token: token.to_string(),
+                }))
+                .await
+                .map(drop),
+            "page_token",
+        );
+    }
+    // At the bound, accepted as sent.
+    let b = admin
+        .block_ip(authed(block("192.0.2.1".into(), long(1024))))
+        .await
+        .unwrap()
+        .into_inner()
+        .block
+        .unwrap();
+    assert_eq!(b.reason.len(), 1024);
+}
+
+/// `ListBlocks` and `ListAllowed` answer a page at a time in network order, 100 by default and
+/// at most 1000, and following `next_page_token` lists every entry exactly once, also while
+/// entries come and go between pages.
+#[tokio::test]
+async fn long_lists_come_in_pages_that_list_each_entry_once() {
+    let yaml = "allowlist: [10.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12]\ndomains:\n  - name: d\n";
+    let srv = TestServer::start(yaml).await;
+    let access = srv.limiter.access();
+    let now = sluice::clock::Timestamp::from_secs(T0);
+    let net =
+        |i: u32| sluice::access::parse_net(&format!("198.18.{}.{}", i / 256, i % 256)).unwrap();
+    for i in 0..1500 {
+        access.block(net(i), None, "r".into(), "test".into(), now);
+    }
+    let mut admin = srv.admin().await;
+    let page = |size: u32, token: String| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_blocks(authed(pb::ListBlocksRequest {
+                    page_size: size,
+                    page_token: token,
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = page(0, String::new()).await;
+    assert_eq!(first.blocks.len(), 100, "the default page");
+    assert!(!first.next_page_token.is_empty());
+    let big = page(5000, String::new()).await;
+    assert_eq!(big.blocks.len(), 1000, "at most 1000");
+
+    // Walk 1,500 blocks 400 at a time, removing one already listed and one not yet listed and
+    // adding one after the cursor on the way.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let p = page(400, token).await;
+        assert!(p.blocks.len() <= 400);
+        seen.extend(p.blocks.into_iter().map(|b| b.ip));
+        if seen.len() == 400 {
+            access.unblock(net(10));
+            access.unblock(net(1200));
+            access.block(net(1600), None, "r".into(), "test".into(), now);
+        }
+        if p.next_page_token.is_empty() {
+            break;
+        }
+        token = p.next_page_token;
+    }
+    let mut expected: Vec<String> = (0..1500)
+        .filter(|i| *i != 1200)
+        .chain([1600])
+        .map(|i| net(i).to_string())
+        .collect();
+    let mut sorted = seen.clone();
+    sorted.sort_by_key(|ip| sluice::access::parse_net(ip).unwrap());
+    assert_eq!(seen, sorted, "in network order");
+    expected.sort_by_key(|ip| sluice::access::parse_net(ip).unwrap());
+    assert_eq!(seen, expected, "each once");
+
+    // The allowlist: config entries (one listed once however often configured) and runtime
+    // ones, a runtime entry of a config network after it, across page boundaries.
+    for ip in ["10.0.0.0/8", "192.0.2.0/24", "1.2.3.4"] {
+        admin
+            .allow(authed(pb::AllowRequest {
+                ip: ip.into(),
+                reason: String::new(),
+            }))
+            .await
+            .unwrap();
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let p = admin
+            .list_allowed(authed(pb::ListAllowedRequest {
+                page_size: 2,
+                page_token: token,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(p.entries.len() <= 2);
+        listed.extend(
+            p.entries
+                .into_iter()
+                .map(|e| format!("{} {}", e.ip, e.source)),
+        );
+        if p.next_page_token.is_empty() {
+            break;
+        }
+        token = p.next_page_token;
+    }
+    assert_eq!(
+        listed,
+        [
+            "1.2.3.4/32 runtime",
+            "10.0.0.0/8 config",
+            "10.0.0.0/8 runtime",
+            "172.16.0.0/12 config",
+            "192.0.2.0/24 runtime"
+        ]
+    );
 }

@@ -88,10 +88,24 @@ fn a_known_client_over_its_limit_allocates_nothing() {
     assert_eq!(n, 0, "allocations in {CALLS} decisions");
 }
 
-/// Talk2Me's `/transcribe`: three endpoint limits and two global ones, five counters per
-/// decision, every one rewritten as time moves a minute per call.
+/// An IPv6 client whose address has a `ffff` group but is not IPv4-mapped: read as it is, with
+/// no copy of the request (only a mapped address is rewritten).
 #[test]
-fn five_counters_rewritten_allocate_nothing() {
+fn an_ipv6_client_allocates_nothing() {
+    let l = limiter(LOAD_YAML, None);
+    let r = request(
+        "load",
+        &[("path", "/bench"), ("remote_address", "2001:db8::ffff:1")],
+    );
+    let n = allocations_deciding(&l, &r, |_| Timestamp::from_secs(NOW_SECS), false);
+    assert_eq!(n, 0, "allocations in {CALLS} decisions");
+}
+
+/// Talk2Me's `/transcribe`: three endpoint limits, two global ones and the automatic block's
+/// count of the address, six counters per decision, every one rewritten as time moves a minute
+/// per call.
+#[test]
+fn six_counters_rewritten_allocate_nothing() {
     let l = limiter(DEFAULT_YAML, None);
     let r = request(
         "talk2me",

@@ -37,6 +37,17 @@ fn check_prints_the_effective_limits_of_the_default_config() {
         "{stdout}"
     );
     assert!(stdout.contains("burst 3, refill 1/6 seconds"), "{stdout}");
+    // The Talk2Me seed's automatic block: more than 100 requests a minute, an hour's block.
+    let auto_block = stdout
+        .lines()
+        .find(|l| l.starts_with("talk2me") && l.contains("auto_block"))
+        .unwrap_or_else(|| panic!("no talk2me auto_block row: {stdout}"));
+    assert!(
+        auto_block.contains("remote_address")
+            && auto_block.contains("100/minute [max_requests]")
+            && auto_block.contains("block 3600 s"),
+        "{auto_block}"
+    );
     assert!(stdout.contains("rate limiting ENABLED"), "{stdout}");
 }
 

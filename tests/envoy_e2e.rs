@@ -143,6 +143,17 @@ struct Options {
     sluice_config: Option<&'static str>,
     /// `xff_num_trusted_hops` (0 in `envoy/envoy.yaml`).
     trusted_hops: u32,
+    /// Envoy on `envoy/envoy-tls.yaml`, calling sluice over mTLS.
+    mtls: Option<Mtls>,
+}
+
+/// Certificates for Envoy calling sluice over mTLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mtls {
+    /// Both signed by the deployment's CA.
+    Trusted,
+    /// Envoy's client certificate signed by a CA sluice does not trust.
+    UntrustedClient,
 }
 
 /// The stand-in upstreams.
@@ -169,6 +180,7 @@ struct Stack {
     training_addr: SocketAddr,
     talk2me_addr: SocketAddr,
     logs: Vec<PathBuf>,
+    _pki: Option<common::tls::Pki>,
     dir: tempfile::TempDir,
 }
 
@@ -188,6 +200,21 @@ impl Stack {
             }
             None => repo_path("config/sluice.yaml"),
         };
+        // For mTLS: one CA for sluice's certificate (DNS `sluice`, as envoy-tls.yaml expects)
+        // and Envoy's, unless the test wants Envoy's from elsewhere.
+        let pki = match options.mtls {
+            Some(mode) => {
+                let pki = common::tls::Pki::new()?;
+                let ca = pki.ca("ca");
+                let sluice = pki.server(&ca, "sluice");
+                let envoy = match mode {
+                    Mtls::Trusted => pki.client(&ca, "envoy"),
+                    Mtls::UntrustedClient => pki.client(&pki.ca("elsewhere"), "envoy"),
+                };
+                Some((pki, ca, sluice, envoy))
+            }
+            None => None,
+        };
         let log = dir.path().join("sluice.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.arg("serve")
@@ -205,6 +232,11 @@ impl Stack {
             .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
             .env("SLUICE_STATE_FILE", dir.path().join("sluice-state.json"));
+        if let Some((_, ca, sluice, _)) = &pki {
+            cmd.env("SLUICE_GRPC_TLS_CERT", &sluice.cert)
+                .env("SLUICE_GRPC_TLS_KEY", &sluice.key)
+                .env("SLUICE_GRPC_TLS_CLIENT_CA", &ca.cert);
+        }
         // The default config reads these; the tests want its defaults.
         for var in [
             "RATE_LIMIT_ENABLED",
@@ -255,14 +287,30 @@ impl Stack {
         let (training, training_addr) = standin("training", "envoy/upstreams/training_server.py");
         let (talk2me, talk2me_addr) = standin("talk2me", "envoy/upstreams/talk2me_server.py");
 
-        // Envoy, on a copy of envoy/envoy.yaml.
-        let yaml = envoy_config(
-            &std::fs::read_to_string(repo_path("envoy/envoy.yaml")).unwrap(),
+        // Envoy, on a copy of envoy/envoy.yaml (or envoy-tls.yaml, with the test's files).
+        let file = if pki.is_some() {
+            "envoy/envoy-tls.yaml"
+        } else {
+            "envoy/envoy.yaml"
+        };
+        let mut yaml = envoy_config(
+            &std::fs::read_to_string(repo_path(file)).unwrap(),
             training_addr.port(),
             talk2me_addr.port(),
             sluice_addr.port(),
             options.trusted_hops,
         );
+        if let Some((_, ca, _, envoy)) = &pki {
+            let path = |p: &Path| p.to_str().unwrap().to_string();
+            yaml = replace_each_once(
+                &yaml,
+                &[
+                    ("/etc/sluice/tls/ca.crt", path(&ca.cert)),
+                    ("/etc/sluice/tls/envoy.crt", path(&envoy.cert)),
+                    ("/etc/sluice/tls/envoy.key", path(&envoy.key)),
+                ],
+            );
+        }
         let (envoy, admin) = start_envoy(dir.path(), "envoy", &yaml, &["--concurrency", "2"]);
         logs.push(envoy.log.clone());
         let listener = first_listener(admin);
@@ -278,6 +326,7 @@ impl Stack {
             training_addr,
             talk2me_addr,
             logs,
+            _pki: pki.map(|(pki, ..)| pki),
             dir,
         })
     }
@@ -1051,6 +1100,68 @@ fn x_forwarded_for_names_the_client_with_one_trusted_hop() {
     assert_eq!(r.num("x-ratelimit-remaining"), 9, "{r:?}");
 }
 
+/// `envoy/envoy-tls.yaml`: Envoy presents its client certificate, sluice (with a client CA)
+/// verifies it, and every decision travels over that mTLS connection.
+#[test]
+fn envoy_tls_calls_sluice_over_mtls_and_limits_hold() {
+    let Some(stack) = Stack::start(Options {
+        mtls: Some(Mtls::Trusted),
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let execute = Req::post("/api/training/execute");
+    for i in 1..=10u64 {
+        let r = stack.send(&execute);
+        assert_passed(&r, "training");
+        assert_eq!(r.num("x-ratelimit-remaining"), 10 - i, "request {i}: {r:?}");
+    }
+    assert_over_limit(&stack.send(&execute), "per minute");
+    assert!(stack.envoy_counter("cluster.sluice.ssl.handshake") >= 1);
+    assert_eq!(
+        stack.envoy_counter("cluster.training.ratelimit.failure_mode_allowed"),
+        0
+    );
+}
+
+/// An Envoy whose client certificate sluice's CA did not sign gets no decision at all: sluice
+/// refuses the handshake, and Envoy fails open as it does when sluice is down.
+#[test]
+fn envoy_with_an_untrusted_client_certificate_gets_no_decision() {
+    let Some(stack) = Stack::start(Options {
+        mtls: Some(Mtls::UntrustedClient),
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let execute = Req::post("/api/training/execute");
+    for _ in 0..12 {
+        let r = stack.send(&execute);
+        assert_passed(&r, "training");
+        assert!(r.header("x-ratelimit-limit").is_none(), "a decision: {r:?}");
+    }
+    assert_eq!(
+        stack.envoy_counter("cluster.training.ratelimit.failure_mode_allowed"),
+        12
+    );
+}
+
+/// envoy-tls.yaml is envoy.yaml with its own header and the `sluice` cluster's transport
+/// socket, nothing else: the two cannot drift apart.
+#[test]
+fn envoy_tls_yaml_is_envoy_yaml_plus_the_transport_socket() {
+    let plain = std::fs::read_to_string(repo_path("envoy/envoy.yaml")).unwrap();
+    let tls = std::fs::read_to_string(repo_path("envoy/envoy-tls.yaml")).unwrap();
+    let body = |y: &str| y[y.find("\nadmin:\n").unwrap() + 1..].to_string();
+    let socket_start = "      # sluice over mTLS";
+    let socket_end = "      load_assignment:\n        cluster_name: sluice\n";
+    let tls_body = body(&tls);
+    let (before, rest) = tls_body.split_once(socket_start).unwrap();
+    let after = &rest[rest.find(socket_end).unwrap()..];
+    assert_eq!(format!("{before}{after}"), body(&plain));
+    assert!(rest.contains("UpstreamTlsContext") && rest.contains("tls_certificates"));
+}
+
 #[test]
 fn requests_pass_when_sluice_is_down_and_envoy_counts_failure_mode_allowed() {
     let Some(mut stack) = Stack::start(Options::default()) else {
@@ -1253,6 +1364,105 @@ fn an_admin_block_turns_the_client_away_through_envoy_and_unblock_lets_it_back()
     });
     assert!(removed);
     assert_passed(&stack.send(&read), "training");
+}
+
+/// The Talk2Me seed: "IPs are temporarily blocked for 1 hour if they exceed 100 requests per
+/// minute", as `config/sluice.yaml` encodes it (`auto_block` on the `talk2me` domain), through
+/// Envoy: the test's address (the TCP peer, 127.0.0.1) floods `/transcribe`; every request
+/// counts, admitted or refused; the one over 100 is decided normally, and from the next on the
+/// address gets the seed's "IP temporarily blocked" 429 for an hour, whatever its User-Agent.
+#[test]
+fn more_than_100_talk2me_requests_a_minute_block_the_address_for_an_hour() {
+    use sluice::proto::sluice::admin::v1 as pb;
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    const BLOCKED: &str = "IP temporarily blocked due to excessive requests";
+    let flood = Req::post("/transcribe")
+        .user_agent("flood/1.0")
+        .body(b"{}".to_vec());
+    let started = Instant::now();
+    let (mut first_blocked, mut passed) = (None, 0);
+    // Sliding windows never over-count: nothing is blocked before request 102. They may
+    // under-count by the share of the previous minute already past when the flood straddles
+    // a minute boundary, a few requests at most over a flood of a few seconds.
+    for i in 1..=130u32 {
+        let r = stack.send(&flood);
+        if r.status == 200 {
+            passed += 1;
+            continue;
+        }
+        assert_eq!(r.status, 429, "request {i}: {r:?}");
+        if r.json()["error"] == BLOCKED {
+            first_blocked = Some(i);
+            break;
+        }
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("Rate limit exceeded")),
+            "request {i}: {r:?}"
+        );
+    }
+    // The burst of 3 (a token more per 6 s on a slow machine), never over 10 a minute.
+    assert!((3..=10).contains(&passed), "{passed} passed");
+    let first_blocked = first_blocked.expect("blocked within 130 requests");
+    assert!(
+        first_blocked >= 102,
+        "the 101st request crosses the threshold and is decided normally; blocked at {first_blocked}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the flood took {:?}: the under-count bound above assumes seconds",
+        started.elapsed()
+    );
+
+    // Blocked for an hour, under any User-Agent; another address is not.
+    for req in [flood.clone(), flood.clone().user_agent("other/2.0")] {
+        let r = stack.send(&req);
+        assert_eq!(r.status, 429, "{r:?}");
+        assert_eq!(r.json(), serde_json::json!({ "error": BLOCKED }));
+        assert_eq!(r.all("retry-after").len(), 1, "{r:?}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((3570..=3600).contains(&retry), "an hour: {r:?}");
+    }
+    assert_passed(
+        &stack.send(
+            &Req::post("/translate")
+                .user_agent("flood/1.0")
+                .from("127.0.0.2"),
+        ),
+        "talk2me",
+    );
+    // One block list: the address is turned away from the training server too.
+    let r = stack.send(&Req::post("/api/training/validate"));
+    assert_eq!(r.json(), serde_json::json!({ "error": BLOCKED }), "{r:?}");
+    // Only the admitted requests reached Talk2Me, plus the other address's one.
+    assert_eq!(
+        stack.upstream_stat(Upstream::Talk2me, "requests"),
+        passed + 1
+    );
+
+    // The admin API lists it as an automatic block of the talk2me domain.
+    let blocks = sluice_admin(&stack, async |mut admin| {
+        admin
+            .list_blocks(authed(pb::ListBlocksRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .blocks
+    });
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    let b = &blocks[0];
+    assert_eq!(b.ip, "127.0.0.1/32");
+    assert!(!b.permanent);
+    assert_eq!(b.created_by, "auto-block talk2me");
+    assert_eq!(
+        b.reason,
+        "more than 100/minute requests across all endpoints"
+    );
+    let lasts = b.expires_at.as_ref().unwrap().seconds - b.created_at.as_ref().unwrap().seconds;
+    assert_eq!(lasts, 3600);
 }
 
 // ---------------------------------------------------------------------------------------------

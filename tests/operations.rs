@@ -1,5 +1,6 @@
 //! Operations: Prometheus metrics after known traffic, health and readiness, hot reload (rename,
-//! in-place write, symlink swap, SIGHUP), a broken reload keeping the old limits, shadow mode.
+//! in-place write, symlink swap, SIGHUP), a broken or oversize reload keeping the old limits,
+//! reloads parsed off the runtime workers, shadow mode.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -239,6 +240,113 @@ async fn a_broken_reload_keeps_the_old_limits() {
     std::fs::write(&path, cfg_text("12/minute")).unwrap();
     reloader.poll();
     assert_eq!(limit_of(&srv, "192.0.2.1").await.0, 12);
+}
+
+#[tokio::test]
+async fn an_oversize_reload_keeps_the_old_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, cfg_text("10/minute")).unwrap();
+    let (srv, reloader) = server_on(&path).await;
+    // Over the bound (sparse: nothing is written, and nothing will be read).
+    let max = config::guard::MAX_FILE_BYTES;
+    std::fs::write(&path, cfg_text("5/minute")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(max + 1)
+        .unwrap();
+    let watcher = tokio::spawn(reload::watch(reloader.clone(), Duration::from_millis(20)));
+    let failed = || {
+        srv.limiter
+            .stats()
+            .reloads_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failed() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the oversize file was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watcher.abort();
+    assert_eq!(limit_of(&srv, "192.0.2.1").await.0, 10);
+    assert_eq!(failed(), 1, "refused once, not at every poll");
+    let err = reloader.reload("test").unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: refused before parsing: {} bytes, over the bound of {max} bytes on a config file",
+            path.display(),
+            max + 1
+        )
+    );
+    assert_eq!(limit_of(&srv, "192.0.2.1").await.0, 10);
+}
+
+/// The watcher reads and parses on a blocking thread, never on a runtime worker. The config
+/// becomes a named pipe, whose reads block until a writer comes, on a runtime with one worker:
+/// the writer only writes once a timer has fired on that worker while the watcher is reading.
+/// Were the read on the worker, the timer could never fire and nothing would be written.
+#[cfg(unix)]
+#[test]
+fn a_reload_is_read_and_parsed_off_the_runtime_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, cfg_text("10/minute")).unwrap();
+    let (may_write, write_gate) = std::sync::mpsc::channel::<()>();
+    let (done, finished) = std::sync::mpsc::channel::<(u32, u32)>();
+    let p = path.clone();
+    // Serves every read of the pipe with the new config, once allowed to.
+    std::thread::spawn(move || {
+        if write_gate.recv().is_err() {
+            return;
+        }
+        loop {
+            let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&p) else {
+                return;
+            };
+            let _ = std::io::Write::write_all(&mut f, cfg_text("5/minute").as_bytes());
+        }
+    });
+    let p = path.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (srv, reloader) = server_on(&p).await;
+            std::fs::remove_file(&p).unwrap();
+            let made = std::process::Command::new("mkfifo")
+                .arg(&p)
+                .status()
+                .unwrap();
+            assert!(made.success(), "mkfifo");
+            let _watcher = tokio::spawn(reload::watch(reloader, Duration::from_millis(20)));
+            // The watcher polls at once and blocks reading the pipe; this timer still fires.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            may_write.send(()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let limit = limit_of(&srv, "192.0.2.1").await;
+                if limit.0 == 5 || Instant::now() > deadline {
+                    let _ = done.send(limit);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        // The watcher may be blocked reading the pipe again: do not wait for it.
+        rt.shutdown_background();
+    });
+    let limit = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the runtime's only worker was blocked by the reload");
+    assert_eq!(limit.0, 5, "the new config was loaded");
 }
 
 #[tokio::test]

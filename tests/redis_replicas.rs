@@ -33,6 +33,8 @@ struct Replica {
     http: std::net::SocketAddr,
     rls: RateLimitServiceClient<Channel>,
     admin: AdminClient<Channel>,
+    /// Its log lines after start-up.
+    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Replica {
@@ -65,6 +67,7 @@ async fn replica_with(dir: &std::path::Path, name: &str, yaml: &str, args: &[&st
         ],
     );
     Replica {
+        log: rx,
         http: http.parse().unwrap(),
         rls: RateLimitServiceClient::connect(format!("http://{grpc}"))
             .await
@@ -248,6 +251,102 @@ async fn a_replica_denies_while_redis_is_down_and_recovers_when_it_returns() {
             Instant::now() < deadline,
             "no recovery after Redis restarted"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Entries in Redis that cannot be decoded (or break a bound) are skipped and counted on
+/// `/metrics`, never dropped silently; the good ones around them are applied; and a flood of
+/// them makes one log line, not one per entry or per load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_shared_blocks_are_counted_and_the_good_ones_applied() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica(dir.path(), "r", &redis.url()).await;
+    // A block of this replica's own, shared through Redis.
+    r.admin
+        .clone()
+        .block_ip(authed(pb::BlockIpRequest {
+            ip: "198.51.100.5".into(),
+            duration_seconds: 3600,
+            permanent: false,
+            reason: "own".into(),
+        }))
+        .await
+        .unwrap();
+    let hash = "sluice:{access}:blocks";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["HLEN", hash]).trim() != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never shared its block"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Another writer adds one good block and 30 bad entries (broken JSON, missing fields, a
+    // reason past its bound).
+    let good = r#"{"net":"203.0.113.9/32","permanent":true,"created_at":1,"expires_at":null,"reason":"from elsewhere","created_by":"other"}"#;
+    redis.cli(&["HSET", hash, "203.0.113.9/32", good]);
+    redis.cli(&["HSET", hash, "bad-json", "{not json"]);
+    let long = good
+        .replace("203.0.113.9", "203.0.113.10")
+        .replace("from elsewhere", &"x".repeat(2000));
+    redis.cli(&["HSET", hash, "203.0.113.10/32", &long]);
+    for i in 0..28 {
+        redis.cli(&["HSET", hash, &format!("bad-{i}"), "{}"]);
+    }
+    let decode_errors = || async {
+        let (_, body) = http_get(r.http, "/metrics").await;
+        metric(&body, r#"sluice_state_sync_errors_total{kind="decode"}"#).unwrap()
+    };
+    assert_eq!(decode_errors().await, 0.0);
+    redis.cli(&["INCR", "sluice:{access}:version"]);
+    while decode_errors().await < 30.0 {
+        assert!(Instant::now() < deadline, "bad entries not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        code(&r, "203.0.113.9").await,
+        OVER,
+        "the good entry applied"
+    );
+    assert_eq!(code(&r, "198.51.100.5").await, OVER, "its own block kept");
+    assert_eq!(
+        code(&r, "203.0.113.10").await,
+        OK,
+        "the entry past a bound skipped"
+    );
+
+    // Loaded again (the version moved): counted again, but not logged again so soon.
+    redis.cli(&["INCR", "sluice:{access}:version"]);
+    while decode_errors().await < 60.0 {
+        assert!(
+            Instant::now() < deadline,
+            "bad entries not counted on the second load"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(decode_errors().await, 60.0);
+    let lines: Vec<String> = r
+        .log
+        .try_iter()
+        .filter(|l| l.contains("cannot be used"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("entries=30"), "{}", lines[0]);
+
+    // Rounds that cannot reach Redis are counted too.
+    redis.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http_get(r.http, "/metrics").await;
+        if metric(&body, r#"sluice_state_sync_errors_total{kind="redis"}"#).unwrap() >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "failed rounds not counted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

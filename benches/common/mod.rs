@@ -27,6 +27,30 @@ pub const LOAD_YAML: &str = include_str!("../load.yaml");
 /// The repository's default config (training and Talk2Me).
 pub const DEFAULT_YAML: &str = include_str!("../../config/sluice.yaml");
 
+/// [`DEFAULT_YAML`] without Talk2Me's `auto_block` stanza: the `/transcribe` benches measure its
+/// five limits, and a client hammering one address at a fixed time would soon be blocked.
+pub fn default_yaml_without_auto_block() -> String {
+    let mut out = String::with_capacity(DEFAULT_YAML.len());
+    let mut skipping = false;
+    for line in DEFAULT_YAML.lines() {
+        if line.trim_end() == "    auto_block:" {
+            skipping = true;
+            continue;
+        }
+        if skipping && line.starts_with("      ") {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(
+        out.len() < DEFAULT_YAML.len(),
+        "config/sluice.yaml has an auto_block stanza"
+    );
+    out
+}
+
 /// Same domain as `load.yaml` with a limit a hot key exhausts at once: every decision denies.
 pub const DENY_YAML: &str = "
 domains:

@@ -2,6 +2,10 @@
 //! allowlist and client resets, for operators with grpcurl. It runs on its own listener, behind
 //! the token check in [`auth`]. Changes to blocks and the allowlist are written to the state
 //! file before the call returns, so an acknowledged block survives a restart.
+//!
+//! Every string an operator sends is bounded (the `MAX_*` constants here and in
+//! [`crate::access`]), and the lists come in pages: what one caller stores, every caller can
+//! still list within gRPC's default 4 MiB message.
 
 pub mod auth;
 
@@ -10,7 +14,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::access::{AccessError, AllowEntry, AllowSource, Block, parse_net};
+use crate::access::{
+    AccessError, AllowEntry, AllowSource, Block, MAX_REASON_BYTES, canonical_address, parse_net,
+};
 use crate::algorithms::Policy;
 use crate::limiter::Limiter;
 use crate::limiter::model::{Limit, RuleSet};
@@ -21,6 +27,20 @@ use crate::store::Store;
 
 /// Most clients `GetStats` lists as the most limited.
 pub const MAX_TOP: u32 = 1000;
+/// Entries in a `ListBlocks` or `ListAllowed` page when the request asks for none.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Most entries in a `ListBlocks` or `ListAllowed` page (a larger `page_size` gets this many).
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Longest `ip` accepted, in bytes: the longest address or CIDR text is 49.
+pub const MAX_IP_BYTES: usize = 64;
+/// Longest `domain` accepted, in bytes: as in a rate limit request.
+pub const MAX_DOMAIN_BYTES: usize = crate::service::rls::MAX_FIELD_BYTES;
+/// Longest `client` accepted, in bytes: any client id sluice reports (a domain and up to
+/// [`crate::service::rls::MAX_ENTRIES`] values, each at most as long as a domain).
+pub const MAX_CLIENT_BYTES: usize =
+    (crate::service::rls::MAX_ENTRIES + 1) * (crate::service::rls::MAX_FIELD_BYTES + 1);
+/// Longest `page_token` accepted, in bytes.
+pub const MAX_PAGE_TOKEN_BYTES: usize = 128;
 
 /// The admin service.
 #[derive(Debug)]
@@ -37,6 +57,76 @@ impl<S> AdminService<S> {
 
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {e}"))
+}
+
+/// Refuses `value` when longer than `max` bytes, naming `field` (and not echoing the value).
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    crate::access::check_len(field, value, max).map_err(Status::invalid_argument)
+}
+
+/// `ip`, bounded, as a network.
+fn ip_field(ip: &str) -> Result<ipnet::IpNet, Status> {
+    bounded("ip", ip, MAX_IP_BYTES)?;
+    parse_net(ip).map_err(|e| invalid("ip", e))
+}
+
+/// The page size a request asks for, defaulted and capped.
+fn page_size(requested: u32) -> usize {
+    let size = match requested {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    size as usize
+}
+
+/// A page token: the key of the last entry of the previous page, as text. Opaque to callers,
+/// who pass back what they were given; anything else is refused.
+fn parse_token<K>(token: &str, parse: impl Fn(&str) -> Option<K>) -> Result<Option<K>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    bounded("page_token", token, MAX_PAGE_TOKEN_BYTES)?;
+    parse(token).map(Some).ok_or_else(|| {
+        invalid(
+            "page_token",
+            "not a next_page_token this service gave (pass it back unchanged, or leave it empty for the first page)",
+        )
+    })
+}
+
+fn block_token(net: ipnet::IpNet) -> String {
+    net.to_string()
+}
+
+fn parse_block_token(token: &str) -> Option<ipnet::IpNet> {
+    token.parse().ok()
+}
+
+fn allow_token((net, source): (ipnet::IpNet, AllowSource)) -> String {
+    format!("{} {net}", source_name(source))
+}
+
+fn parse_allow_token(token: &str) -> Option<(ipnet::IpNet, AllowSource)> {
+    let (source, net) = token.split_once(' ')?;
+    let source = match source {
+        "config" => AllowSource::Config,
+        "runtime" => AllowSource::Runtime,
+        _ => return None,
+    };
+    Some((net.parse().ok()?, source))
+}
+
+fn source_name(source: AllowSource) -> &'static str {
+    match source {
+        AllowSource::Config => "config",
+        AllowSource::Runtime => "runtime",
+    }
+}
+
+/// A client query (a client id or an address) with an IPv4-mapped address as the IPv4 one,
+/// as the limiter records clients.
+fn canonical_client(client: &str) -> std::borrow::Cow<'_, str> {
+    canonical_address(client).unwrap_or(std::borrow::Cow::Borrowed(client))
 }
 
 fn timestamp(nanos: u64) -> prost_types::Timestamp {
@@ -69,11 +159,7 @@ fn block_pb(b: &Block) -> pb::Block {
 fn allow_pb(a: &AllowEntry) -> pb::AllowEntry {
     pb::AllowEntry {
         ip: a.net.to_string(),
-        source: match a.source {
-            AllowSource::Config => "config",
-            AllowSource::Runtime => "runtime",
-        }
-        .to_string(),
+        source: source_name(a.source).to_string(),
         created_at: (a.created_at > 0).then(|| timestamp(a.created_at)),
         reason: a.reason.clone(),
     }
@@ -188,6 +274,7 @@ impl<S: Store> Admin for AdminService<S> {
         request: Request<pb::GetConfigRequest>,
     ) -> Result<Response<pb::GetConfigResponse>, Status> {
         let req = request.into_inner();
+        bounded("domain", &req.domain, MAX_DOMAIN_BYTES)?;
         let rules = self.limiter.rules();
         if !req.domain.is_empty() && rules.domain(&req.domain).is_none() {
             return Err(Status::not_found(format!(
@@ -203,6 +290,7 @@ impl<S: Store> Admin for AdminService<S> {
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let req = request.into_inner();
+        bounded("client", &req.client, MAX_CLIENT_BYTES)?;
         let stats = self.limiter.stats();
         let now = self.limiter.clock().now();
         let top = if req.top == 0 {
@@ -230,7 +318,7 @@ impl<S: Store> Admin for AdminService<S> {
             Vec::new()
         } else {
             stats
-                .find_clients(&req.client)
+                .find_clients(&canonical_client(&req.client))
                 .iter()
                 .map(client_pb)
                 .collect()
@@ -260,7 +348,8 @@ impl<S: Store> Admin for AdminService<S> {
     ) -> Result<Response<pb::BlockIpResponse>, Status> {
         let by = Self::peer(&request);
         let req = request.into_inner();
-        let net = parse_net(&req.ip).map_err(|e| invalid("ip", e))?;
+        let net = ip_field(&req.ip)?;
+        bounded("reason", &req.reason, MAX_REASON_BYTES)?;
         let duration = match (req.permanent, req.duration_seconds) {
             (true, _) => None,
             (false, 0) => {
@@ -290,7 +379,7 @@ impl<S: Store> Admin for AdminService<S> {
         request: Request<pb::UnblockIpRequest>,
     ) -> Result<Response<pb::UnblockIpResponse>, Status> {
         let req = request.into_inner();
-        let net = parse_net(&req.ip).map_err(|e| invalid("ip", e))?;
+        let net = ip_field(&req.ip)?;
         let removed = self.limiter.access().unblock(net);
         if removed {
             tracing::info!(ip = %net, "unblocked");
@@ -301,12 +390,18 @@ impl<S: Store> Admin for AdminService<S> {
 
     async fn list_blocks(
         &self,
-        _request: Request<pb::ListBlocksRequest>,
+        request: Request<pb::ListBlocksRequest>,
     ) -> Result<Response<pb::ListBlocksResponse>, Status> {
+        let req = request.into_inner();
+        let after = parse_token(&req.page_token, parse_block_token)?;
         let now = self.limiter.clock().now();
-        let blocks = self.limiter.access().blocks_at(now);
+        let (blocks, next) =
+            self.limiter
+                .access()
+                .blocks_page_at(now, after, page_size(req.page_size));
         Ok(Response::new(pb::ListBlocksResponse {
             blocks: blocks.iter().map(block_pb).collect(),
+            next_page_token: next.map(block_token).unwrap_or_default(),
         }))
     }
 
@@ -316,7 +411,8 @@ impl<S: Store> Admin for AdminService<S> {
     ) -> Result<Response<pb::AllowResponse>, Status> {
         let by = Self::peer(&request);
         let req = request.into_inner();
-        let net = parse_net(&req.ip).map_err(|e| invalid("ip", e))?;
+        let net = ip_field(&req.ip)?;
+        bounded("reason", &req.reason, MAX_REASON_BYTES)?;
         let reason = if req.reason.is_empty() {
             by
         } else {
@@ -338,7 +434,7 @@ impl<S: Store> Admin for AdminService<S> {
         request: Request<pb::DisallowRequest>,
     ) -> Result<Response<pb::DisallowResponse>, Status> {
         let req = request.into_inner();
-        let net = parse_net(&req.ip).map_err(|e| invalid("ip", e))?;
+        let net = ip_field(&req.ip)?;
         let removed = self.limiter.access().disallow(net);
         if removed {
             tracing::info!(ip = %net, "removed from the allowlist");
@@ -349,16 +445,17 @@ impl<S: Store> Admin for AdminService<S> {
 
     async fn list_allowed(
         &self,
-        _request: Request<pb::ListAllowedRequest>,
+        request: Request<pb::ListAllowedRequest>,
     ) -> Result<Response<pb::ListAllowedResponse>, Status> {
+        let req = request.into_inner();
+        let after = parse_token(&req.page_token, parse_allow_token)?;
+        let (entries, next) = self
+            .limiter
+            .access()
+            .allowed_page(after, page_size(req.page_size));
         Ok(Response::new(pb::ListAllowedResponse {
-            entries: self
-                .limiter
-                .access()
-                .allowed()
-                .iter()
-                .map(allow_pb)
-                .collect(),
+            entries: entries.iter().map(allow_pb).collect(),
+            next_page_token: next.map(allow_token).unwrap_or_default(),
         }))
     }
 
@@ -366,10 +463,13 @@ impl<S: Store> Admin for AdminService<S> {
         &self,
         request: Request<pb::ResetClientRequest>,
     ) -> Result<Response<pb::ResetClientResponse>, Status> {
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        bounded("domain", &req.domain, MAX_DOMAIN_BYTES)?;
+        bounded("client", &req.client, MAX_CLIENT_BYTES)?;
         if req.client.is_empty() {
             return Err(invalid("client", "must not be empty"));
         }
+        req.client = canonical_client(&req.client).into_owned();
         let rules = self.limiter.rules();
         let domain = rules
             .domain(&req.domain)

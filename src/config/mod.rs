@@ -7,6 +7,7 @@
 //! old rules keep serving and simply drop the result if it is invalid.
 
 pub mod env;
+pub mod guard;
 pub mod locate;
 pub mod rate;
 pub mod raw;
@@ -24,6 +25,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::access::parse_net;
 use crate::algorithms::Policy;
+use crate::input::ReadError;
 use crate::limiter::model::{AutoBlock, Condition, Domain, Limit, Reported, Rule, RuleSet};
 use crate::limiter::path::{PathRouter, PathTemplate};
 use crate::limiter::reference::ReferenceRules;
@@ -57,6 +59,33 @@ pub struct Config {
     pub max_clients: usize,
     /// Hash of the file's text after expansion: tells operators which config is live.
     pub hash: u64,
+    /// TLS of the gRPC listeners (`tls:`), read at start: the files are re-read when they
+    /// change, but other paths take a restart.
+    pub tls: TlsSettings,
+}
+
+/// `tls:` settings, paths as written; [`load_with`] makes relative ones relative to the
+/// config file's directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The decision listener's.
+    pub grpc: Option<crate::tls::TlsFiles>,
+    /// The admin listener's.
+    pub admin: Option<crate::tls::TlsFiles>,
+}
+
+impl TlsSettings {
+    fn relative_to(self, dir: &Path) -> Self {
+        let under = |f: crate::tls::TlsFiles| crate::tls::TlsFiles {
+            cert: dir.join(f.cert),
+            key: dir.join(f.key),
+            client_ca: f.client_ca.map(|c| dir.join(c)),
+        };
+        Self {
+            grpc: self.grpc.map(under),
+            admin: self.admin.map(under),
+        }
+    }
 }
 
 /// `store:` settings.
@@ -80,6 +109,18 @@ pub enum ConfigError {
         file: String,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// A file is over [`guard::MAX_FILE_BYTES`]; nothing of it was read.
+    #[error(
+        "{file}: refused before parsing: {size} bytes, over the bound of {max} bytes on a config file"
+    )]
+    TooLarge {
+        /// The file.
+        file: String,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        max: u64,
     },
     /// An envoyproxy/ratelimit file is not valid, in the reference's words.
     #[error(transparent)]
@@ -136,11 +177,26 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`load`] with variables looked up by `env`.
 pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let files = read_source(path, &env)?;
-    if !path.is_dir()
-        && let [one] = files.as_slice()
+    from_files(path.is_dir().then_some(path), &files, env)
+}
+
+/// Compiles files already read: those of directory `dir`, or with `None` the one file named at
+/// the command line. What [`load_with`] does once it has read them, and what the fuzz targets
+/// run on their input.
+pub fn from_files(
+    dir: Option<&Path>,
+    files: &[reference::File],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    if dir.is_none()
+        && let [one] = files
         && !reference::is_reference(&one.text)
     {
-        return parse(&one.text, &one.name, env);
+        let mut cfg = parse(&one.text, &one.name, env)?;
+        if let Some(dir) = Path::new(&one.name).parent() {
+            cfg.tls = cfg.tls.relative_to(dir);
+        }
+        return Ok(cfg);
     }
     let native: Vec<&str> = files
         .iter()
@@ -149,11 +205,11 @@ pub fn load_with(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Co
         .collect();
     if let Some(first) = native.first() {
         return Err(ConfigError::Mixed {
-            dir: path.display().to_string(),
+            dir: dir.map_or_else(|| first.to_string(), |d| d.display().to_string()),
             native: first.to_string(),
         });
     }
-    compile_reference(&files, env)
+    compile_reference(files, env)
 }
 
 /// The config directory the reference's `RUNTIME_*` variables name, when `RUNTIME_ROOT` is set.
@@ -168,9 +224,17 @@ fn read_source(
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Vec<reference::File>, ConfigError> {
     let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-            file: p.display().to_string(),
-            source,
+        let file = || p.display().to_string();
+        crate::input::read_text_bounded(p, guard::MAX_FILE_BYTES).map_err(|e| match e {
+            ReadError::Io(source) => ConfigError::Read {
+                file: file(),
+                source,
+            },
+            ReadError::TooLarge { size, max } => ConfigError::TooLarge {
+                file: file(),
+                size,
+                max,
+            },
         })
     };
     if !path.is_dir() {
@@ -215,15 +279,26 @@ fn read_source(
 }
 
 /// A fingerprint of what [`load`] would read at `path` (names and bytes of every file), for
-/// reloads to notice a change; `None` when nothing can be read (a file briefly missing).
+/// reloads to notice a change; `None` when nothing can be read (a file briefly missing). A file
+/// over the size bound is fingerprinted by its name and size, unread: it is a change for the
+/// reload to refuse (logged and counted), not a file to wait for.
 pub fn fingerprint(path: &Path) -> Option<u64> {
-    let files = read_source(path, &|name| std::env::var(name).ok()).ok()?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for f in &files {
-        h.update(f.name.as_bytes());
-        h.update(&[0]);
-        h.update(f.text.as_bytes());
-        h.update(&[0]);
+    match read_source(path, &|name| std::env::var(name).ok()) {
+        Ok(files) => {
+            for f in &files {
+                h.update(f.name.as_bytes());
+                h.update(&[0]);
+                h.update(f.text.as_bytes());
+                h.update(&[0]);
+            }
+        }
+        Err(ConfigError::TooLarge { file, size, .. }) => {
+            h.update(file.as_bytes());
+            h.update(&[0]);
+            h.update(&size.to_le_bytes());
+        }
+        Err(_) => return None,
     }
     Some(h.digest())
 }
@@ -236,6 +311,7 @@ fn compile_reference(
     let env = reference_env::Env(env);
     let settings = env.settings().map_err(ConfigError::Env)?;
     let backend = env.backend().map_err(ConfigError::Env)?;
+    let grpc_tls = env.grpc_tls().map_err(ConfigError::Env)?;
     let trees = reference::load(files, settings.merge_domain_config)?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for f in files {
@@ -263,6 +339,10 @@ fn compile_reference(
         backend: backend.unwrap_or_default(),
         max_clients: crate::stats::DEFAULT_MAX_CLIENTS,
         hash,
+        tls: TlsSettings {
+            grpc: grpc_tls,
+            admin: None,
+        },
     })
 }
 
@@ -280,8 +360,12 @@ pub fn parse(
     };
     let expanded = env::expand(text, env)
         .map_err(|e| invalid(Some(e.line()), String::new(), e.to_string()))?;
+    guard::check_aliases(&expanded).map_err(|m| invalid(None, String::new(), m))?;
     let raw: RawConfig = serde_yaml::from_str(&expanded).map_err(|e| {
-        let line = e.location().map(|l| l.line());
+        // libyaml ends an unterminated last line before the end of the stream, so an error there
+        // would name the line after the last one.
+        let last = expanded.matches('\n').count() + 1;
+        let line = e.location().map(|l| l.line().min(last));
         let mut message = e.to_string();
         if let Some(i) = message.rfind(" at line ") {
             message.truncate(i);
@@ -322,6 +406,15 @@ fn field(name: &str) -> Seg {
 }
 
 fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
+    let files = |f: raw::RawTlsFiles| crate::tls::TlsFiles {
+        cert: f.cert.into(),
+        key: f.key.into(),
+        client_ca: f.client_ca.map(Into::into),
+    };
+    let tls = TlsSettings {
+        grpc: raw.tls.grpc.map(files),
+        admin: raw.tls.admin.map(files),
+    };
     let max_keys = raw.store.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
     if max_keys == 0 {
         return Err(at(
@@ -403,6 +496,7 @@ fn compile(raw: RawConfig, hash: u64) -> Result<Config, Invalid> {
         backend,
         max_clients,
         hash,
+        tls,
     })
 }
 
@@ -800,6 +894,19 @@ pub fn limits_table(rules: &RuleSet) -> String {
                         l.reported.requests_per_unit,
                         l.reported.unit.as_str()
                     ),
+                ]);
+            }
+        }
+        // Automatic blocks count per address, whatever the domain's client entries are.
+        if let Some(ab) = &d.auto_block {
+            for l in ab.max_requests.iter().chain(ab.max_limited.iter()) {
+                rows.push([
+                    d.name.clone(),
+                    "auto_block".to_string(),
+                    rules.address_entry.clone(),
+                    format!("{} [{}]", l.rate, l.name),
+                    l.policy.algorithm().as_str().to_string(),
+                    format!("block {} s", ab.duration.as_secs()),
                 ]);
             }
         }

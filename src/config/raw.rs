@@ -32,6 +32,31 @@ pub struct RawConfig {
     pub allowlist: Vec<String>,
     /// Domains, in order.
     pub domains: Vec<RawDomain>,
+    /// TLS of the gRPC listeners.
+    #[serde(default)]
+    pub tls: RawTls,
+}
+
+/// `tls:` settings: each gRPC listener's certificate, key and, for mTLS, client CA.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The decision listener (`--grpc-tls-*`).
+    pub grpc: Option<RawTlsFiles>,
+    /// The admin listener (`--admin-tls-*`).
+    pub admin: Option<RawTlsFiles>,
+}
+
+/// One listener's TLS files, relative to the config file's directory unless absolute.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: String,
+    /// Private key, PEM.
+    pub key: String,
+    /// CA that signs the clients' certificates (mTLS).
+    pub client_ca: Option<String>,
 }
 
 /// `stats:` settings.

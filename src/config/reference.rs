@@ -177,6 +177,8 @@ fn validate_keys(map: &serde_yaml::Mapping) -> Result<(), String> {
 
 /// Parses one file's text into its root, checking keys first as the reference does.
 fn parse_file(text: &str) -> Result<RawRoot, String> {
+    super::guard::check_aliases(text)
+        .map_err(|m| format!("error loading config file: yaml: {m}"))?;
     let value: Value = serde_yaml::from_str(text)
         .map_err(|e| format!("error loading config file: {}", yaml_message(&e)))?;
     match &value {

@@ -47,11 +47,10 @@ pub const NOT_HONOURED: &[(&str, &str)] = &[
     ),
     ("GRPC_MAX_CONNECTION_AGE", "see --idle-timeout"),
     ("GRPC_MAX_CONNECTION_AGE_GRACE", "see --idle-timeout"),
-    ("GRPC_SERVER_USE_TLS", "not supported yet"),
-    ("GRPC_SERVER_TLS_CERT", "not supported yet"),
-    ("GRPC_SERVER_TLS_KEY", "not supported yet"),
-    ("GRPC_CLIENT_TLS_CACERT", "not supported yet"),
-    ("GRPC_CLIENT_TLS_SAN", "not supported yet"),
+    (
+        "GRPC_CLIENT_TLS_SAN",
+        "any client certificate GRPC_CLIENT_TLS_CACERT signed is accepted",
+    ),
     ("LOG_LEVEL", "use RUST_LOG"),
     ("LOG_FORMAT", "sluice logs text"),
     ("CONFIG_TYPE", "only FILE is supported"),
@@ -218,6 +217,27 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     /// because a Kubernetes ConfigMap mount holds every file twice, once under `..data`.
     pub fn ignore_dot_files(&self) -> Result<bool, EnvError> {
         self.bool("RUNTIME_IGNOREDOTFILES", true)
+    }
+
+    /// The decision listener's TLS, as the reference's `GRPC_SERVER_USE_TLS`,
+    /// `GRPC_SERVER_TLS_CERT`, `GRPC_SERVER_TLS_KEY` and (for mTLS) `GRPC_CLIENT_TLS_CACERT` ask.
+    pub fn grpc_tls(&self) -> Result<Option<crate::tls::TlsFiles>, EnvError> {
+        if !self.bool("GRPC_SERVER_USE_TLS", false)? {
+            return Ok(None);
+        }
+        let file = |name: &str| {
+            self.raw(name)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+        };
+        let needed = |name: &str| {
+            file(name).ok_or_else(|| self.bad(name, "", "needed with GRPC_SERVER_USE_TLS=true"))
+        };
+        Ok(Some(crate::tls::TlsFiles {
+            cert: needed("GRPC_SERVER_TLS_CERT")?,
+            key: needed("GRPC_SERVER_TLS_KEY")?,
+            client_ca: file("GRPC_CLIENT_TLS_CACERT"),
+        }))
     }
 
     /// The counter store the reference's variables ask for: Redis when `BACKEND_TYPE=redis` is
@@ -437,5 +457,34 @@ mod tests {
         .runtime()
         .unwrap();
         assert_eq!(r.config_dir(), PathBuf::from("/data/ratelimit/config"));
+    }
+
+    #[test]
+    fn the_reference_tls_variables_give_the_decision_listener_its_tls() {
+        assert_eq!(
+            env(&[("GRPC_SERVER_TLS_CERT", "c.pem")])
+                .grpc_tls()
+                .unwrap(),
+            None
+        );
+        let tls = env(&[
+            ("GRPC_SERVER_USE_TLS", "true"),
+            ("GRPC_SERVER_TLS_CERT", "/tls/c.pem"),
+            ("GRPC_SERVER_TLS_KEY", "/tls/k.pem"),
+            ("GRPC_CLIENT_TLS_CACERT", "/tls/ca.pem"),
+        ])
+        .grpc_tls()
+        .unwrap()
+        .unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/tls/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("/tls/k.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
+        let err = env(&[
+            ("GRPC_SERVER_USE_TLS", "true"),
+            ("GRPC_SERVER_TLS_CERT", "c"),
+        ])
+        .grpc_tls()
+        .unwrap_err();
+        assert_eq!(err.name, "GRPC_SERVER_TLS_KEY");
     }
 }

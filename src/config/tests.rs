@@ -330,3 +330,37 @@ fn store_backend_errors_name_the_field() {
     let e = parse_err(&format!("store:\n  urll: redis://a:1\n{ONE_DOMAIN}"));
     assert!(e.contains("store: unknown field `urll`"), "{e}");
 }
+
+#[test]
+fn tls_files_are_relative_to_the_config_file_and_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(
+        &path,
+        "tls:\n  grpc: { cert: tls/s.crt, key: /abs/s.key, client_ca: ca.crt }\ndomains:\n  - name: d\n",
+    )
+    .unwrap();
+    let cfg = load_with(&path, |_| None).unwrap();
+    let grpc = cfg.tls.grpc.unwrap();
+    assert_eq!(grpc.cert, dir.path().join("tls/s.crt"));
+    assert_eq!(grpc.key, std::path::PathBuf::from("/abs/s.key"));
+    assert_eq!(grpc.client_ca, Some(dir.path().join("ca.crt")));
+    assert_eq!(cfg.tls.admin, None);
+    assert_eq!(
+        parse_err("tls:\n  admin:\n    cert: a.crt\ndomains:\n  - name: d\n"),
+        "t.yaml:3: tls.admin: missing field `key`"
+    );
+}
+
+#[test]
+fn an_error_at_the_end_of_an_unterminated_file_names_its_last_line() {
+    // Found by the config_sluice fuzz target: libyaml reported line 2 of this one-line file.
+    assert_eq!(
+        parse_err("domains: ["),
+        "t.yaml:1: did not find expected node content"
+    );
+    assert_eq!(
+        parse_err("domains: [\n"),
+        "t.yaml:2: did not find expected node content"
+    );
+}

@@ -4,6 +4,10 @@
 //! clock once, builds one [`Charge`] per distinct counter, and hands the batch to the store,
 //! which charges all of it or nothing. It then picks, per descriptor, the status Envoy needs.
 //! No heap allocation on this path for requests of up to 4 descriptors and 8 counters.
+//!
+//! The client address entry is read as the network sees the client: an IPv4-mapped IPv6
+//! address is rewritten to its IPv4 form once, before anything else reads the request
+//! ([`crate::access::canonical_address`]).
 
 pub mod model;
 pub mod path;
@@ -11,6 +15,7 @@ pub mod reference;
 mod sip;
 pub mod tree;
 
+use std::borrow::Cow;
 use std::hash::Hasher;
 use std::num::NonZeroU64;
 use std::sync::Arc;
@@ -20,10 +25,10 @@ use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13 as SipHasher13_64;
 use smallvec::SmallVec;
 
-use crate::access::{Access, AccessList};
+use crate::access::{Access, AccessList, canonical_address};
 use crate::algorithms::{Hits, Policy};
 use crate::clock::{Clock, Timestamp};
-use crate::entries::{lookup, names_eq};
+use crate::entries::{bytes_eq, lookup, names_eq};
 use crate::stats::{ClientRef, Outcome, Stats};
 use crate::store::{Charge, ChargeKind, CounterKey, FailurePolicy, Store, StoreError, Verdict};
 use model::{Domain, Limit, Reported, Rule, RuleSet, Unit};
@@ -317,6 +322,62 @@ struct Planned<'r, 'p> {
     blocking: bool,
 }
 
+/// A request's address entries read as [`canonical_address`] reads them, so that everything
+/// downstream (blocks, the allowlist, counters, automatic blocks, statistics) sees one spelling
+/// of a client: per descriptor and entry, the new text of each that changes.
+struct CanonicalRequest<'o, 'a> {
+    original: &'o Request<'a>,
+    values: Vec<Vec<Option<Cow<'a, str>>>>,
+}
+
+fn canonical_request<'o, 'a>(
+    original: &'o Request<'a>,
+    address_entry: &str,
+) -> CanonicalRequest<'o, 'a> {
+    let values = original
+        .descriptors
+        .iter()
+        .map(|d| {
+            d.entries
+                .iter()
+                .map(|&(k, v)| {
+                    if bytes_eq(k.as_bytes(), address_entry.as_bytes()) {
+                        canonical_address(v)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    CanonicalRequest { original, values }
+}
+
+impl CanonicalRequest<'_, '_> {
+    /// The request with the new values in place of the old.
+    fn request(&self) -> Request<'_> {
+        Request {
+            domain: self.original.domain,
+            descriptors: self
+                .original
+                .descriptors
+                .iter()
+                .zip(&self.values)
+                .map(|(d, values)| Descriptor {
+                    entries: d
+                        .entries
+                        .iter()
+                        .zip(values)
+                        .map(|(&(k, v), new)| (k, new.as_deref().unwrap_or(v)))
+                        .collect(),
+                    hits: d.hits,
+                    limit_override: d.limit_override,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The request's distinct counters, as the store charges them. A counter's policy is that of
 /// the first plan that created it.
 type Counters<'r> = SmallVec<[Charge<'r>; 8]>;
@@ -452,7 +513,18 @@ impl<S: Store> Limiter<S> {
         decision: &mut Decision<'r>,
     ) {
         decision.clear();
-        if let Err(e) = self.decide_or_fail(rules.0, request, now, decision).await {
+        let result = match self.store.deadline() {
+            // One deadline for all of the decision's store calls (`Store::deadline`). Boxed:
+            // the timer would widen this future for the memory store too, which has none.
+            Some(limit) => Box::pin(tokio::time::timeout(
+                limit,
+                self.decide_or_fail(rules.0, request, now, decision),
+            ))
+            .await
+            .unwrap_or(Err(DecideError::Store(StoreError::Timeout(limit)))),
+            None => self.decide_or_fail(rules.0, request, now, decision).await,
+        };
+        if let Err(e) = result {
             self.store_errors.record(&e, self.on_store_error, now);
             let n = request.descriptors.len();
             *decision = match self.on_store_error {
@@ -482,6 +554,16 @@ impl<S: Store> Limiter<S> {
             .iter()
             .enumerate()
             .find_map(|(i, d)| Some((i, lookup(&d.entries, &rules.address_entry)?)));
+        if address_at.is_some_and(|(_, a)| canonical_address(a).is_some()) {
+            // Rare (an IPv4 client on a dual-stack listener that Envoy did not unmap). Boxed:
+            // inline, the copy would widen every decision's future.
+            return Box::pin(async move {
+                let canonical = canonical_request(request, &rules.address_entry);
+                self.decide_or_fail(rules, &canonical.request(), now, decision)
+                    .await
+            })
+            .await;
+        }
         let address = address_at.map(|(_, a)| a);
         let client =
             domain.and_then(|d| self.client_of(d, request, &rules.address_entry, address_at));
@@ -1235,6 +1317,50 @@ mod tests {
         };
         assert_eq!(reported(&old), ("per minute".to_string(), 10));
         assert_eq!(reported(&new), ("per hour".to_string(), 5));
+    }
+
+    /// An IPv4 client seen as `::ffff:192.0.2.7` on a dual-stack listener is the same client
+    /// as `192.0.2.7`: one counter, one statistics entry, one automatic block.
+    #[test]
+    fn both_spellings_of_an_ipv4_client_are_one_client() {
+        let yaml = "domains:\n  - name: d\n    auto_block:\n      max_requests: 4/minute\n    endpoints:\n      - path: /x\n        limits: [3/minute]\n";
+        let cfg = crate::config::parse(yaml, "test.yaml", |_| None).expect("valid config");
+        let l = limiter();
+        l.swap_rules(cfg.rules);
+        let decide = |address: &str| {
+            let request = Request {
+                domain: "d",
+                descriptors: smallvec::smallvec![Descriptor {
+                    entries: smallvec::smallvec![("path", "/x"), ("remote_address", address)],
+                    hits: Hits::Take(1),
+                    limit_override: None,
+                }],
+            };
+            let rules = l.rules_in_force();
+            let d = ready(l.decide_at(&rules, &request, Timestamp::from_secs(30)));
+            (d.over, d.blocked.is_some())
+        };
+        assert_eq!(decide("192.0.2.7"), (false, false));
+        assert_eq!(decide("::ffff:192.0.2.7"), (false, false));
+        assert_eq!(decide("::ffff:c000:207"), (false, false));
+        assert_eq!(
+            decide("::FFFF:192.0.2.7"),
+            (true, false),
+            "the 4th of 3/minute"
+        );
+        assert_eq!(decide("192.0.2.7"), (true, false), "the 5th: over 4/minute");
+        assert_eq!(decide("::ffff:192.0.2.7"), (true, true), "blocked");
+        let blocks = l.access().blocks_at(Timestamp::from_secs(30));
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].net.to_string(), "192.0.2.7/32");
+        let clients = l.stats().find_clients("192.0.2.7");
+        assert_eq!(clients.len(), 1);
+        assert_eq!(clients[0].address.as_deref(), Some("192.0.2.7"));
+        let c = clients[0].counts;
+        assert_eq!((c.allowed, c.limited, c.blocked), (3, 2, 1));
+        // Other entries and addresses are left as they are.
+        assert_eq!(decide("2001:db8::ffff:1"), (false, false));
+        assert_eq!(l.stats().find_clients("2001:db8::ffff:1").len(), 1);
     }
 
     #[test]

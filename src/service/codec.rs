@@ -82,12 +82,18 @@ impl<U: Message + Default> Decoder for ProstDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(malformed)
+        decode(buf).map(Some)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         buffer_settings()
     }
+}
+
+/// Decodes one whole message as every service reads its requests: a message prost cannot
+/// decode is `INVALID_ARGUMENT` naming the field prost stopped at.
+pub fn decode<U: Message + Default>(buf: impl prost::bytes::Buf) -> Result<U, Status> {
+    U::decode(buf).map_err(malformed)
 }
 
 /// prost's error names the fields it was inside, innermost first, and says what was wrong;

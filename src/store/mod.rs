@@ -179,6 +179,13 @@ pub trait Store: Send + Sync + 'static {
     fn cache_full(&self) -> u64 {
         0
     }
+
+    /// How long one decision may wait for this store, all its calls together; `None` for a
+    /// store that never waits (memory). The limiter answers a decision that runs out by its
+    /// failure policy: a deadline per call would let a decision of two round trips take two.
+    fn deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Which counter store to run, from the config's `store:` section or `--store`.
@@ -342,6 +349,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.cache_full(),
             AnyStore::Redis(s) => s.cache_full(),
+        }
+    }
+
+    fn deadline(&self) -> Option<std::time::Duration> {
+        match self {
+            AnyStore::Memory(s) => s.deadline(),
+            AnyStore::Redis(s) => s.deadline(),
         }
     }
 }

@@ -675,6 +675,10 @@ impl Store for RedisStore {
         self.over.full.load(Ordering::Relaxed)
     }
 
+    fn deadline(&self) -> Option<Duration> {
+        Some(self.handle.timeout())
+    }
+
     /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
     /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize {

@@ -6,6 +6,7 @@ pub mod h2raw;
 pub mod process;
 mod proto;
 pub mod redis;
+pub mod tls;
 
 pub use proto::{descriptor, request};
 
@@ -34,14 +35,24 @@ pub const T0: u64 = 1_767_225_600;
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// How to start a test server beyond its config.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Setup {
     /// State file for blocks and the allowlist (none: in memory only).
     pub state_file: Option<PathBuf>,
-    /// Admin token; `None` runs the admin API without one (loopback).
+    /// Admin token ([`ADMIN_TOKEN`] by default; the admin listener needs a credential).
     pub token: Option<String>,
     /// Start the clock here instead of [`T0`].
     pub start: Option<Timestamp>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            state_file: None,
+            token: Some(ADMIN_TOKEN.into()),
+            start: None,
+        }
+    }
 }
 
 /// A running server and a client connected to it; over the memory store unless started with
@@ -72,14 +83,7 @@ impl TestServer {
     }
 
     pub async fn start_with(cfg: config::Config) -> TestServer {
-        Self::start_setup(
-            cfg,
-            Setup {
-                token: Some(ADMIN_TOKEN.into()),
-                ..Setup::default()
-            },
-        )
-        .await
+        Self::start_setup(cfg, Setup::default()).await
     }
 
     pub async fn start_setup(cfg: config::Config, setup: Setup) -> TestServer {

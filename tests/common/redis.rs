@@ -166,75 +166,15 @@ impl RedisServer {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
-    /// A server that speaks only TLS (a certificate for 127.0.0.1 signed by a test CA made
-    /// with `openssl`) and requires `password`. Returns the server and the CA file.
+    /// A server that speaks only TLS (a certificate for 127.0.0.1 signed by a test CA, see
+    /// [`super::tls::Pki`]) and requires `password`. Returns the server and the CA file.
     pub fn start_tls(password: &str) -> Option<(RedisServer, PathBuf)> {
         let binary = tool("redis-server")?;
-        let openssl = tool("openssl")?;
         let dir = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = Command::new(&openssl)
-                .current_dir(dir.path())
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=sluice test CA",
-        ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        std::fs::write(
-            dir.path().join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-        let ca = dir.path().join("ca.crt");
+        let pki = super::tls::Pki::within(dir.path())?;
+        let ca = pki.ca("ca");
+        pki.server(&ca, "server");
+        let ca = ca.cert;
         let mut server = RedisServer {
             port: free_port(),
             bus_port: None,
@@ -414,5 +354,8 @@ impl Store for RedisFixture {
     }
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
         self.store.sweep_expired_at(now)
+    }
+    fn deadline(&self) -> Option<Duration> {
+        self.store.deadline()
     }
 }
