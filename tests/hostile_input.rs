@@ -782,18 +782,24 @@ proptest! {
 
 // ---- the seed corpus of `fuzz/` ----
 
-/// Writes `fuzz/corpus/<target>/` from the repository's own files and a few requests. Run by
-/// hand after changing the formats: `cargo test --test hostile_input -- --ignored`.
+/// `fuzz/corpus/<target>/` holds seeds made from the repository's own files and a few
+/// requests: this fails when the committed seeds drift from them (the default config changed,
+/// say), and rewrites them with `SLUICE_UPDATE_CORPUS=1 cargo test --test hostile_input seed`.
 #[test]
-#[ignore]
-fn write_fuzz_seed_corpus() {
+fn fuzz_seed_corpus_matches_the_repository() {
     use prost::Message as _;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let corpus = root.join("fuzz/corpus");
+    let update = std::env::var_os("SLUICE_UPDATE_CORPUS").is_some();
+    let stale = std::cell::RefCell::new(Vec::new());
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = corpus.join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(name), bytes).unwrap();
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), bytes).unwrap();
+        } else if std::fs::read(dir.join(name)).ok().as_deref() != Some(bytes) {
+            stale.borrow_mut().push(format!("{target}/{name}"));
+        }
     };
     let read = |rel: &str| std::fs::read(root.join(rel)).unwrap();
     write("config_sluice", "default", &read("config/sluice.yaml"));
@@ -944,6 +950,11 @@ fn write_fuzz_seed_corpus() {
         "state_file",
         "state",
         br#"{"version":1,"blocks":[{"net":"192.0.2.7/32","permanent":false,"created_at":1767225600000000000,"expires_at":1767229200000000000,"reason":"seed","created_by":"admin"},{"net":"2001:db8::/32","permanent":true,"created_at":1767225600000000000,"expires_at":null,"reason":"net","created_by":"admin"}],"allowed":[{"net":"10.0.0.1/32","source":"runtime","created_at":1767225600000000000,"reason":"ops"}]}"#,
+    );
+    let stale = stale.into_inner();
+    assert!(
+        stale.is_empty(),
+        "fuzz seeds out of date: {stale:?}; rewrite them with SLUICE_UPDATE_CORPUS=1 cargo test --test hostile_input seed"
     );
 }
 
