@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
+use common::process::spawn_server;
 use common::redis::RedisServer;
 use common::*;
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitResponse;
@@ -49,19 +49,12 @@ impl Sluice {
     }
 
     async fn start_on(config: PathBuf, state: PathBuf) -> Sluice {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        serve_on_free_ports(&mut cmd, &config, &state)
-            .env("SLUICE_KEY_SECRET", "faults-test-secret")
-            .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .stdin(Stdio::null());
-        let (child, rx) = spawn_logged(&mut cmd);
-        let ([grpc, admin, http], _) = addrs_from_log(
-            &rx,
-            [
-                "serving RateLimitService",
-                "serving Admin",
-                "serving /metrics",
-            ],
+        let (child, _log, [grpc, admin, http]) = spawn_server(
+            &mut Command::new(env!("CARGO_BIN_EXE_sluice")),
+            &config,
+            &state,
+            "faults-test-secret",
+            &[],
         );
         Sluice {
             child,

@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
+use common::process::spawn_server;
 use common::redis::{RedisCluster, RedisServer};
 use common::*;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
@@ -51,20 +51,13 @@ async fn replica(dir: &std::path::Path, name: &str, store: &str) -> Replica {
 async fn replica_with(dir: &std::path::Path, name: &str, yaml: &str, args: &[&str]) -> Replica {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(&config, yaml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    serve_on_free_ports(&mut cmd, &config, dir.join(format!("{name}-state.json")))
-        .args(args)
-        .env("SLUICE_KEY_SECRET", "shared-test-secret")
-        .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stdin(Stdio::null());
-    let (child, rx) = spawn_logged(&mut cmd);
-    let ([grpc, admin, http], _) = addrs_from_log(
-        &rx,
-        [
-            "serving RateLimitService",
-            "serving Admin",
-            "serving /metrics",
-        ],
+    let state = dir.join(format!("{name}-state.json"));
+    let (child, rx, [grpc, admin, http]) = spawn_server(
+        &mut Command::new(env!("CARGO_BIN_EXE_sluice")),
+        &config,
+        state,
+        "shared-test-secret",
+        args,
     );
     Replica {
         log: rx,

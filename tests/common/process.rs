@@ -68,3 +68,30 @@ pub fn addrs_from_log<const N: usize>(
     }
     (found.map(Option::unwrap), log)
 }
+
+/// `cmd` (a `sluice` binary's command) serving `config` (blocks in `state`) with every listener on a free loopback
+/// port, the admin token [`super::ADMIN_TOKEN`] and the counter-key secret `secret`, and more
+/// `args`: the child, its log lines, and its decision, admin and HTTP addresses.
+pub fn spawn_server(
+    cmd: &mut Command,
+    config: impl AsRef<OsStr>,
+    state: impl AsRef<OsStr>,
+    secret: &str,
+    args: &[&str],
+) -> (Child, mpsc::Receiver<String>, [String; 3]) {
+    serve_on_free_ports(cmd, config, state)
+        .args(args)
+        .env("SLUICE_KEY_SECRET", secret)
+        .env("SLUICE_ADMIN_TOKEN", super::ADMIN_TOKEN)
+        .stdin(Stdio::null());
+    let (child, rx) = spawn_logged(cmd);
+    let (addrs, _) = addrs_from_log(
+        &rx,
+        [
+            "serving RateLimitService",
+            "serving Admin",
+            "serving /metrics",
+        ],
+    );
+    (child, rx, addrs)
+}
