@@ -1,4 +1,4 @@
-//! Compiles the vendored Envoy rate limit protos (and sluice's own admin proto) with `protox`, a
+//! Compiles the vendored Envoy rate limit and quota protos (and sluice's own admin proto) with `protox`, a
 //! pure-Rust protobuf compiler, so building sluice never needs a system `protoc`. The encoded
 //! descriptor set is written next to the generated code for gRPC server reflection.
 
@@ -8,6 +8,7 @@ use prost::Message;
 
 const PROTOS: &[&str] = &[
     "envoy/service/ratelimit/v3/rls.proto",
+    "envoy/service/rate_limit_quota/v3/rlqs.proto",
     "sluice/admin/v1/admin.proto",
 ];
 

@@ -40,6 +40,7 @@ struct AppState<S> {
     limiter: Arc<Limiter<S>>,
     ready: Arc<Readiness>,
     listeners: Arc<ListenerStats>,
+    quotas: Arc<crate::quota::registry::Registry>,
 }
 
 /// The router of the HTTP listener.
@@ -47,11 +48,13 @@ pub fn router<S: Store>(
     limiter: Arc<Limiter<S>>,
     ready: Arc<Readiness>,
     listeners: Arc<ListenerStats>,
+    quotas: Arc<crate::quota::registry::Registry>,
 ) -> Router {
     let state = Arc::new(AppState {
         limiter,
         ready,
         listeners,
+        quotas,
     });
     Router::new()
         .route("/metrics", get(metrics::<S>))
@@ -68,7 +71,7 @@ async fn metrics<S: Store>(State(app): State<Arc<AppState<S>>>) -> impl IntoResp
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&app.limiter, &app.listeners),
+        crate::metrics::render(&app.limiter, &app.listeners, &app.quotas),
     )
 }
 

@@ -45,6 +45,7 @@ pub mod input;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;
+pub mod quota;
 pub mod reload;
 pub mod server;
 pub mod service;

@@ -57,7 +57,11 @@ impl Exposition {
 }
 
 /// Renders every metric.
-pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> String {
+pub fn render<S: Store>(
+    limiter: &Limiter<S>,
+    listeners: &ListenerStats,
+    quotas: &crate::quota::registry::Registry,
+) -> String {
     let stats = limiter.stats();
     let rules = limiter.rules();
     let now = limiter.clock().now();
@@ -254,10 +258,112 @@ pub fn render<S: Store>(limiter: &Limiter<S>, listeners: &ListenerStats) -> Stri
     ];
     out.sample("sluice_config_info", &labels, 1);
     connections(&mut out, listeners);
+    quota_streams(&mut out, quotas);
     if rules.reference.is_some() {
         reference(&mut out, limiter);
     }
     out.0
+}
+
+/// RLQS: streams, buckets and assignments per domain (labels: domains Envoys stream for, so
+/// at most one per open stream), and what Envoys reported.
+fn quota_streams(out: &mut Exposition, q: &crate::quota::registry::Registry) {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    out.family(
+        "sluice_rlqs_streams",
+        "gauge",
+        "Quota streams (StreamRateLimitQuotas) open.",
+    );
+    out.sample("sluice_rlqs_streams", &[], q.open_streams());
+    let by_domain = q.by_domain();
+    out.family(
+        "sluice_rlqs_buckets",
+        "gauge",
+        "Quota buckets tracked, per domain, over every open stream.",
+    );
+    for (d, t) in &by_domain {
+        out.sample("sluice_rlqs_buckets", &[("domain", d.as_str())], t.buckets);
+    }
+    out.family(
+        "sluice_rlqs_assignments",
+        "gauge",
+        "Buckets shown in GetStats (the most demanding 100 per stream) by what they are assigned.",
+    );
+    for (d, t) in &by_domain {
+        for (kind, n) in [
+            ("token_bucket", t.token_buckets),
+            ("allow_all", t.allow_all),
+            ("deny_all", t.deny_all),
+        ] {
+            out.sample(
+                "sluice_rlqs_assignments",
+                &[("domain", d.as_str()), ("assignment", kind)],
+                n,
+            );
+        }
+    }
+    out.family(
+        "sluice_rlqs_assigned_rate",
+        "gauge",
+        "Requests per second those buckets' token buckets admit, summed over streams.",
+    );
+    for (d, t) in &by_domain {
+        out.sample(
+            "sluice_rlqs_assigned_rate",
+            &[("domain", d.as_str())],
+            t.assigned_rate,
+        );
+    }
+    out.family(
+        "sluice_rlqs_reported_requests_total",
+        "counter",
+        "Requests Envoys reported on quota streams, by what Envoy did with them.",
+    );
+    for (outcome, n) in [
+        ("allowed", load(&q.reported_allowed)),
+        ("denied", load(&q.reported_denied)),
+    ] {
+        out.sample(
+            "sluice_rlqs_reported_requests_total",
+            &[("outcome", outcome)],
+            n,
+        );
+    }
+    for (name, help, n) in [
+        (
+            "sluice_rlqs_streams_opened_total",
+            "Quota streams opened.",
+            load(&q.opened),
+        ),
+        (
+            "sluice_rlqs_streams_refused_total",
+            "Quota streams refused because the most were open.",
+            load(&q.refused_streams),
+        ),
+        (
+            "sluice_rlqs_reports_total",
+            "Usage reports received.",
+            load(&q.reports),
+        ),
+        (
+            "sluice_rlqs_buckets_refused_total",
+            "Buckets answered ALLOW_ALL untracked because their stream held the most.",
+            load(&q.refused_buckets),
+        ),
+        (
+            "sluice_rlqs_buckets_abandoned_total",
+            "Idle buckets abandoned.",
+            load(&q.abandoned),
+        ),
+        (
+            "sluice_rlqs_ledger_errors_total",
+            "Calls to the quota ledger (Redis) that failed.",
+            load(&q.ledger_errors),
+        ),
+    ] {
+        out.family(name, "counter", help);
+        out.sample(name, &[], n);
+    }
 }
 
 /// envoyproxy/ratelimit's statistics, under the names and labels its default Prometheus

@@ -38,11 +38,16 @@ use crate::connections::{self, ActivityLayer, Limits, ListenerStats};
 use crate::http::Readiness;
 use crate::limiter::Limiter;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::{
+    RateLimitQuotaServiceServer, SERVICE_NAME as RLQS_SERVICE,
+};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitServiceServer, SERVICE_NAME,
 };
 use crate::proto::sluice::admin::v1::admin_server::{AdminServer, SERVICE_NAME as ADMIN_SERVICE};
+use crate::quota::{AnyLedger, Quotas};
 use crate::service::bounded::{BoundedErrorsLayer, bounded_errors};
+use crate::service::rlqs::RlqsService;
 use crate::service::rls::RlsService;
 use crate::store::Store;
 use crate::tls::TlsListener;
@@ -84,6 +89,8 @@ pub struct Options {
     pub decision_threads: usize,
     /// The admin listener's connection limits.
     pub admin: Limits,
+    /// Quota streams (RLQS) on the decision listener.
+    pub quotas: crate::quota::Settings,
 }
 
 impl Default for Options {
@@ -99,6 +106,7 @@ impl Default for Options {
             decisions: Limits::decisions(),
             admin: Limits::admin(),
             decision_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            quotas: crate::quota::Settings::default(),
         }
     }
 }
@@ -167,6 +175,10 @@ fn common_routes(
     Ok((health, routes))
 }
 
+/// The largest usage report accepted: Envoy reports all of its buckets in one message, each
+/// id of up to [`crate::service::rls::MAX_ENTRIES`] entries.
+pub const MAX_REPORT_BYTES: usize = 4 * 1024 * 1024;
+
 /// The layers around every service of a listener, innermost last.
 type ListenerLayers = tower::layer::util::Stack<
     BoundedErrorsLayer,
@@ -234,10 +246,12 @@ pub async fn run<S: Store>(
     // Health is reported per listener: both routers answer "" and their services as SERVING
     // once the config is loaded, which it is by the time we get here.
     let limits = &options.decisions;
-    let (health, routes) = common_routes(&[SERVICE_NAME], limits)?;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    let (health, routes) = common_routes(&[SERVICE_NAME, RLQS_SERVICE], limits)?;
+    for service in [SERVICE_NAME, RLQS_SERVICE] {
+        health
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
     // envoyproxy/ratelimit's health service name, which its users' probes ask for, kept in
     // step with the rules in force.
     let healthy = set_reference_health(&health, &limiter, None).await;
@@ -248,6 +262,14 @@ pub async fn run<S: Store>(
     )));
     let rls = RateLimitServiceServer::new(RlsService::new(limiter.clone()))
         .max_decoding_message_size(limits.max_request_bytes);
+    let quotas = Arc::new(Quotas::new(
+        limiter.clone(),
+        AnyLedger::for_store(limiter.store()),
+        options.quotas.clone(),
+    ));
+    // A report names every bucket of its Envoy, up to `max_buckets` of them.
+    let rlqs = RateLimitQuotaServiceServer::new(RlqsService::new(quotas.clone(), stop_rx.clone()))
+        .max_decoding_message_size(MAX_REPORT_BYTES);
     let (accept_loop, spreads) = connections::spread(
         listeners.grpc,
         limits.clone(),
@@ -260,7 +282,8 @@ pub async fn run<S: Store>(
     for (i, spread) in spreads.into_iter().enumerate() {
         let router = server_with(limits)
             .add_routes(routes.clone())
-            .add_service(rls.clone());
+            .add_service(rls.clone())
+            .add_service(rlqs.clone());
         let stop = stopped(stop_rx.clone());
         let (done, finished) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -298,8 +321,10 @@ pub async fn run<S: Store>(
             let limits = &options.admin;
             let check = check.clone();
             let service = InterceptedService::new(
-                AdminServer::new(AdminService::new(limiter.clone()))
-                    .max_decoding_message_size(limits.max_request_bytes),
+                AdminServer::new(
+                    AdminService::new(limiter.clone()).with_quotas(quotas.registry().clone()),
+                )
+                .max_decoding_message_size(limits.max_request_bytes),
                 move |req| check.check(req),
             );
             let (health, routes) = common_routes(&[ADMIN_SERVICE], limits)?;
@@ -323,7 +348,12 @@ pub async fn run<S: Store>(
 
     let ready = Arc::new(Readiness::default());
     let http = listeners.http.map(|listener| {
-        let app = crate::http::router(limiter.clone(), ready.clone(), listener_stats.clone());
+        let app = crate::http::router(
+            limiter.clone(),
+            ready.clone(),
+            listener_stats.clone(),
+            quotas.registry().clone(),
+        );
         let stop = stopped(stop_rx.clone());
         async move {
             axum::serve(listener, app)

@@ -46,12 +46,67 @@ pub const MAX_PAGE_TOKEN_BYTES: usize = 128;
 #[derive(Debug)]
 pub struct AdminService<S> {
     limiter: Arc<Limiter<S>>,
+    quotas: Arc<crate::quota::registry::Registry>,
 }
 
 impl<S> AdminService<S> {
     /// A service over `limiter`'s rules, blocks and statistics.
     pub fn new(limiter: Arc<Limiter<S>>) -> Self {
-        Self { limiter }
+        Self {
+            limiter,
+            quotas: Arc::default(),
+        }
+    }
+
+    /// Also reports these quota streams.
+    pub fn with_quotas(mut self, quotas: Arc<crate::quota::registry::Registry>) -> Self {
+        self.quotas = quotas;
+        self
+    }
+}
+
+/// The quota streams' statistics as `GetStats` shows them.
+fn quota_pb(q: &crate::quota::registry::Registry) -> pb::QuotaStats {
+    use crate::quota::assignment::Assignment;
+    use std::sync::atomic::Ordering::Relaxed;
+    let streams = q
+        .streams()
+        .into_iter()
+        .map(|v| pb::QuotaStream {
+            id: v.id,
+            peer: v.peer,
+            domain: v.domain,
+            opened_at: Some(timestamp(v.opened.as_nanos())),
+            last_report: Some(timestamp(v.updated.as_nanos())),
+            buckets: v.bucket_count as u64,
+            reports: v.reports,
+            top_buckets: v
+                .buckets
+                .into_iter()
+                .map(|b| pb::QuotaBucket {
+                    bucket_id: b.entries.into_iter().collect(),
+                    allowed: b.allowed,
+                    denied: b.denied,
+                    demand_per_second: b.demand,
+                    assignment: b.assignment.kind().to_string(),
+                    assigned_per_second: match b.assignment {
+                        Assignment::TokenBucket { .. } => b.assignment.rate(),
+                        Assignment::AllowAll | Assignment::DenyAll => 0.0,
+                    },
+                    max_tokens: match b.assignment {
+                        Assignment::TokenBucket { max_tokens, .. } => max_tokens,
+                        Assignment::AllowAll | Assignment::DenyAll => 0,
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    pb::QuotaStats {
+        streams_open: q.open_streams(),
+        reports: q.reports.load(Relaxed),
+        reported_allowed: q.reported_allowed.load(Relaxed),
+        reported_denied: q.reported_denied.load(Relaxed),
+        streams,
     }
 }
 
@@ -339,6 +394,7 @@ impl<S: Store> Admin for AdminService<S> {
             automatic_blocks: stats
                 .automatic_blocks
                 .load(std::sync::atomic::Ordering::Relaxed),
+            quota: Some(quota_pb(&self.quotas)),
         }))
     }
 

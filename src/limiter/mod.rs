@@ -11,6 +11,7 @@
 
 pub mod model;
 pub mod path;
+pub mod quota;
 pub mod reference;
 mod sip;
 pub mod tree;
@@ -426,6 +427,11 @@ impl<S: Store> Limiter<S> {
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.on_store_error = policy;
         self
+    }
+
+    /// What is answered when the store fails.
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.on_store_error
     }
 
     /// Store failures since start.

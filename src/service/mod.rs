@@ -17,4 +17,5 @@
 pub mod bounded;
 pub mod codec;
 pub mod json;
+pub mod rlqs;
 pub mod rls;

@@ -186,6 +186,12 @@ pub trait Store: Send + Sync + 'static {
     fn deadline(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// The Redis store, when counters live in Redis: what else replicas share (blocks, the
+    /// quota ledger) goes through the same connections.
+    fn redis(&self) -> Option<&RedisStore> {
+        None
+    }
 }
 
 /// Which counter store to run, from the config's `store:` section or `--store`.
@@ -357,6 +363,10 @@ impl Store for AnyStore {
             AnyStore::Memory(s) => s.deadline(),
             AnyStore::Redis(s) => s.deadline(),
         }
+    }
+
+    fn redis(&self) -> Option<&RedisStore> {
+        AnyStore::redis(self)
     }
 }
 

@@ -679,6 +679,10 @@ impl Store for RedisStore {
         Some(self.handle.timeout())
     }
 
+    fn redis(&self) -> Option<&RedisStore> {
+        Some(self)
+    }
+
     /// Redis expires counters itself (TTLs); this drops expired entries of the local over-limit
     /// cache and refreshes [`Store::tracked_keys`] in the background. Returns 0.
     fn sweep_expired_at(&self, now: Timestamp) -> usize {
