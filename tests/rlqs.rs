@@ -2,6 +2,7 @@
 //! assignments from the config in force, its state shows in GetStats and /metrics, a stream
 //! outlives the idle timeout, and it ends with INVALID_ARGUMENT on a bad report and with
 //! UNAVAILABLE when the server shuts down.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -101,7 +102,6 @@ fn only(r: &RateLimitQuotaResponse) -> (Strategy, i64) {
     };
     let strategy = q
         .rate_limit_strategy
-        .clone()
         .and_then(|s| s.strategy)
         .expect("a strategy");
     (strategy, q.assignment_time_to_live.expect("a ttl").seconds)
