@@ -297,6 +297,7 @@ impl<S: Store> Quotas<S> {
         // Read every usage first: a bad one ends the stream before anything changed.
         let mut reported: Vec<u64> = Vec::with_capacity(reports.bucket_quota_usages.len());
         let mut untracked: Vec<BucketId> = Vec::new();
+        let mut observed: Vec<(u64, u64, u64)> = Vec::new();
         for (i, usage) in reports.bucket_quota_usages.iter().enumerate() {
             let id = usage
                 .bucket_id
@@ -372,6 +373,30 @@ impl<S: Store> Quotas<S> {
             if !reported.contains(&hash) {
                 reported.push(hash);
             }
+            if requests > 0 {
+                observed.push((hash, requests, usage.num_requests_denied));
+            }
+        }
+
+        // Automatic blocking counts reported requests as it counts ShouldRateLimit's, so an
+        // address it blocks now is denied in this very answer.
+        let rules = self.limiter.rules_in_force();
+        for (hash, requests, denied) in observed {
+            let Some(t) = stream.buckets.get(&hash) else {
+                continue;
+            };
+            let entries: SmallVec<[(&str, &str); 4]> = t
+                .entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if let Err(e) = self
+                .limiter
+                .observe_quota_usage(&rules, &domain, &entries, requests, denied, now)
+                .await
+            {
+                self.registry.ledger_error(&e, now);
+            }
         }
 
         let mut actions: Vec<BucketAction> = Vec::with_capacity(reported.len());
@@ -397,7 +422,6 @@ impl<S: Store> Quotas<S> {
             !idle
         });
 
-        let rules = self.limiter.rules_in_force();
         let mut resolved: Vec<Resolved> = Vec::with_capacity(reported.len());
         let mut claims: Vec<Claim> = Vec::new();
         for hash in &reported {
