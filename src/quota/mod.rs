@@ -298,6 +298,7 @@ impl<S: Store> Quotas<S> {
         let mut reported: Vec<u64> = Vec::with_capacity(reports.bucket_quota_usages.len());
         let mut untracked: Vec<BucketId> = Vec::new();
         let mut observed: Vec<(u64, u64, u64)> = Vec::new();
+        let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for (i, usage) in reports.bucket_quota_usages.iter().enumerate() {
             let id = usage
                 .bucket_id
@@ -370,7 +371,7 @@ impl<S: Store> Quotas<S> {
             }
             t.allowed = t.allowed.saturating_add(usage.num_requests_allowed);
             t.denied = t.denied.saturating_add(usage.num_requests_denied);
-            if !reported.contains(&hash) {
+            if seen.insert(hash) {
                 reported.push(hash);
             }
             if requests > 0 {
@@ -681,9 +682,16 @@ fn bucket_hash(entries: &[(String, String)]) -> u64 {
 /// The statistics' view of a stream: its most demanding buckets, at most
 /// [`registry::BUCKETS_SHOWN`].
 fn view(stream: &QuotaStream, now: Timestamp) -> StreamView {
-    let mut buckets: Vec<BucketView> = stream
-        .buckets
-        .values()
+    let mut top: Vec<&Tracked> = stream.buckets.values().collect();
+    let by_demand =
+        |a: &&Tracked, b: &&Tracked| b.demand.per_second().total_cmp(&a.demand.per_second());
+    if top.len() > registry::BUCKETS_SHOWN {
+        top.select_nth_unstable_by(registry::BUCKETS_SHOWN, by_demand);
+        top.truncate(registry::BUCKETS_SHOWN);
+    }
+    top.sort_by(by_demand);
+    let buckets = top
+        .into_iter()
         .map(|t| BucketView {
             entries: t.entries.clone(),
             allowed: t.allowed,
@@ -692,8 +700,6 @@ fn view(stream: &QuotaStream, now: Timestamp) -> StreamView {
             assignment: t.sent.unwrap_or(Assignment::AllowAll),
         })
         .collect();
-    buckets.sort_by(|a, b| b.demand.total_cmp(&a.demand));
-    buckets.truncate(registry::BUCKETS_SHOWN);
     StreamView {
         id: stream.id,
         peer: stream.peer.clone(),
