@@ -294,3 +294,29 @@ async fn a_stream_keeps_its_connection_past_the_idle_timeout() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A block made through the admin API reaches a stream's buckets of that address without
+/// waiting for the stream's next report.
+#[tokio::test]
+async fn a_block_is_pushed_to_open_streams() {
+    let srv = TestServer::start_default().await;
+    let mut s = Stream::open(srv.addr).await;
+    let r = s.exchange("talk2me", vec![usage(TRANSCRIBE, 1, 0)]).await;
+    assert!(matches!(only(&r).0, Strategy::TokenBucket(_)));
+    srv.admin()
+        .await
+        .block_ip(authed(pb::BlockIpRequest {
+            ip: "192.0.2.10".into(),
+            permanent: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // No report sent: the answer is the push.
+    let pushed = s.next().await.expect("a push");
+    assert_eq!(
+        only(&pushed),
+        (Strategy::BlanketRule(BlanketRule::DenyAll as i32), 15)
+    );
+    srv.stop().await;
+}

@@ -196,6 +196,8 @@ pub struct QuotaStream {
     opened: Timestamp,
     buckets: HashMap<u64, Tracked>,
     reports: u64,
+    /// The access list's version and the rule set the buckets were last assigned under.
+    seen: Option<(u64, Arc<crate::limiter::model::RuleSet>)>,
 }
 
 impl QuotaStream {
@@ -263,6 +265,7 @@ impl<S: Store> Quotas<S> {
             opened: self.limiter.clock().now(),
             buckets: HashMap::new(),
             reports: 0,
+            seen: None,
         })
     }
 
@@ -291,6 +294,7 @@ impl<S: Store> Quotas<S> {
     ) -> Result<RateLimitQuotaResponse, BadReport> {
         let now = self.limiter.clock().now();
         let domain = self.domain_of(stream, reports)?;
+        stream.seen = Some((self.limiter.access().version(), self.limiter.rules()));
         stream.reports += 1;
         self.registry.reports.fetch_add(1, Ordering::Relaxed);
 
@@ -441,14 +445,7 @@ impl<S: Store> Quotas<S> {
                 QuotaTarget::Blocked {
                     permanent,
                     remaining,
-                } => {
-                    let ttl = if permanent {
-                        self.settings.ttl
-                    } else {
-                        Duration::from_nanos(remaining).min(self.settings.ttl)
-                    };
-                    Resolved::Fixed(Assignment::DenyAll, ttl)
-                }
+                } => Resolved::Fixed(Assignment::DenyAll, self.block_ttl(permanent, remaining)),
                 QuotaTarget::Limits(limits) => {
                     let first_claim = claims.len();
                     let mut refills = SmallVec::new();
@@ -594,6 +591,67 @@ impl<S: Store> Quotas<S> {
             chunk.copy_from_slice(&v.to_le_bytes());
         }
         Claimant(xxhash_rust::xxh3::xxh3_128(&bytes))
+    }
+
+    /// Re-reads the blocks, allowlist and rules for every bucket of `stream` if any changed
+    /// since its buckets were last assigned, and answers the buckets that became blocked or
+    /// unlimited (ALLOW_ALL, DENY_ALL) at once, without waiting for the stream's next report.
+    /// Buckets that became limited again get their share at that report. `None` when nothing
+    /// changed for this stream.
+    pub fn refresh(&self, stream: &mut QuotaStream) -> Option<RateLimitQuotaResponse> {
+        let (access, rules) = (self.limiter.access().version(), self.limiter.rules());
+        match &stream.seen {
+            Some((a, r)) if *a == access && Arc::ptr_eq(r, &rules) => return None,
+            None => return None,
+            Some(_) => {}
+        }
+        stream.seen = Some((access, rules.clone()));
+        let domain = stream.domain.clone()?;
+        let now = self.limiter.clock().now();
+        let mut actions = Vec::new();
+        for t in stream.buckets.values_mut() {
+            let entries: SmallVec<[(&str, &str); 4]> = t
+                .entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let (assignment, ttl) = match self.limiter.quota_target(&rules, &domain, &entries, now)
+            {
+                QuotaTarget::Unlimited | QuotaTarget::Allowlisted => {
+                    (Assignment::AllowAll, self.settings.ttl)
+                }
+                QuotaTarget::Blocked {
+                    permanent,
+                    remaining,
+                } => (Assignment::DenyAll, self.block_ttl(permanent, remaining)),
+                QuotaTarget::Limits(_) => continue,
+            };
+            if t.sent == Some(assignment) {
+                continue;
+            }
+            // Its pools are let go at the next report (which finds it drawing on none).
+            t.sent = Some(assignment);
+            actions.push(BucketAction {
+                bucket_id: Some(t.id.clone()),
+                bucket_action: Some(Action::QuotaAssignmentAction(assign(assignment, ttl))),
+            });
+        }
+        if actions.is_empty() {
+            return None;
+        }
+        self.registry.update(view(stream, now));
+        Some(RateLimitQuotaResponse {
+            bucket_action: actions,
+        })
+    }
+
+    /// The time to live of a DENY_ALL for a block: its remaining time, at most the TTL.
+    fn block_ttl(&self, permanent: bool, remaining: u64) -> Duration {
+        if permanent {
+            self.settings.ttl
+        } else {
+            Duration::from_nanos(remaining).min(self.settings.ttl)
+        }
     }
 
     /// The stream's domain: named by its first report, the same in every later one.

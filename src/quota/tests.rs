@@ -567,3 +567,44 @@ mod arbitrary {
         }
     }
 }
+
+/// A block made between reports is pushed to the stream's buckets of that address at once; an
+/// unchanged access list and config push nothing.
+#[tokio::test]
+async fn a_new_block_is_pushed_without_waiting_for_a_report() {
+    let f = fixture();
+    let mut s = f.quotas.open("peer".into()).unwrap();
+    assert!(f.quotas.refresh(&mut s).is_none(), "nothing reported yet");
+    let other = &[("path", "/a"), ("remote_address", "192.0.2.2")];
+    f.quotas
+        .report(
+            &mut s,
+            &report("t", vec![usage(A, 1, 0), usage(other, 1, 0)]),
+        )
+        .await
+        .unwrap();
+    assert!(f.quotas.refresh(&mut s).is_none());
+    f.limiter.access().block(
+        "192.0.2.1/32".parse().unwrap(),
+        None,
+        "test".into(),
+        "test".into(),
+        f.clock.now(),
+    );
+    let pushed = f.quotas.refresh(&mut s).expect("a push");
+    assert_eq!(only(&pushed), (Assignment::DenyAll, 15));
+    assert_eq!(
+        pushed.bucket_action[0].bucket_id.as_ref().unwrap().bucket["remote_address"],
+        "192.0.2.1"
+    );
+    assert!(f.quotas.refresh(&mut s).is_none(), "pushed once");
+    // Unblocked: the next report gives the bucket its share again.
+    f.limiter.access().unblock("192.0.2.1/32".parse().unwrap());
+    assert!(f.quotas.refresh(&mut s).is_none());
+    let r = f
+        .quotas
+        .report(&mut s, &report("t", vec![usage(A, 1, 0)]))
+        .await
+        .unwrap();
+    assert!(matches!(only(&r).0, Assignment::TokenBucket { .. }));
+}
