@@ -320,3 +320,34 @@ async fn a_block_is_pushed_to_open_streams() {
     );
     srv.stop().await;
 }
+
+/// Envoy reports every bucket in one message: a report of 5,000 buckets (about 400 KB, six
+/// times the largest `ShouldRateLimit` request) is read and answered whole.
+#[tokio::test]
+async fn a_report_of_thousands_of_buckets_is_answered() {
+    let srv = TestServer::start_default().await;
+    let mut s = Stream::open(srv.addr).await;
+    let clients: Vec<String> = (0..5_000)
+        .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+        .collect();
+    let usages = clients
+        .iter()
+        .map(|c| {
+            usage(
+                &[
+                    ("path", "/transcribe"),
+                    ("remote_address", c),
+                    (
+                        "user_agent",
+                        "a user agent as long as a browser's, Mozilla/5.0 (X11)",
+                    ),
+                ],
+                1,
+                0,
+            )
+        })
+        .collect();
+    let r = s.exchange("talk2me", usages).await;
+    assert_eq!(r.bucket_action.len(), 5_000);
+    srv.stop().await;
+}
