@@ -86,6 +86,17 @@ thread_local! {
     ];
 }
 
+thread_local! {
+    /// The limiter quota streams ask (the default config), kept across inputs as the request
+    /// targets' services are: parsing the config for each input would be most of the work.
+    static QUOTA_LIMITER: (Arc<ManualClock>, Arc<Limiter<MemoryStore>>) = {
+        let cfg = config::parse(DEFAULT_CONFIG, "config/sluice.yaml", |_| None)
+            .expect("the default config is valid");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
+        (clock.clone(), Arc::new(limiter_for(cfg, clock)))
+    };
+}
+
 fn block_on<F: Future>(f: F) -> F::Output {
     RUNTIME.with(|rt| rt.block_on(f))
 }
@@ -529,11 +540,9 @@ pub fn rlqs_reports(data: &[u8]) {
     use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::BucketAction as Action;
     use crate::quota::{AnyLedger, Quotas, Settings, ledger::MemoryLedger};
 
-    let cfg = config::parse(DEFAULT_CONFIG, "config/sluice.yaml", |_| None)
-        .expect("the default config is valid");
-    let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
+    let (clock, limiter) = QUOTA_LIMITER.with(Clone::clone);
     let quotas = Quotas::new(
-        Arc::new(limiter_for(cfg, clock.clone())),
+        limiter,
         AnyLedger::Memory(MemoryLedger::default()),
         Settings {
             max_buckets: 64,
