@@ -40,7 +40,7 @@ fn report(buckets: usize) -> RateLimitQuotaUsageReports {
                         ("user_agent", "bench/1".to_string()),
                     ]
                     .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
+                    .map(|(k, v)| (k.to_string(), v.into_bytes()))
                     .collect(),
                 }),
                 time_elapsed: Some(prost_types::Duration {

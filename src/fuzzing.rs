@@ -565,15 +565,12 @@ pub fn rlqs_reports(data: &[u8]) {
                 continue;
             }
         };
-        let distinct: std::collections::HashSet<Vec<(&String, &String)>> = reports
+        // Maps encode in key order: equal ids, equal bytes.
+        let distinct: std::collections::HashSet<Vec<u8>> = reports
             .bucket_quota_usages
             .iter()
             .filter_map(|u| u.bucket_id.as_ref())
-            .map(|id| {
-                let mut e: Vec<_> = id.bucket.iter().collect();
-                e.sort();
-                e
-            })
+            .map(prost::Message::encode_to_vec)
             .collect();
         match block_on(quotas.report(&mut stream, &reports)) {
             Ok(answer) => {

@@ -347,8 +347,13 @@ fn quota_streams(out: &mut Exposition, q: &crate::quota::registry::Registry) {
         ),
         (
             "sluice_rlqs_buckets_refused_total",
-            "Buckets answered ALLOW_ALL untracked because their stream held the most.",
+            "Buckets answered by the failure policy, untracked, because their stream held the most.",
             load(&q.refused_buckets),
+        ),
+        (
+            "sluice_rlqs_buckets_invalid_total",
+            "Bucket ids answered by the failure policy, untracked, for breaking a descriptor's bounds.",
+            load(&q.invalid_buckets),
         ),
         (
             "sluice_rlqs_buckets_abandoned_total",

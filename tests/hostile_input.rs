@@ -129,11 +129,13 @@ fn quota_usage() -> impl Strategy<Value = BucketQuotaUsage> {
         "[a-z]{0,4}",
     ];
     let value = prop_oneof![
-        Just("/transcribe".to_string()),
-        Just("/api/training/execute".to_string()),
-        Just("192.0.2.1".to_string()),
-        Just("::ffff:192.0.2.1".to_string()),
-        ".{0,8}",
+        Just(b"/transcribe".to_vec()),
+        Just(b"/api/training/execute".to_vec()),
+        Just(b"192.0.2.1".to_vec()),
+        Just(b"::ffff:192.0.2.1".to_vec()),
+        ".{0,8}".prop_map(String::into_bytes),
+        // Header bytes Envoy copies as they came: not always UTF-8.
+        vec(any::<u8>(), 0..8),
     ];
     (
         prop::option::weighted(0.9, prop::collection::btree_map(key, value, 0..4)),
@@ -1034,7 +1036,7 @@ fn fuzz_seed_corpus_matches_the_repository() {
                 ("user_agent", "curl/8"),
             ]
             .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
             .collect(),
         }),
         time_elapsed: Some(prost_types::Duration {

@@ -14,9 +14,10 @@
 //! share of the rate, rounded up).
 //!
 //! Envoy 1.40 refills continuously at `tokens_per_fill / fill_interval`, reads the interval in
-//! whole seconds (under one second is an infinite rate) and rebuilds a bucket, full, only when
-//! `max_tokens` or `tokens_per_fill` change. So the interval is fixed at an hour, which puts the
-//! rate in whole tokens per hour (at least one), and never changes alone.
+//! whole seconds (under one second is an infinite rate) and rebuilds a bucket only when
+//! `max_tokens` or `tokens_per_fill` change (the nanoseconds of the interval too, but not its
+//! seconds). So the interval is fixed at an hour, which puts the rate in whole tokens per hour
+//! (at least one), and never changes alone.
 
 use crate::algorithms::Policy;
 

@@ -60,7 +60,8 @@ pub struct Settings {
     pub ttl: Duration,
     /// A bucket with no request for this long is abandoned.
     pub abandon_after: Duration,
-    /// Buckets one stream may hold; further buckets get ALLOW_ALL, untracked, and are counted.
+    /// Buckets one stream may hold; further buckets are answered by the failure policy
+    /// (ALLOW_ALL by default), untracked, and counted.
     pub max_buckets: usize,
     /// Streams open at once; further streams are refused with RESOURCE_EXHAUSTED.
     pub max_streams: usize,
@@ -298,56 +299,50 @@ impl<S: Store> Quotas<S> {
         stream.reports += 1;
         self.registry.reports.fetch_add(1, Ordering::Relaxed);
 
-        // Read every usage first: a bad one ends the stream before anything changed.
+        // Read every usage first: a report that cannot be answered ends the stream before
+        // anything changed.
         let mut reported: Vec<u64> = Vec::with_capacity(reports.bucket_quota_usages.len());
         let mut untracked: Vec<BucketId> = Vec::new();
         let mut observed: Vec<(u64, u64, u64)> = Vec::new();
         let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for (i, usage) in reports.bucket_quota_usages.iter().enumerate() {
-            let id = usage
+            if usage
                 .bucket_id
                 .as_ref()
-                .filter(|id| !id.bucket.is_empty())
-                .ok_or_else(|| {
-                    bad(
-                        format!("bucket_quota_usages[{i}].bucket_id"),
-                        "a bucket id with at least one entry is required",
-                    )
-                })?;
-            let field = || format!("bucket_quota_usages[{i}].bucket_id.bucket");
-            if id.bucket.len() > MAX_ENTRIES {
-                return Err(bad(field(), format!("more than {MAX_ENTRIES} entries")));
-            }
-            if id.bucket.keys().any(String::is_empty) {
-                return Err(bad(field(), "keys must not be empty"));
-            }
-            if id
-                .bucket
-                .iter()
-                .any(|(k, v)| k.len() > MAX_FIELD_BYTES || v.len() > MAX_FIELD_BYTES)
+                .is_none_or(|id| id.bucket.is_empty())
             {
                 return Err(bad(
-                    field(),
-                    format!("keys and values are at most {MAX_FIELD_BYTES} bytes"),
+                    format!("bucket_quota_usages[{i}].bucket_id"),
+                    "a bucket id with at least one entry is required",
                 ));
             }
         }
-        for usage in &reports.bucket_quota_usages {
+        for (i, usage) in reports.bucket_quota_usages.iter().enumerate() {
             let Some(id) = usage.bucket_id.as_ref() else {
                 continue;
             };
-            let mut entries: Vec<(String, String)> = id
+            self.registry
+                .reported(usage.num_requests_allowed, usage.num_requests_denied);
+            // One client's odd header must not cost its Envoy the stream (Envoy would reopen
+            // it and send the same bucket again): such a bucket alone is answered by the
+            // failure policy, untracked.
+            if let Some(problem) = unusable(id) {
+                self.registry.invalid(
+                    &format!("bucket_quota_usages[{i}].bucket_id.bucket: {problem}"),
+                    now,
+                );
+                untracked.push(id.clone());
+                continue;
+            }
+            let entries: Vec<(String, String)> = id
                 .bucket
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
                 .collect();
-            entries.sort();
-            let hash = bucket_hash(&entries);
+            let hash = bucket_hash(id);
             let requests = usage
                 .num_requests_allowed
                 .saturating_add(usage.num_requests_denied);
-            self.registry
-                .reported(usage.num_requests_allowed, usage.num_requests_denied);
             let known = stream.buckets.contains_key(&hash);
             if !known && stream.buckets.len() >= self.settings.max_buckets {
                 self.registry.refused(&stream.peer, now);
@@ -561,11 +556,15 @@ impl<S: Store> Quotas<S> {
                 bucket_action: Some(Action::QuotaAssignmentAction(assign(assignment, ttl))),
             });
         }
+        let fallback = match self.limiter.failure_policy() {
+            FailurePolicy::Allow => Assignment::AllowAll,
+            FailurePolicy::Deny => Assignment::DenyAll,
+        };
         for id in untracked {
             actions.push(BucketAction {
                 bucket_id: Some(id),
                 bucket_action: Some(Action::QuotaAssignmentAction(assign(
-                    Assignment::AllowAll,
+                    fallback,
                     self.settings.ttl,
                 ))),
             });
@@ -725,14 +724,31 @@ fn assign(a: Assignment, ttl: Duration) -> QuotaAssignmentAction {
     }
 }
 
-/// A hash of a bucket id's sorted entries, length-prefixed so that no two ids share one.
-fn bucket_hash(entries: &[(String, String)]) -> u64 {
+/// Why a bucket id cannot be read as a descriptor (the bounds `ShouldRateLimit` puts on one),
+/// if it cannot.
+fn unusable(id: &BucketId) -> Option<String> {
+    if id.bucket.len() > MAX_ENTRIES {
+        return Some(format!("more than {MAX_ENTRIES} entries"));
+    }
+    if id.bucket.keys().any(String::is_empty) {
+        return Some("keys must not be empty".into());
+    }
+    id.bucket
+        .iter()
+        .any(|(k, v)| k.len() > MAX_FIELD_BYTES || v.len() > MAX_FIELD_BYTES)
+        .then(|| format!("keys and values are at most {MAX_FIELD_BYTES} bytes"))
+}
+
+/// A hash of a bucket id's entries (in key order), length-prefixed so that no two ids share
+/// one. Values are hashed as bytes: two ids that differ only in bytes that are not UTF-8 are
+/// two buckets to Envoy, and stay two here (their limits, read from the text, are shared).
+fn bucket_hash(id: &BucketId) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for (k, v) in entries {
+    for (k, v) in &id.bucket {
         h.update(&(k.len() as u64).to_le_bytes());
         h.update(k.as_bytes());
         h.update(&(v.len() as u64).to_le_bytes());
-        h.update(v.as_bytes());
+        h.update(v);
     }
     h.digest()
 }

@@ -70,6 +70,8 @@ pub struct Registry {
     pub reported_denied: AtomicU64,
     /// Buckets answered untracked because their stream held [`super::Settings::max_buckets`].
     pub refused_buckets: AtomicU64,
+    /// Bucket ids answered untracked because they break a descriptor's bounds.
+    pub invalid_buckets: AtomicU64,
     /// Buckets abandoned for being idle.
     pub abandoned: AtomicU64,
     /// Ledger calls that failed.
@@ -109,7 +111,14 @@ impl Registry {
     pub(super) fn refused(&self, peer: &str, now: Timestamp) {
         self.refused_buckets.fetch_add(1, Ordering::Relaxed);
         if self.may_log(now) {
-            tracing::warn!(%peer, "a quota stream holds its most buckets; further buckets are allowed untracked");
+            tracing::warn!(%peer, "a quota stream holds its most buckets; further buckets are answered by the failure policy, untracked");
+        }
+    }
+
+    pub(super) fn invalid(&self, problem: &str, now: Timestamp) {
+        self.invalid_buckets.fetch_add(1, Ordering::Relaxed);
+        if self.may_log(now) {
+            tracing::warn!(%problem, "a quota bucket id breaks a descriptor's bounds; answered by the failure policy, untracked");
         }
     }
 

@@ -10,8 +10,8 @@
 //! - its **grant** is the target, but never more than what the other claimants are not already
 //!   assigned, and never less than the floor: a newcomer starts at least at the floor and grows
 //!   as the others report and shrink, within about one report each;
-//! - a grant within [`HYSTERESIS`] of the previous one keeps the previous one, because Envoy
-//!   rebuilds (and refills) a token bucket whose numbers change.
+//! - a grant within [`HYSTERESIS`] of the previous one keeps the previous one, so that the noise
+//!   in demand does not rebuild Envoy's token bucket at every report.
 //!
 //! Together: a report never takes a pool's grants above its rate, except by the reporter's
 //! floor when the others already hold everything (a newcomer, until they report and shrink);

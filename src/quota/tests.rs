@@ -57,7 +57,7 @@ fn id(entries: &[(&str, &str)]) -> BucketId {
     BucketId {
         bucket: entries
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
             .collect(),
     }
 }
@@ -364,12 +364,49 @@ async fn unreadable_reports_name_the_field() {
         .await
         .unwrap_err();
     assert_eq!(e.field, "bucket_quota_usages[1].bucket_id");
-    let e = f
+    // A bucket id that breaks a descriptor's bounds costs only itself: answered by the failure
+    // policy, untracked, counted; its neighbours are answered as ever.
+    let long = "x".repeat(1025);
+    let mut odd = usage(A, 1, 0);
+    odd.bucket_id = Some(BucketId {
+        bucket: [("path".to_string(), b"/a\xff\xfe".to_vec())].into(),
+    });
+    let r = f
         .quotas
-        .report(&mut s, &report("t", vec![usage(&[("", "x")], 1, 0)]))
+        .report(
+            &mut s,
+            &report(
+                "t",
+                vec![
+                    usage(&[("", "x")], 1, 0),
+                    usage(&[("path", "/a"), ("user_agent", long.as_str())], 1, 0),
+                    odd,
+                    usage(A, 1, 0),
+                ],
+            ),
+        )
         .await
-        .unwrap_err();
-    assert_eq!(e.field, "bucket_quota_usages[0].bucket_id.bucket");
+        .unwrap();
+    let got: Vec<_> = r.bucket_action.iter().map(|a| action(a).0).collect();
+    assert!(
+        matches!(
+            got[..],
+            [
+                Assignment::TokenBucket { .. },
+                Assignment::TokenBucket { .. },
+                Assignment::AllowAll,
+                Assignment::AllowAll
+            ]
+        ),
+        "{got:?}"
+    );
+    assert_eq!(
+        f.quotas
+            .registry()
+            .invalid_buckets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     // Envoy's own first report has a time_elapsed of 0 s: accepted.
     let mut first = usage(A, 1, 0);
     first.time_elapsed = Some(prost_types::Duration::default());
@@ -505,7 +542,7 @@ mod arbitrary {
         )
             .prop_map(|(bucket, allowed, denied, elapsed)| BucketQuotaUsage {
                 bucket_id: bucket.map(|b| BucketId {
-                    bucket: b.into_iter().collect(),
+                    bucket: b.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
                 }),
                 time_elapsed: elapsed
                     .map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
@@ -595,7 +632,7 @@ async fn a_new_block_is_pushed_without_waiting_for_a_report() {
     assert_eq!(only(&pushed), (Assignment::DenyAll, 15));
     assert_eq!(
         pushed.bucket_action[0].bucket_id.as_ref().unwrap().bucket["remote_address"],
-        "192.0.2.1"
+        b"192.0.2.1"
     );
     assert!(f.quotas.refresh(&mut s).is_none(), "pushed once");
     // Unblocked: the next report gives the bucket its share again.
