@@ -1,15 +1,22 @@
 //! The quota ledger in Redis, shared by every replica of one store, so that the division of a
 //! limit is global whichever replica each Envoy streams to.
 //!
-//! One Redis hash per pool, `sluice:quota:{<high 64 bits>}:<low 64 bits>` in hex: the same hash
-//! tag as the pool's counter ([`crate::store::redis::key_name`]), so a client's pools share a
-//! cluster slot with each other and with its counters. A field per claimant holds its demand,
-//! assigned rate and expiry; `ledger.lua` does each operation ([`MemoryLedger`]'s, transcribed:
-//! the conformance tests run both) and sets the hash's TTL, so the pools of dead replicas vanish.
+//! One Redis hash per pool, `sluice:quota:{shard-<n>}:<the pool's counter key>` in hex. A field
+//! per claimant holds its demand, assigned rate and expiry; `ledger.lua` does each operation
+//! ([`MemoryLedger`]'s, transcribed: the conformance tests run both) and sets the hash's TTL, so
+//! the pools of dead replicas vanish.
 //!
-//! A call of [`Ledger`] is one round trip: its operations are grouped by pool into script calls
-//! of about [`OPS_PER_CALL`] (by slot as well on a cluster, where a script may only touch one
-//! slot), sent together on the multiplexed connection; each runs under the store's deadline.
+//! A call of [`Ledger`] takes one round trip for a report of up to a few thousand buckets: its
+//! operations are grouped by pool into script calls of about [`OPS_PER_CALL`], up to
+//! [`IN_FLIGHT`] of them sent at once on the multiplexed connection, each under the store's
+//! deadline. A pool's operations stay in one call, which reads the whole pool: a pool of tens
+//! of thousands of claimants (one limit shared by every bucket of many large Envoys) makes a
+//! call too long for a tight deadline (its claims then fail, and its buckets keep their
+//! assignments). On a cluster a script touches one slot, so the hash tag is one of
+//! [`SHARDS`] (by the client group, the counter key's high half), not the counter's own: a
+//! report's pools then take at most that many calls, not one per client it names, while the
+//! ledger still spreads over several nodes. The ledger never touches the counters, so nothing
+//! is lost by keeping them apart.
 //!
 //! Time is the caller's `now` (the limiter's clock), as in memory: expiries are compared, never
 //! set by Redis's clock, so a manual clock drives the tests. Replicas whose clocks differ by δ
@@ -21,18 +28,27 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use redis::{Script, ScriptInvocation};
-use smallvec::SmallVec;
 
 use super::ledger::{CLAIM_TTL, Claim, Claimant, Grant, Ledger, Totals};
 use crate::clock::{Timestamp, duration_nanos};
-use crate::store::redis::{RedisHandle, slot_of};
+use crate::store::redis::RedisHandle;
 use crate::store::{CounterKey, StoreError};
 
 /// Operations per script call, about (a pool is never split, so a call holds at least one
 /// whole pool). Redis runs nothing else while a script runs: short scripts keep the counter
 /// decisions of every replica, which share this Redis under a tight deadline, from waiting.
 pub const OPS_PER_CALL: usize = 256;
+
+/// Script calls of one [`Ledger`] call sent at once (a wave; the next wave goes when it is
+/// answered): enough for every shard of a cluster and a few large pools, few enough that the
+/// last of a wave, which a Redis server runs after the others, is well within the deadline
+/// that started when it was sent.
+pub const IN_FLIGHT: usize = 20;
+
+/// Cluster hash tags of the ledger's pools.
+pub const SHARDS: u64 = 16;
 
 /// How long Redis keeps a pool's hash after its last write: a backstop that removes pools
 /// nobody claims any more. Twice [`CLAIM_TTL`], because what counts is decided by each entry's
@@ -49,13 +65,14 @@ pub struct RedisLedger {
     script: Script,
 }
 
-/// A pool's hash in Redis: the counter's hash tag, so the same slot as the counter.
+/// The shard of a pool: by client group, so one client's pools share a slot.
+fn shard(key: CounterKey) -> u64 {
+    ((key.0 >> 64) as u64) % SHARDS
+}
+
+/// A pool's hash in Redis.
 pub fn pool_key(key: CounterKey) -> String {
-    format!(
-        "sluice:quota:{{{:016x}}}:{:016x}",
-        (key.0 >> 64) as u64,
-        key.0 as u64
-    )
+    format!("sluice:quota:{{shard-{}}}:{:032x}", shard(key), key.0)
 }
 
 /// A claimant's field in its pools' hashes.
@@ -111,42 +128,44 @@ impl RedisLedger {
         inv
     }
 
-    /// Runs `ops` in as few script calls as [`Self::calls`] allows, all at once; the replies
-    /// in the order of the calls, with each call's positions in `ops`.
+    /// Runs `ops` in the script calls [`calls`] makes of them, [`IN_FLIGHT`] at a time; the
+    /// replies in the order of the calls, each with its operations' positions in `ops`.
     async fn run<T: redis::FromRedisValue>(
         &self,
         mode: &str,
         ops: &[Op],
         now: Timestamp,
-    ) -> Result<Vec<(SmallVec<[usize; 8]>, T)>, StoreError> {
+    ) -> Result<Vec<(Vec<usize>, T)>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
         let (order, calls) = calls(self.handle.is_cluster(), ops.iter().map(|(k, _, _)| *k));
-        let calls: Vec<SmallVec<[usize; 8]>> = calls
+        let calls: Vec<Vec<usize>> = calls
             .into_iter()
-            .map(|r| order.get(r).unwrap_or_default().iter().copied().collect())
+            .map(|r| order.get(r).unwrap_or_default().to_vec())
             .collect();
-        let replies = futures_util::future::join_all(calls.iter().map(|members| {
-            let inv = self.invocation(mode, members.iter().filter_map(|&i| ops.get(i)), now);
-            async move { self.handle.invoke::<T>(&inv).await }
-        }))
-        .await;
-        calls
-            .into_iter()
-            .zip(replies)
-            .map(|(members, reply)| reply.map(|r| (members, r)))
-            .collect()
+        let invocations: Vec<ScriptInvocation<'_>> = calls
+            .iter()
+            .map(|members| self.invocation(mode, members.iter().filter_map(|&i| ops.get(i)), now))
+            .collect();
+        // In waves of IN_FLIGHT, in order; the first failure ends the call.
+        let mut replies: Vec<T> = Vec::with_capacity(invocations.len());
+        for wave in invocations.chunks(IN_FLIGHT) {
+            for reply in join_all(wave.iter().map(|inv| self.handle.invoke::<T>(inv))).await {
+                replies.push(reply?);
+            }
+        }
+        Ok(calls.into_iter().zip(replies).collect())
     }
 }
 
 /// The operations on `keys` in the order to send them, and the ranges of that order that go in
-/// one script call each: one pool's operations together and in their order, one slot per
+/// one script call each: one pool's operations together and in their order, one shard per
 /// call on a cluster.
 fn calls(cluster: bool, keys: impl Iterator<Item = CounterKey>) -> (Vec<usize>, Vec<Range<usize>>) {
-    let mut sorted: Vec<(u16, CounterKey, usize)> = keys
+    let mut sorted: Vec<(u64, CounterKey, usize)> = keys
         .enumerate()
-        .map(|(i, k)| (if cluster { slot_of(k) } else { 0 }, k, i))
+        .map(|(i, k)| (if cluster { shard(k) } else { 0 }, k, i))
         .collect();
     // The index last keeps each pool's operations in the caller's order.
     sorted.sort_unstable();
@@ -154,17 +173,17 @@ fn calls(cluster: bool, keys: impl Iterator<Item = CounterKey>) -> (Vec<usize>, 
     let mut start = 0;
     let mut run = 0;
     while run < sorted.len() {
-        let Some(&(slot, key, _)) = sorted.get(run) else {
+        let Some(&(shard, key, _)) = sorted.get(run) else {
             break;
         };
         let end = sorted
             .get(run..)
             .and_then(|rest| rest.iter().position(|(_, k, _)| *k != key))
             .map_or(sorted.len(), |n| run + n);
-        let new_slot = sorted
+        let new_shard = sorted
             .get(start)
-            .is_some_and(|(first, _, _)| *first != slot);
-        if run > start && (new_slot || end - start > OPS_PER_CALL) {
+            .is_some_and(|(first, _, _)| *first != shard);
+        if run > start && (new_shard || end - start > OPS_PER_CALL) {
             calls.push(start..run);
             start = run;
         }
@@ -209,8 +228,8 @@ impl Ledger for RedisLedger {
             }
             for (&i, t) in members.iter().zip(reply.chunks_exact(3)) {
                 let t = totals_of(t).ok_or_else(bad_reply)?;
-                if let Some(slot) = totals.get_mut(i) {
-                    *slot = t;
+                if let Some(out) = totals.get_mut(i) {
+                    *out = t;
                 }
             }
         }
@@ -245,15 +264,15 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_shares_the_hash_tag_of_its_counter() {
+    fn a_pools_hash_tag_is_its_client_groups_shard() {
         let k = key(0x0123_4567_89ab_cdef, 0xfeed);
         assert_eq!(
             pool_key(k),
-            "sluice:quota:{0123456789abcdef}:000000000000feed"
+            "sluice:quota:{shard-15}:0123456789abcdef000000000000feed"
         );
         assert_eq!(
-            crate::store::redis::key_name(k),
-            "sluice:{0123456789abcdef}:000000000000feed"
+            pool_key(key(0x10, 1)),
+            "sluice:quota:{shard-0}:00000000000000100000000000000001"
         );
     }
 
@@ -311,13 +330,16 @@ mod tests {
     }
 
     #[test]
-    fn on_a_cluster_each_call_is_one_slot() {
-        let keys: Vec<CounterKey> = (0..50).map(|i| key(i % 7, i)).collect();
+    fn on_a_cluster_each_call_is_one_shard() {
+        // 1,000 client groups, in 16 shards: 16 calls.
+        let keys: Vec<CounterKey> = (0..1_000).map(|i| key(i * 7, i)).collect();
         let calls = pools_per_call(true, &keys);
-        assert_eq!(calls.len(), 7);
+        assert_eq!(calls.len(), SHARDS as usize);
         for c in calls {
-            assert!(c.iter().all(|k| slot_of(*k) == slot_of(c[0])));
+            let tag = |k: CounterKey| pool_key(k).split_once('}').unwrap().0.to_string();
+            assert!(c.iter().all(|k| tag(*k) == tag(c[0])));
         }
+        assert_eq!(pools_per_call(false, &keys).len(), 4);
     }
 
     #[test]
