@@ -8,7 +8,7 @@
 --   * the expiry is whole seconds plus nanoseconds, each exact in a double (Lua numbers are
 --     doubles, and nanoseconds since the epoch exceed 2^53). An entry counts while its expiry
 --     is after `now`; a claim drops the expired entries of the pools it reads.
--- Every write sets the hash's TTL, so that a pool nobody claims any more vanishes.
+-- Every claim and grant sets the hash's TTL, so that a pool nobody claims any more vanishes.
 --
 -- KEYS: one pool per operation (repeats allowed; all in one slot on a cluster).
 -- ARGV[1]: "claim", "grant" or "release"; ARGV[2], ARGV[3]: now (s, ns); ARGV[4], ARGV[5]: the
@@ -67,6 +67,7 @@ end
 
 -- A pool's live entries and their sums, read once per call and kept up to date in Lua while
 -- this call's claims change it: each claim then costs O(1), and sees the claims before it.
+-- Updated sums differ from fresh ones by rounding only (a few ulps of the largest value).
 local pools = {}
 
 local function load(key)
