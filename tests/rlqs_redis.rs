@@ -68,8 +68,8 @@ enum Step {
 
 /// The edge cases, written out: entries at and just before their expiry, a claimant's grant
 /// kept while live and lost once expired, a grant for a claimant that never claimed, a grant
-/// to an expired entry (its demand stays), several claims on one pool in one call, releases
-/// of what does not exist.
+/// to an expired entry (which starts again without its demand), several claims on one pool in
+/// one call, releases of what does not exist.
 fn edge_cases() -> Vec<Step> {
     let t0 = Timestamp::from_secs(T0);
     let at = |d: Duration| t0.saturating_add(d);
@@ -100,7 +100,7 @@ fn edge_cases() -> Vec<Step> {
         // Releases of a claimant, of a pool nobody holds, and of a claimant not in the pool.
         Step::Release(vec![(p, a), (pool(77, 7), a), (q, e)]),
         Step::Claim(vec![claim(p, e, 1.0)], at(CLAIM_TTL + ns(1))),
-        // Long after: b's entry expired; a grant to it keeps its demand.
+        // Long after: b's entry expired; a grant to it starts it again, without its demand.
         Step::Grant(vec![grant(p, b, 2.5)], at(CLAIM_TTL * 3)),
         Step::Claim(vec![claim(p, e, 1.0), claim(q, e, 0.0)], at(CLAIM_TTL * 3)),
         Step::Release(vec![(p, b), (p, e), (p, d), (q, c), (q, e), (r, c)]),

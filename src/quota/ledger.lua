@@ -42,15 +42,17 @@ if mode == "release" then
 end
 
 if mode == "grant" then
-  -- The claimant's demand stays, even from an expired entry (as in memory: a grant does not
-  -- look at expiries; the next claim does).
+  -- A live entry keeps its demand; a lapsed one starts again from none, as a new one does.
   local expiring = {}
   for i, key in ipairs(KEYS) do
     local who = ARGV[BASE + 2 * i - 1]
     local demand = "0"
     local old = redis.call("HGET", key, who)
     if old then
-      demand = fields(old) or "0"
+      local d, _, exp_s, exp_ns = fields(old)
+      if d and live(exp_s, exp_ns) then
+        demand = d
+      end
     end
     redis.call("HSET", key, who, demand .. " " .. ARGV[BASE + 2 * i] .. " " .. expiry)
     if not expiring[key] then

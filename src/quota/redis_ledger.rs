@@ -195,15 +195,16 @@ fn calls(cluster: bool, keys: impl Iterator<Item = CounterKey>) -> (Vec<usize>, 
     (sorted.into_iter().map(|(_, _, i)| i).collect(), calls)
 }
 
-/// A claim's totals from the script's three strings.
+/// A claim's totals from the script's three strings. Sums the script updated in place may
+/// round to a hair below zero; they are 0, as in memory.
 fn totals_of(reply: &[String]) -> Option<Totals> {
     let [claimants, demand, assigned_others] = reply else {
         return None;
     };
     Some(Totals {
         claimants: claimants.parse().ok()?,
-        demand: demand.parse().ok()?,
-        assigned_others: assigned_others.parse().ok()?,
+        demand: demand.parse::<f64>().ok()?.max(0.0),
+        assigned_others: assigned_others.parse::<f64>().ok()?.max(0.0),
     })
 }
 
@@ -352,6 +353,10 @@ mod tests {
                 demand: 0.1 + 0.2,
                 assigned_others: 1.5
             })
+        );
+        assert_eq!(
+            totals_of(&s(&["1", "-2.7755575615628914e-17", "0"])).map(|t| t.demand),
+            Some(0.0)
         );
         assert_eq!(totals_of(&s(&["3", "x", "1"])), None);
         assert_eq!(totals_of(&s(&["3", "1"])), None);
