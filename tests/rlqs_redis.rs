@@ -321,7 +321,7 @@ fn usage(entries: &[(&str, &str)], allowed: u64, denied: u64) -> BucketQuotaUsag
         bucket_id: Some(BucketId {
             bucket: entries
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
         }),
         time_elapsed: Some(prost_types::Duration {
