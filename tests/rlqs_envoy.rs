@@ -657,6 +657,56 @@ fn a_blocked_client_is_denied_within_a_report_while_others_pass() {
     assert_eq!(b.assignment, "token_bucket", "{b:?}");
 }
 
+/// A bucket id value sluice refuses (over 1 KiB) ends the Envoy's whole quota stream, and so does
+/// one byte that is not UTF-8, every bucket with it, again at each reconnect. `envoy-rlqs.yaml`
+/// turns a User-Agent or path over 1 KiB or not printable ASCII into a fixed marker (and a
+/// missing User-Agent into "-", as envoy.yaml does): the stream stays up, and such requests are
+/// limited, sharing one bucket per address.
+#[test]
+fn unusable_user_agents_and_paths_become_markers_and_the_stream_stays_up() {
+    let Some(stack) = Stack::start(Options::default()) else {
+        return;
+    };
+    const MARKER: &str = "(user agent over 1 KiB or not ASCII)";
+    let not_utf8 = Req::post("/transcribe").header_bytes("user-agent", b"caf\xe9 \xff");
+    let too_long = Req::post("/transcribe").user_agent(&"u".repeat(1100));
+    let anonymous = Req::post("/transcribe");
+    let long_path = Req::post(&format!("/api/{}", "p".repeat(1100))).user_agent("rlqs-path");
+    for req in [&not_utf8, &anonymous, &long_path] {
+        assert_passed(&stack.send(0, req));
+    }
+    stack.wait_buckets_built(0, 3);
+
+    // The over-long User-Agent is the same client as the one that is not UTF-8: together they
+    // get one burst of 3.
+    assert_eq!(stack.statuses(0, &too_long, 3), [200, 200, 200]);
+    assert_denied(&stack.send(0, &not_utf8));
+    assert_eq!(stack.statuses(0, &anonymous, 4), [200, 200, 200, 429]);
+    assert_passed(&stack.send(0, &long_path));
+
+    // After a periodic report, which carries every bucket, the stream is still the first one.
+    let reports = stack.quota(0).streams.first().unwrap().reports;
+    let ids = [
+        bucket_id("/transcribe", "127.0.0.1", MARKER),
+        bucket_id("/transcribe", "127.0.0.1", "-"),
+        bucket_id("/(path over 1 KiB or not ASCII)", "127.0.0.1", "rlqs-path"),
+    ];
+    let quota = stack.wait_for("a report of every bucket", || {
+        let q = stack.quota(0);
+        let s = q.streams.first()?;
+        (s.reports > reports).then_some(q)
+    });
+    assert_eq!(quota.streams_open, 1, "{quota:?}");
+    let [stream] = <[_; 1]>::try_from(quota.streams).unwrap();
+    assert_eq!(stream.id, 1, "the stream Envoy opened first: {stream:?}");
+    for id in &ids {
+        assert!(
+            stream.top_buckets.iter().any(|b| &b.bucket_id == id),
+            "{id:?} in {stream:?}"
+        );
+    }
+}
+
 /// sluice stopped and started again on the same port: Envoy keeps enforcing what it was
 /// assigned meanwhile, reconnects on its 5 s timer, reports its buckets again, and the new
 /// sluice's assignments keep the emptied bucket refused past the old assignment's TTL and hold

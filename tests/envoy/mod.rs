@@ -190,7 +190,8 @@ pub fn replace_each_once(yaml: &str, pairs: &[(&str, String)]) -> String {
 pub struct Req {
     pub method: &'static str,
     pub path: String,
-    pub headers: Vec<(String, String)>,
+    /// Values as bytes: a test may send what is not UTF-8.
+    pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
     /// Send the body chunked instead of with Content-Length.
     pub chunked: bool,
@@ -218,8 +219,12 @@ impl Req {
         Req::new("POST", path)
     }
 
-    pub fn header(mut self, name: &str, value: &str) -> Req {
-        self.headers.push((name.to_string(), value.to_string()));
+    pub fn header(self, name: &str, value: &str) -> Req {
+        self.header_bytes(name, value.as_bytes())
+    }
+
+    pub fn header_bytes(mut self, name: &str, value: &[u8]) -> Req {
+        self.headers.push((name.to_string(), value.to_vec()));
         self
     }
 
@@ -244,17 +249,19 @@ impl Req {
 
     /// The whole request, written with one `write_all`.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut head = format!(
+        let mut out = format!(
             "{} {} HTTP/1.1\r\nhost: sluice-e2e\r\nconnection: close\r\n",
             self.method, self.path
-        );
+        )
+        .into_bytes();
         for (k, v) in &self.headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
         }
-        let mut out;
         if self.chunked {
-            head.push_str("transfer-encoding: chunked\r\n\r\n");
-            out = head.into_bytes();
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
             for chunk in self.body.chunks(16 * 1024) {
                 out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
                 out.extend_from_slice(chunk);
@@ -263,10 +270,11 @@ impl Req {
             out.extend_from_slice(b"0\r\n\r\n");
         } else {
             if self.method != "GET" || !self.body.is_empty() {
-                head.push_str(&format!("content-length: {}\r\n", self.body.len()));
+                out.extend_from_slice(
+                    format!("content-length: {}\r\n", self.body.len()).as_bytes(),
+                );
             }
-            head.push_str("\r\n");
-            out = head.into_bytes();
+            out.extend_from_slice(b"\r\n");
             out.extend_from_slice(&self.body);
         }
         out
