@@ -760,3 +760,22 @@ fn envoy_reconnects_after_sluice_restarts_and_enforcement_resumes() {
     }
     assert_denied(&stack.send(0, &before));
 }
+
+/// Two sluice replicas on one Redis (`--store`, one key secret), an Envoy streaming to each, one
+/// client through both: the replicas divide the limit through the ledger they share, so the two
+/// Envoys admit about the limit together, as when both stream to one sluice.
+#[test]
+fn two_replicas_on_one_redis_share_one_limit_between_their_envoys() {
+    let Some(redis) = common::redis::RedisServer::start() else {
+        return;
+    };
+    let Some(stack) = Stack::start(Options {
+        config: Some(SHARED_LIMIT),
+        sluices: 2,
+        envoys: 2,
+        store: Some(redis.url()),
+    }) else {
+        return;
+    };
+    two_envoys_share_one_limit(&stack, [0, 1]);
+}
