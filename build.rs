@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Every generated service and client uses sluice's codec: prost, with malformed messages
     // answered as INVALID_ARGUMENT (src/service/codec.rs).
     tonic_prost_build::configure()
+        // Maps (an RLQS bucket id) in key order: deterministic encodings, and bucket ids sorted.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .codec_path("crate::service::codec::Codec")

@@ -397,6 +397,9 @@ pub struct AccessList {
     sync_errors: SyncErrors,
     /// Automatic blocks not made because [`MAX_BLOCKS_FOR_AUTOMATIC`] blocks were in force.
     automatic_refused: AtomicU64,
+    /// Bumped at every change of what the request path reads, so that quota streams can
+    /// re-read their buckets' blocks at once instead of at their next report.
+    version: AtomicU64,
 }
 
 /// Blocks in force beyond which no automatic block is made (operators' own blocks still are):
@@ -460,6 +463,7 @@ impl AccessList {
             to_replicate: Notify::new(),
             sync_errors: SyncErrors::default(),
             automatic_refused: AtomicU64::new(0),
+            version: AtomicU64::new(0),
         };
         list.publish(&list.state.lock());
         Ok(list)
@@ -478,6 +482,7 @@ impl AccessList {
             to_replicate: Notify::new(),
             sync_errors: SyncErrors::default(),
             automatic_refused: AtomicU64::new(0),
+            version: AtomicU64::new(0),
         }
     }
 
@@ -899,6 +904,13 @@ impl AccessList {
         let empty = snap.allow.is_empty() && snap.block.is_empty();
         self.snapshot.store(std::sync::Arc::new(snap));
         self.empty.store(empty, Ordering::Release);
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes so far of the blocks and allowlist the request path reads (any number; it only
+    /// grows). Blocks that expire do not change it.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 }
 

@@ -514,6 +514,95 @@ fn answer_request(req: &RateLimitRequest, size: usize) {
     });
 }
 
+/// Most reports one [`rlqs_reports`] input sends.
+pub const MAX_QUOTA_REPORTS: usize = 16;
+
+/// A quota stream's reports: length-delimited protobuf `RateLimitQuotaUsageReports` (a varint
+/// length, then the message), each decoded as the gRPC codec decodes it and answered in order on
+/// one stream of the default config, the clock moving 5 s between them. An answer has at most
+/// one action per distinct bucket, each a whole-second TTL and a bucket Envoy can enforce; a
+/// refusal names a field and ends the stream, as the service does; the stream's claims are
+/// gone when it closes.
+pub fn rlqs_reports(data: &[u8]) {
+    use crate::proto::envoy::r#type::v3::rate_limit_strategy::Strategy;
+    use crate::proto::envoy::service::rate_limit_quota::v3::RateLimitQuotaUsageReports;
+    use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::BucketAction as Action;
+    use crate::quota::{AnyLedger, Quotas, Settings, ledger::MemoryLedger};
+
+    let cfg = config::parse(DEFAULT_CONFIG, "config/sluice.yaml", |_| None)
+        .expect("the default config is valid");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
+    let quotas = Quotas::new(
+        Arc::new(limiter_for(cfg, clock.clone())),
+        AnyLedger::Memory(MemoryLedger::default()),
+        Settings {
+            max_buckets: 64,
+            ..Settings::default()
+        },
+    );
+    let mut stream = quotas.open("fuzz".into()).expect("one stream is room");
+    let mut rest = data;
+    for _ in 0..MAX_QUOTA_REPORTS {
+        let Ok(len) = prost::encoding::decode_varint(&mut rest) else {
+            break;
+        };
+        let len = usize::try_from(len).unwrap_or(usize::MAX).min(rest.len());
+        let (message, tail) = rest.split_at(len);
+        rest = tail;
+        let reports = match codec::decode::<RateLimitQuotaUsageReports>(message) {
+            Ok(r) => r,
+            Err(status) => {
+                assert_eq!(status.code(), Code::InvalidArgument);
+                continue;
+            }
+        };
+        let distinct: std::collections::HashSet<Vec<(&String, &String)>> = reports
+            .bucket_quota_usages
+            .iter()
+            .filter_map(|u| u.bucket_id.as_ref())
+            .map(|id| {
+                let mut e: Vec<_> = id.bucket.iter().collect();
+                e.sort();
+                e
+            })
+            .collect();
+        match block_on(quotas.report(&mut stream, &reports)) {
+            Ok(answer) => {
+                assert!(answer.bucket_action.len() <= distinct.len().max(1));
+                for a in &answer.bucket_action {
+                    let Some(Action::QuotaAssignmentAction(q)) = &a.bucket_action else {
+                        continue;
+                    };
+                    let ttl = q
+                        .assignment_time_to_live
+                        .expect("every assignment has a TTL");
+                    assert!(ttl.seconds >= 1 && ttl.nanos == 0, "{ttl:?}");
+                    match q.rate_limit_strategy.and_then(|s| s.strategy) {
+                        Some(Strategy::BlanketRule(_)) => {}
+                        Some(Strategy::TokenBucket(tb)) => {
+                            let interval = tb.fill_interval.expect("an interval");
+                            assert!(tb.max_tokens >= 1, "{tb:?}");
+                            assert!(tb.tokens_per_fill.is_some_and(|t| t >= 1), "{tb:?}");
+                            assert!(interval.seconds >= 1 && interval.nanos == 0, "{tb:?}");
+                        }
+                        other => panic!("Envoy 1.40 cannot enforce {other:?}"),
+                    }
+                }
+            }
+            Err(bad) => {
+                assert!(
+                    bad.field == "domain" || bad.field.starts_with("bucket_quota_usages["),
+                    "names no field: {bad}"
+                );
+                break;
+            }
+        }
+        clock.advance(Duration::from_secs(5));
+    }
+    block_on(quotas.close(stream));
+    assert_eq!(quotas.registry().open_streams(), 0);
+}
+
 /// One admin call of an [`admin_requests`] input.
 #[derive(Debug, Clone)]
 pub enum AdminCall {

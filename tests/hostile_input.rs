@@ -23,6 +23,8 @@ use sluice::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor
 use sluice::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
     Entry, RateLimitOverride,
 };
+use sluice::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
+use sluice::proto::envoy::service::rate_limit_quota::v3::{BucketId, RateLimitQuotaUsageReports};
 use sluice::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluice::proto::sluice::admin::v1 as pb;
 
@@ -99,6 +101,79 @@ proptest! {
     #[test]
     fn any_bytes_as_a_state_file(data in bytes()) {
         fuzzing::state_file(&data);
+    }
+
+    #[test]
+    fn any_bytes_as_quota_reports(data in bytes()) {
+        fuzzing::rlqs_reports(&data);
+    }
+}
+
+// ---- quota reports ----
+
+/// Reports as a stream carries them: each length-delimited.
+fn encode_reports(reports: &[RateLimitQuotaUsageReports]) -> Vec<u8> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    for r in reports {
+        r.encode_length_delimited(&mut out).unwrap();
+    }
+    out
+}
+
+fn quota_usage() -> impl Strategy<Value = BucketQuotaUsage> {
+    let key = prop_oneof![
+        Just("path".to_string()),
+        Just("remote_address".to_string()),
+        Just("user_agent".to_string()),
+        "[a-z]{0,4}",
+    ];
+    let value = prop_oneof![
+        Just("/transcribe".to_string()),
+        Just("/api/training/execute".to_string()),
+        Just("192.0.2.1".to_string()),
+        Just("::ffff:192.0.2.1".to_string()),
+        ".{0,8}",
+    ];
+    (
+        prop::option::weighted(0.9, prop::collection::btree_map(key, value, 0..4)),
+        prop_oneof![0u64..1000, any::<u64>()],
+        prop_oneof![0u64..1000, any::<u64>()],
+        any::<i64>(),
+    )
+        .prop_map(|(bucket, allowed, denied, secs)| BucketQuotaUsage {
+            bucket_id: bucket.map(|b| BucketId {
+                bucket: b.into_iter().collect(),
+            }),
+            time_elapsed: Some(prost_types::Duration {
+                seconds: secs,
+                nanos: 0,
+            }),
+            num_requests_allowed: allowed,
+            num_requests_denied: denied,
+            last_report: None,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn generated_quota_reports(
+        reports in vec(
+            (prop_oneof![Just("talk2me".to_string()), Just("training".to_string()), ".{0,6}"],
+             vec(quota_usage(), 0..8)),
+            1..fuzzing::MAX_QUOTA_REPORTS,
+        ),
+    ) {
+        let reports: Vec<_> = reports
+            .into_iter()
+            .map(|(domain, usages)| RateLimitQuotaUsageReports {
+                domain,
+                bucket_quota_usages: usages,
+            })
+            .collect();
+        fuzzing::rlqs_reports(&encode_reports(&reports));
     }
 }
 
@@ -951,6 +1026,36 @@ fn fuzz_seed_corpus_matches_the_repository() {
         "state",
         br#"{"version":1,"blocks":[{"net":"192.0.2.7/32","permanent":false,"created_at":1767225600000000000,"expires_at":1767229200000000000,"reason":"seed","created_by":"admin"},{"net":"2001:db8::/32","permanent":true,"created_at":1767225600000000000,"expires_at":null,"reason":"net","created_by":"admin"}],"allowed":[{"net":"10.0.0.1/32","source":"runtime","created_at":1767225600000000000,"reason":"ops"}]}"#,
     );
+    let talk2me = |allowed: u64, denied: u64, secs: i64| BucketQuotaUsage {
+        bucket_id: Some(BucketId {
+            bucket: [
+                ("path", "/transcribe"),
+                ("remote_address", "192.0.2.7"),
+                ("user_agent", "curl/8"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        }),
+        time_elapsed: Some(prost_types::Duration {
+            seconds: secs,
+            nanos: 0,
+        }),
+        num_requests_allowed: allowed,
+        num_requests_denied: denied,
+        last_report: None,
+    };
+    // As Envoy 1.40 reports: a new bucket at once (0 s), then every 5 s.
+    let reports = [
+        (talk2me(1, 0, 0), "talk2me"),
+        (talk2me(2, 4, 5), "talk2me"),
+        (talk2me(0, 0, 5), "talk2me"),
+    ]
+    .map(|(usage, domain)| RateLimitQuotaUsageReports {
+        domain: domain.into(),
+        bucket_quota_usages: vec![usage],
+    });
+    write("rlqs_reports", "envoy", &encode_reports(&reports));
     let stale = stale.into_inner();
     assert!(
         stale.is_empty(),

@@ -42,6 +42,7 @@ async fn grpcurl_lists_and_describes_the_services() {
     };
     for service in [
         "envoy.service.ratelimit.v3.RateLimitService",
+        "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     ] {
@@ -72,6 +73,19 @@ async fn grpcurl_lists_and_describes_the_services() {
     )
     .unwrap();
     assert!(message.contains("bool is_negative_hits = 4;"), "{message}");
+    let quota = grpcurl(
+        &srv.addr,
+        &[],
+        &[
+            "describe",
+            "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
+        ],
+    )
+    .unwrap();
+    assert!(
+        quota.contains("rpc StreamRateLimitQuotas ( stream .envoy.service.rate_limit_quota.v3.RateLimitQuotaUsageReports ) returns ( stream .envoy.service.rate_limit_quota.v3.RateLimitQuotaResponse );"),
+        "{quota}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,6 +163,7 @@ async fn reflection_v1_lists_the_services() {
     let names = listed_services(srv.addr).await;
     for service in [
         "envoy.service.ratelimit.v3.RateLimitService",
+        "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -21,7 +21,7 @@
 mod common;
 mod envoy;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -305,7 +305,7 @@ impl Stack {
     fn bucket(
         &self,
         i: usize,
-        id: &HashMap<String, String>,
+        id: &BTreeMap<String, String>,
     ) -> Vec<(pb::QuotaStream, pb::QuotaBucket)> {
         self.quota(i)
             .streams
@@ -380,8 +380,8 @@ fn admin<T>(
 }
 
 /// A Talk2Me bucket id, as `envoy-rlqs.yaml` builds it.
-fn bucket_id(path: &str, address: &str, user_agent: &str) -> HashMap<String, String> {
-    HashMap::from([
+fn bucket_id(path: &str, address: &str, user_agent: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
         ("path".to_string(), path.to_string()),
         ("remote_address".to_string(), address.to_string()),
         ("user_agent".to_string(), user_agent.to_string()),

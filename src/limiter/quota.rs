@@ -104,3 +104,54 @@ impl<S: Store> Limiter<S> {
         }
     }
 }
+
+impl<S: Store> Limiter<S> {
+    /// Counts what Envoy reported for a bucket of `domain` towards the automatic blocking of
+    /// its client address, as `ShouldRateLimit` counts each request: `requests` (allowed and
+    /// denied) towards `max_requests`, `denied` towards `max_limited`. Blocks the address when
+    /// either is exceeded; its buckets are then assigned DENY_ALL.
+    pub async fn observe_quota_usage(
+        &self,
+        rules: &RuleSet,
+        domain: &str,
+        entries: &[(&str, &str)],
+        requests: u64,
+        denied: u64,
+        now: Timestamp,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(d) = rules.domain(domain) else {
+            return Ok(());
+        };
+        let (Some(ab), Some(address)) = (&d.auto_block, lookup(entries, &rules.address_entry))
+        else {
+            return Ok(());
+        };
+        let canonical = canonical_address(address);
+        let address = canonical.as_deref().unwrap_or(address);
+        let watched = [
+            (
+                ab.max_requests.as_ref(),
+                requests,
+                "requests across all endpoints",
+            ),
+            (ab.max_limited.as_ref(), denied, "limited requests"),
+        ];
+        for (limit, hits, what) in watched {
+            let Some(limit) = limit.filter(|_| hits > 0) else {
+                continue;
+            };
+            let charge = crate::store::Charge {
+                key: self.address_key(limit.id, address),
+                policy: &limit.policy,
+                hits: crate::algorithms::Hits::Take(hits),
+                kind: crate::store::ChargeKind::Observe,
+            };
+            let mut verdict = [crate::store::Verdict::default()];
+            self.store.apply(&[charge], &mut verdict, now).await?;
+            if !verdict[0].allowed {
+                self.auto_block(d, address, limit, what, now);
+            }
+        }
+        Ok(())
+    }
+}

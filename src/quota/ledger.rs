@@ -91,7 +91,49 @@ struct Entry {
     expires: u64,
 }
 
-type Pools = HashMap<CounterKey, HashMap<Claimant, Entry>>;
+/// One pool's claimants and their sums. Sums move with each change, so a claim costs the same
+/// whatever the pool's size (a domain-wide limit's pool holds every bucket of every Envoy).
+/// Lapsed entries are dropped, and the sums recomputed, when the earliest expiry may have
+/// passed: about once per report interval in a busy pool, and never later than a claim that
+/// would count a lapsed entry.
+#[derive(Debug)]
+struct PoolState {
+    entries: HashMap<Claimant, Entry>,
+    demand: f64,
+    assigned: f64,
+    /// No entry expires before this (a lower bound: renewals move expiries later unseen).
+    earliest: u64,
+}
+
+impl Default for PoolState {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            demand: 0.0,
+            assigned: 0.0,
+            earliest: u64::MAX,
+        }
+    }
+}
+
+impl PoolState {
+    fn sweep(&mut self, now: u64) {
+        if now < self.earliest {
+            return;
+        }
+        self.entries.retain(|_, e| e.expires > now);
+        self.demand = self.entries.values().map(|e| e.demand).sum();
+        self.assigned = self.entries.values().map(|e| e.assigned).sum();
+        self.earliest = self
+            .entries
+            .values()
+            .map(|e| e.expires)
+            .min()
+            .unwrap_or(u64::MAX);
+    }
+}
+
+type Pools = HashMap<CounterKey, PoolState>;
 
 /// The ledger of one replica. Sharded by pool, so streams reporting at once rarely wait on
 /// each other.
@@ -125,30 +167,31 @@ impl MemoryLedger {
         for (c, t) in claims.iter().zip(totals.iter_mut()) {
             let mut shard = self.shard(c.key).lock();
             let pool = shard.entry(c.key).or_default();
-            pool.retain(|_, e| e.expires > now);
-            let e = pool.entry(c.claimant).or_default();
+            pool.sweep(now);
+            pool.earliest = pool.earliest.min(expires);
+            let e = pool.entries.entry(c.claimant).or_default();
+            pool.demand += c.demand - e.demand;
             e.demand = c.demand;
             e.expires = expires;
-            *t = Totals::default();
-            for (who, e) in pool.iter() {
-                t.claimants += 1;
-                t.demand += e.demand;
-                if *who != c.claimant {
-                    t.assigned_others += e.assigned;
-                }
-            }
+            let own = e.assigned;
+            *t = Totals {
+                claimants: u32::try_from(pool.entries.len()).unwrap_or(u32::MAX),
+                demand: pool.demand.max(0.0),
+                assigned_others: (pool.assigned - own).max(0.0),
+            };
         }
     }
 
     fn grant_now(&self, grants: &[Grant], now: Timestamp) {
-        let expires = now.as_nanos().saturating_add(duration_nanos(CLAIM_TTL));
+        let now = now.as_nanos();
+        let expires = now.saturating_add(duration_nanos(CLAIM_TTL));
         for g in grants {
             let mut shard = self.shard(g.key).lock();
-            let e = shard
-                .entry(g.key)
-                .or_default()
-                .entry(g.claimant)
-                .or_default();
+            let pool = shard.entry(g.key).or_default();
+            pool.sweep(now);
+            pool.earliest = pool.earliest.min(expires);
+            let e = pool.entries.entry(g.claimant).or_default();
+            pool.assigned += g.assigned - e.assigned;
             e.assigned = g.assigned;
             e.expires = expires;
         }
@@ -158,8 +201,11 @@ impl MemoryLedger {
         for (key, who) in released {
             let mut shard = self.shard(*key).lock();
             if let Some(pool) = shard.get_mut(key) {
-                pool.remove(who);
-                if pool.is_empty() {
+                if let Some(e) = pool.entries.remove(who) {
+                    pool.demand -= e.demand;
+                    pool.assigned -= e.assigned;
+                }
+                if pool.entries.is_empty() {
                     shard.remove(key);
                 }
             }

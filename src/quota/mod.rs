@@ -196,6 +196,8 @@ pub struct QuotaStream {
     opened: Timestamp,
     buckets: HashMap<u64, Tracked>,
     reports: u64,
+    /// The access list's version and the rule set the buckets were last assigned under.
+    seen: Option<(u64, Arc<crate::limiter::model::RuleSet>)>,
 }
 
 impl QuotaStream {
@@ -263,6 +265,7 @@ impl<S: Store> Quotas<S> {
             opened: self.limiter.clock().now(),
             buckets: HashMap::new(),
             reports: 0,
+            seen: None,
         })
     }
 
@@ -291,12 +294,15 @@ impl<S: Store> Quotas<S> {
     ) -> Result<RateLimitQuotaResponse, BadReport> {
         let now = self.limiter.clock().now();
         let domain = self.domain_of(stream, reports)?;
+        stream.seen = Some((self.limiter.access().version(), self.limiter.rules()));
         stream.reports += 1;
         self.registry.reports.fetch_add(1, Ordering::Relaxed);
 
         // Read every usage first: a bad one ends the stream before anything changed.
         let mut reported: Vec<u64> = Vec::with_capacity(reports.bucket_quota_usages.len());
         let mut untracked: Vec<BucketId> = Vec::new();
+        let mut observed: Vec<(u64, u64, u64)> = Vec::new();
+        let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for (i, usage) in reports.bucket_quota_usages.iter().enumerate() {
             let id = usage
                 .bucket_id
@@ -369,8 +375,32 @@ impl<S: Store> Quotas<S> {
             }
             t.allowed = t.allowed.saturating_add(usage.num_requests_allowed);
             t.denied = t.denied.saturating_add(usage.num_requests_denied);
-            if !reported.contains(&hash) {
+            if seen.insert(hash) {
                 reported.push(hash);
+            }
+            if requests > 0 {
+                observed.push((hash, requests, usage.num_requests_denied));
+            }
+        }
+
+        // Automatic blocking counts reported requests as it counts ShouldRateLimit's, so an
+        // address it blocks now is denied in this very answer.
+        let rules = self.limiter.rules_in_force();
+        for (hash, requests, denied) in observed {
+            let Some(t) = stream.buckets.get(&hash) else {
+                continue;
+            };
+            let entries: SmallVec<[(&str, &str); 4]> = t
+                .entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if let Err(e) = self
+                .limiter
+                .observe_quota_usage(&rules, &domain, &entries, requests, denied, now)
+                .await
+            {
+                self.registry.ledger_error(&e, now);
             }
         }
 
@@ -397,7 +427,6 @@ impl<S: Store> Quotas<S> {
             !idle
         });
 
-        let rules = self.limiter.rules_in_force();
         let mut resolved: Vec<Resolved> = Vec::with_capacity(reported.len());
         let mut claims: Vec<Claim> = Vec::new();
         for hash in &reported {
@@ -416,14 +445,7 @@ impl<S: Store> Quotas<S> {
                 QuotaTarget::Blocked {
                     permanent,
                     remaining,
-                } => {
-                    let ttl = if permanent {
-                        self.settings.ttl
-                    } else {
-                        Duration::from_nanos(remaining).min(self.settings.ttl)
-                    };
-                    Resolved::Fixed(Assignment::DenyAll, ttl)
-                }
+                } => Resolved::Fixed(Assignment::DenyAll, self.block_ttl(permanent, remaining)),
                 QuotaTarget::Limits(limits) => {
                     let first_claim = claims.len();
                     let mut refills = SmallVec::new();
@@ -571,6 +593,67 @@ impl<S: Store> Quotas<S> {
         Claimant(xxhash_rust::xxh3::xxh3_128(&bytes))
     }
 
+    /// Re-reads the blocks, allowlist and rules for every bucket of `stream` if any changed
+    /// since its buckets were last assigned, and answers the buckets that became blocked or
+    /// unlimited (ALLOW_ALL, DENY_ALL) at once, without waiting for the stream's next report.
+    /// Buckets that became limited again get their share at that report. `None` when nothing
+    /// changed for this stream.
+    pub fn refresh(&self, stream: &mut QuotaStream) -> Option<RateLimitQuotaResponse> {
+        let (access, rules) = (self.limiter.access().version(), self.limiter.rules());
+        match &stream.seen {
+            Some((a, r)) if *a == access && Arc::ptr_eq(r, &rules) => return None,
+            None => return None,
+            Some(_) => {}
+        }
+        stream.seen = Some((access, rules.clone()));
+        let domain = stream.domain.clone()?;
+        let now = self.limiter.clock().now();
+        let mut actions = Vec::new();
+        for t in stream.buckets.values_mut() {
+            let entries: SmallVec<[(&str, &str); 4]> = t
+                .entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let (assignment, ttl) = match self.limiter.quota_target(&rules, &domain, &entries, now)
+            {
+                QuotaTarget::Unlimited | QuotaTarget::Allowlisted => {
+                    (Assignment::AllowAll, self.settings.ttl)
+                }
+                QuotaTarget::Blocked {
+                    permanent,
+                    remaining,
+                } => (Assignment::DenyAll, self.block_ttl(permanent, remaining)),
+                QuotaTarget::Limits(_) => continue,
+            };
+            if t.sent == Some(assignment) {
+                continue;
+            }
+            // Its pools are let go at the next report (which finds it drawing on none).
+            t.sent = Some(assignment);
+            actions.push(BucketAction {
+                bucket_id: Some(t.id.clone()),
+                bucket_action: Some(Action::QuotaAssignmentAction(assign(assignment, ttl))),
+            });
+        }
+        if actions.is_empty() {
+            return None;
+        }
+        self.registry.update(view(stream, now));
+        Some(RateLimitQuotaResponse {
+            bucket_action: actions,
+        })
+    }
+
+    /// The time to live of a DENY_ALL for a block: its remaining time, at most the TTL.
+    fn block_ttl(&self, permanent: bool, remaining: u64) -> Duration {
+        if permanent {
+            self.settings.ttl
+        } else {
+            Duration::from_nanos(remaining).min(self.settings.ttl)
+        }
+    }
+
     /// The stream's domain: named by its first report, the same in every later one.
     fn domain_of(
         &self,
@@ -657,9 +740,16 @@ fn bucket_hash(entries: &[(String, String)]) -> u64 {
 /// The statistics' view of a stream: its most demanding buckets, at most
 /// [`registry::BUCKETS_SHOWN`].
 fn view(stream: &QuotaStream, now: Timestamp) -> StreamView {
-    let mut buckets: Vec<BucketView> = stream
-        .buckets
-        .values()
+    let mut top: Vec<&Tracked> = stream.buckets.values().collect();
+    let by_demand =
+        |a: &&Tracked, b: &&Tracked| b.demand.per_second().total_cmp(&a.demand.per_second());
+    if top.len() > registry::BUCKETS_SHOWN {
+        top.select_nth_unstable_by(registry::BUCKETS_SHOWN, by_demand);
+        top.truncate(registry::BUCKETS_SHOWN);
+    }
+    top.sort_by(by_demand);
+    let buckets = top
+        .into_iter()
         .map(|t| BucketView {
             entries: t.entries.clone(),
             allowed: t.allowed,
@@ -668,8 +758,6 @@ fn view(stream: &QuotaStream, now: Timestamp) -> StreamView {
             assignment: t.sent.unwrap_or(Assignment::AllowAll),
         })
         .collect();
-    buckets.sort_by(|a, b| b.demand.total_cmp(&a.demand));
-    buckets.truncate(registry::BUCKETS_SHOWN);
     StreamView {
         id: stream.id,
         peer: stream.peer.clone(),

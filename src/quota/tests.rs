@@ -30,7 +30,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let config = crate::config::parse(CONFIG, "t.yaml", |_| None).expect("config");
+    fixture_with(CONFIG)
+}
+
+fn fixture_with(yaml: &str) -> Fixture {
+    let config = crate::config::parse(yaml, "t.yaml", |_| None).expect("config");
     let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_000_000)));
     let limiter = Arc::new(Limiter::new(
         config.rules,
@@ -426,4 +430,181 @@ async fn streams_beyond_the_most_are_refused() {
     assert!(quotas.open("two".into()).is_none());
     quotas.close(s).await;
     assert!(quotas.open("three".into()).is_some());
+}
+
+/// Reported requests count towards automatic blocking as ShouldRateLimit's do: the report that
+/// takes an address past `max_requests` is answered DENY_ALL for its buckets.
+#[tokio::test]
+async fn reported_requests_trigger_automatic_blocks() {
+    let f = fixture_with(
+        "\
+domains:
+  - name: t
+    client: [remote_address]
+    endpoint_entry: path
+    auto_block:
+      duration_seconds: 600
+      max_requests: 100/minute
+    endpoints:
+      - path: /a
+        limits: [1000/minute]
+",
+    );
+    let mut s = f.quotas.open("peer".into()).unwrap();
+    let r = f
+        .quotas
+        .report(&mut s, &report("t", vec![usage(A, 60, 0)]))
+        .await
+        .unwrap();
+    assert!(matches!(only(&r).0, Assignment::TokenBucket { .. }));
+    f.clock.advance(Duration::from_secs(5));
+    let r = f
+        .quotas
+        .report(&mut s, &report("t", vec![usage(A, 30, 30)]))
+        .await
+        .unwrap();
+    assert_eq!(only(&r), (Assignment::DenyAll, 15));
+    assert_eq!(f.limiter.access().active_blocks_at(f.clock.now()), 1);
+}
+
+mod arbitrary {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::strategy::Strategy as Gen;
+
+    fn entry() -> impl Gen<Value = (String, String)> {
+        (
+            prop_oneof![
+                Just("path".to_string()),
+                Just("remote_address".to_string()),
+                "[a-z_]{0,6}"
+            ],
+            prop_oneof![
+                Just("/a".to_string()),
+                Just("/b".to_string()),
+                Just("192.0.2.1".to_string()),
+                Just("::ffff:192.0.2.1".to_string()),
+                ".{0,12}"
+            ],
+        )
+    }
+
+    fn usage() -> impl Gen<Value = BucketQuotaUsage> {
+        (
+            prop::option::weighted(
+                0.95,
+                prop::collection::btree_map(
+                    entry().prop_map(|e| e.0),
+                    entry().prop_map(|e| e.1),
+                    0..4,
+                ),
+            ),
+            any::<u64>(),
+            any::<u64>(),
+            prop::option::of((any::<i64>(), any::<i32>())),
+        )
+            .prop_map(|(bucket, allowed, denied, elapsed)| BucketQuotaUsage {
+                bucket_id: bucket.map(|b| BucketId {
+                    bucket: b.into_iter().collect(),
+                }),
+                time_elapsed: elapsed
+                    .map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+                num_requests_allowed: allowed,
+                num_requests_denied: denied,
+                last_report: None,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Any sequence of reports is answered or refused with a field named, never a panic;
+        /// an answer has one action per distinct bucket, and no token bucket admits more than
+        /// the limits it stands for (1 a second for `/a`'s client, 10 for everyone).
+        #[test]
+        fn any_report_is_answered_or_refused_by_field(
+            reports in prop::collection::vec(
+                (prop_oneof![Just("t".to_string()), Just(String::new()), ".{0,4}"],
+                 prop::collection::vec(usage(), 0..6),
+                 0u64..400),
+                1..8,
+            ),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let f = fixture();
+                let mut s = f.quotas.open("peer".into()).unwrap();
+                for (domain, usages, advance) in reports {
+                    f.clock.advance(Duration::from_secs(advance));
+                    let distinct: std::collections::HashSet<_> = usages
+                        .iter()
+                        .filter_map(|u| u.bucket_id.as_ref())
+                        .map(|id| {
+                            let mut e: Vec<_> = id.bucket.iter().collect();
+                            e.sort();
+                            format!("{e:?}")
+                        })
+                        .collect();
+                    match f.quotas.report(&mut s, &report(&domain, usages)).await {
+                        Ok(r) => {
+                            prop_assert!(r.bucket_action.len() <= distinct.len());
+                            for a in &r.bucket_action {
+                                if let Some(Action::QuotaAssignmentAction(_)) = &a.bucket_action {
+                                    let (assignment, ttl) = action(a);
+                                    prop_assert!(ttl >= 1);
+                                    prop_assert!(assignment.rate() <= 10.0 || assignment == Assignment::AllowAll);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            prop_assert!(e.field == "domain" || e.field.starts_with("bucket_quota_usages["), "{e}");
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
+
+/// A block made between reports is pushed to the stream's buckets of that address at once; an
+/// unchanged access list and config push nothing.
+#[tokio::test]
+async fn a_new_block_is_pushed_without_waiting_for_a_report() {
+    let f = fixture();
+    let mut s = f.quotas.open("peer".into()).unwrap();
+    assert!(f.quotas.refresh(&mut s).is_none(), "nothing reported yet");
+    let other = &[("path", "/a"), ("remote_address", "192.0.2.2")];
+    f.quotas
+        .report(
+            &mut s,
+            &report("t", vec![usage(A, 1, 0), usage(other, 1, 0)]),
+        )
+        .await
+        .unwrap();
+    assert!(f.quotas.refresh(&mut s).is_none());
+    f.limiter.access().block(
+        "192.0.2.1/32".parse().unwrap(),
+        None,
+        "test".into(),
+        "test".into(),
+        f.clock.now(),
+    );
+    let pushed = f.quotas.refresh(&mut s).expect("a push");
+    assert_eq!(only(&pushed), (Assignment::DenyAll, 15));
+    assert_eq!(
+        pushed.bucket_action[0].bucket_id.as_ref().unwrap().bucket["remote_address"],
+        "192.0.2.1"
+    );
+    assert!(f.quotas.refresh(&mut s).is_none(), "pushed once");
+    // Unblocked: the next report gives the bucket its share again.
+    f.limiter.access().unblock("192.0.2.1/32".parse().unwrap());
+    assert!(f.quotas.refresh(&mut s).is_none());
+    let r = f
+        .quotas
+        .report(&mut s, &report("t", vec![usage(A, 1, 0)]))
+        .await
+        .unwrap();
+    assert!(matches!(only(&r).0, Assignment::TokenBucket { .. }));
 }

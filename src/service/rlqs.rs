@@ -4,7 +4,9 @@
 //! A stream holds its connection open for the idle timeout (it is one call that lasts), ends
 //! with UNAVAILABLE when the server shuts down (Envoy reconnects, to another replica if there is
 //! one, on its 5 s timer), and with INVALID_ARGUMENT naming the field when a report cannot be
-//! read. Its claims are released when it ends, however it ends.
+//! read. Its claims are released when it ends, however it ends. Between reports it pushes
+//! DENY_ALL or ALLOW_ALL to buckets that a new block, allowlist entry or config changes
+//! ([`Quotas::refresh`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +27,11 @@ use crate::store::Store;
 
 /// Responses queued for one stream before its task waits for Envoy to read them.
 const QUEUED: usize = 4;
+
+/// How often a stream looks for new blocks, allowlist entries and rules, to push what they
+/// change (an atomic load when nothing did): a block reaches Envoy in about this long rather
+/// than at the next report.
+const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The RLQS gRPC service.
 pub struct RlqsService<S> {
@@ -101,9 +108,19 @@ async fn serve<S: Store>(
     mut stop: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let end = loop {
         let message = tokio::select! {
             m = inbound.message() => m,
+            _ = refresh.tick() => {
+                if let Some(response) = quotas.refresh(&mut stream)
+                    && tx.send(Ok(response)).await.is_err()
+                {
+                    break End::ClientGone;
+                }
+                continue;
+            }
             () = stopped(&mut stop) => {
                 let _ = tx.send(Err(Status::unavailable("sluice is shutting down; reconnect"))).await;
                 break End::ShuttingDown;
