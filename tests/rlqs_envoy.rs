@@ -717,11 +717,11 @@ fn more_than_100_reported_requests_a_minute_block_the_address_for_an_hour() {
     assert_passed(&stack.send(0, &elsewhere));
 }
 
-/// A bucket id value sluice refuses (over 1 KiB) ends the Envoy's whole quota stream, and so does
-/// one byte that is not UTF-8, every bucket with it, again at each reconnect. `envoy-rlqs.yaml`
-/// turns a User-Agent or path over 1 KiB or not printable ASCII into a fixed marker (and a
-/// missing User-Agent into "-", as envoy.yaml does): the stream stays up, and such requests are
-/// limited, sharing one bucket per address.
+/// A bucket id value over 1 KiB would be answered by sluice's failure policy (allowed), and
+/// one that is not UTF-8 read with replacement; `envoy-rlqs.yaml` turns a User-Agent or path
+/// over 1 KiB or not printable ASCII into a fixed marker (and a missing User-Agent into "-", as
+/// envoy.yaml does): the stream stays up, and such requests are limited, sharing one bucket
+/// per address.
 #[test]
 fn unusable_user_agents_and_paths_become_markers_and_the_stream_stays_up() {
     let Some(stack) = Stack::start(Options::default()) else {
