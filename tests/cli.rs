@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::process::{addrs_from_log, serve_on_free_ports, spawn_logged};
+use common::process::{KillOnDrop, addrs_from_log, serve_on_free_ports, spawn_logged};
 use common::*;
 use sluice::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -299,16 +299,6 @@ fn serve_refuses_a_bad_config_and_exits_non_zero() {
         stderr.contains("bad.yaml:1: domains: invalid type"),
         "{stderr}"
     );
-}
-
-/// Kills the child if the test fails before stopping it.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

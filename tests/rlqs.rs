@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::spawn_server;
+use common::process::{KillOnDrop, spawn_server};
 use common::*;
 use sluice::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::BucketAction as Action;
 use sluice::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
@@ -277,13 +277,14 @@ async fn shutdown_ends_streams_with_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_keeps_its_connection_past_the_idle_timeout() {
     let state = tempfile::tempdir().unwrap();
-    let (mut child, _log, [grpc, _, _]) = spawn_server(
+    let (child, _log, [grpc, _, _]) = spawn_server(
         Command::new(env!("CARGO_BIN_EXE_sluice")).current_dir(env!("CARGO_MANIFEST_DIR")),
         "config/sluice.yaml",
         state.path().join("state.json"),
         "secret",
         &["--idle-timeout", "1s"],
     );
+    let _child = KillOnDrop(child);
     let addr: std::net::SocketAddr = grpc.parse().unwrap();
     let mut s = Stream::open(addr).await;
     s.exchange("talk2me", vec![usage(TRANSCRIBE, 1, 0)]).await;
@@ -291,8 +292,6 @@ async fn a_stream_keeps_its_connection_past_the_idle_timeout() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let r = s.exchange("talk2me", vec![usage(TRANSCRIBE, 2, 0)]).await;
     assert!(matches!(only(&r).0, Strategy::TokenBucket(_)));
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// A block made through the admin API reaches a stream's buckets of that address without

@@ -95,3 +95,14 @@ pub fn spawn_server(
     );
     (child, rx, addrs)
 }
+
+/// A child process killed (and reaped) when dropped, so that a failing test leaves no server
+/// behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
