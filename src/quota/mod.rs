@@ -385,11 +385,7 @@ impl<S: Store> Quotas<S> {
             let Some(t) = stream.buckets.get(&hash) else {
                 continue;
             };
-            let entries: SmallVec<[(&str, &str); 4]> = t
-                .entries
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
+            let entries = descriptor(&t.entries);
             if let Err(e) = self
                 .limiter
                 .observe_quota_usage(&rules, &domain, &entries, requests, denied, now)
@@ -428,11 +424,7 @@ impl<S: Store> Quotas<S> {
             let Some(t) = stream.buckets.get_mut(hash) else {
                 continue;
             };
-            let entries: SmallVec<[(&str, &str); 4]> = t
-                .entries
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
+            let entries = descriptor(&t.entries);
             let r = match self.limiter.quota_target(&rules, &domain, &entries, now) {
                 QuotaTarget::Unlimited | QuotaTarget::Allowlisted => {
                     Resolved::Fixed(Assignment::AllowAll, self.settings.ttl)
@@ -609,11 +601,7 @@ impl<S: Store> Quotas<S> {
         let now = self.limiter.clock().now();
         let mut actions = Vec::new();
         for t in stream.buckets.values_mut() {
-            let entries: SmallVec<[(&str, &str); 4]> = t
-                .entries
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
+            let entries = descriptor(&t.entries);
             let (assignment, ttl) = match self.limiter.quota_target(&rules, &domain, &entries, now)
             {
                 QuotaTarget::Unlimited | QuotaTarget::Allowlisted => {
@@ -722,6 +710,14 @@ fn assign(a: Assignment, ttl: Duration) -> QuotaAssignmentAction {
             strategy: Some(strategy),
         }),
     }
+}
+
+/// A bucket id's entries as a descriptor's, for the limiter.
+fn descriptor(entries: &[(String, String)]) -> SmallVec<[(&str, &str); 4]> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 /// Why a bucket id cannot be read as a descriptor (the bounds `ShouldRateLimit` puts on one),
