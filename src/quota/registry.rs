@@ -155,7 +155,6 @@ impl Registry {
         let mut out: BTreeMap<String, DomainTotals> = BTreeMap::new();
         for v in self.views.lock().values() {
             let d = out.entry(v.domain.clone()).or_default();
-            d.streams += 1;
             d.buckets += v.bucket_count as u64;
             for b in &v.buckets {
                 match b.assignment {
@@ -175,8 +174,6 @@ impl Registry {
 /// A domain's quota streams, summed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DomainTotals {
-    /// Streams open.
-    pub streams: u64,
     /// Buckets tracked.
     pub buckets: u64,
     /// Buckets shown assigned ALLOW_ALL.
